@@ -1,0 +1,41 @@
+"""procrustes_kernels: train PyTorch networks on a pruned weight budget.
+
+DropBack trains only the weights that moved most from their initial value and regenerates every
+other weight from a seed; Procrustes lets the initial values decay to zero, selects with a quantile
+estimate instead of a sort, and keeps weights in a block format that serves W and W^T.
+
+Quick use::
+
+    import procrustes_kernels as pk
+    model = pk.sparsify(model, seed=0)           # nn.Linear / nn.Conv2d -> sparse layers
+    opt = pk.DropBack(model, lr=0.1, budget=0.1)  # or pk.Procrustes(...)
+"""
+
+from .data import Dataset, load_cifar10, load_dataset, load_digits, load_mnist
+from .layers import SparseConv2d, SparseLayer, SparseLinear, densify, sparsify
+from .optim import DropBack, Procrustes, decay_factor, decay_for_steps
+from .philox import derive_seed, init_values, philox_uniform
+from .storage import BlockStorage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockStorage",
+    "Dataset",
+    "DropBack",
+    "Procrustes",
+    "SparseConv2d",
+    "SparseLayer",
+    "SparseLinear",
+    "decay_factor",
+    "decay_for_steps",
+    "densify",
+    "derive_seed",
+    "init_values",
+    "load_cifar10",
+    "load_dataset",
+    "load_digits",
+    "load_mnist",
+    "philox_uniform",
+    "sparsify",
+]

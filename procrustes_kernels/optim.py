@@ -1,0 +1,398 @@
+"""The DropBack / Procrustes optimizer (docs: algorithm section 1), reference path.
+
+One ``step()`` over all sparse layers of a model, for weights ``W`` with dense gradient ``g``:
+
+1. candidate ``c = W - lr * m`` with ``m = g + weight_decay * W`` (plus momentum, kept for tracked
+   weights only: a weight entering the tracked set starts from ``m = g'``);
+2. score ``s = |c - d_n * w0|``, how far each weight moved from its decayed initial value;
+3. selection of the new tracked set (``topk`` exact or the ``quantile`` estimator), globally over
+   all layers or per layer;
+4. tracked weights store ``c``; every other weight is ``d_n * w0`` again, regenerated, not stored.
+
+Every other parameter of the model (biases, norms) trains with plain SGD of the same settings.
+Everything is computed before anything is written, so a failing step leaves model and optimizer
+as they were.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from .layers import SparseLayer
+from .selection import PaperQuantileSelector, QuantileSelector, topk_mask
+from .storage import BlockStorage
+
+__all__ = ["DropBack", "Procrustes", "decay_factor", "decay_for_steps"]
+
+SELECTIONS = ("topk", "quantile", "quantile_paper")
+SCOPES = ("global", "layer")
+
+
+def decay_factor(step: int, init_decay: float, zero_cutoff: float = 1e-8) -> float:
+    """``d_n``: 1 for ``n <= 1``, else ``init_decay ** (n - 1)``; exactly 0 once below ``zero_cutoff``."""
+    if step <= 1 or init_decay == 1.0:
+        return 1.0
+    d = init_decay ** (step - 1)
+    return 0.0 if d < zero_cutoff else d
+
+
+def decay_for_steps(steps: int, zero_cutoff: float = 1e-8) -> float:
+    """Per-step ``init_decay`` that brings untracked weights to exactly zero after ``steps`` steps.
+
+    Procrustes' 0.9 per step reaches zero after ~175 steps, which is early for short runs; this
+    expresses the decay relative to the length of training instead.
+    """
+    if steps < 1:
+        raise ValueError(f"decay_for_steps(): expected steps >= 1, got {steps}")
+    if not 0 < zero_cutoff < 1:
+        raise ValueError(f"decay_for_steps(): expected zero_cutoff in (0, 1), got {zero_cutoff}")
+    return zero_cutoff ** (1.0 / steps)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+class DropBack(Optimizer):
+    """Trains a model's sparse layers on a weight budget (DropBack; Procrustes with its settings).
+
+    Args:
+        model: module containing :class:`SparseLinear` / :class:`SparseConv2d` layers (see
+            :func:`sparsify`). Its other parameters train with plain SGD of the same settings.
+        lr: learning rate (works with ``torch.optim.lr_scheduler``).
+        budget: tracked weights, a fraction in (0, 1] of all budgeted weights or an int count.
+        momentum: SGD momentum; kept for tracked weights only.
+        weight_decay: L2 penalty added to the gradient.
+        init_decay: per-step decay of the initial values of untracked weights, in (0, 1]
+            (1: DropBack; 0.9: Procrustes).
+        selection: ``"topk"`` (exact), ``"quantile"`` (order-independent estimator carrying a
+            threshold across steps) or ``"quantile_paper"`` (the authors' sequential walk).
+        scope: ``"global"`` (one budget over all layers) or ``"layer"`` (each layer keeps its share).
+        zero_cutoff: decay factors below this become exactly 0 (untracked weights are then zeros).
+        drift_window: steps over which the quantile estimator averages the count drift.
+        quantile_warmup: first steps in which the quantile estimator reads its threshold from
+            the step's own scores (a second pass) rather than carrying it from the last step.
+
+    The dense gradient of each sparse layer's effective weight is kept in ``layer.dense_grad``
+    between ``backward()`` and ``step()`` (for data parallel training, all-reduce
+    :meth:`dense_grads` before ``step()``); ``step()`` consumes and drops it.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        budget: float | int,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        init_decay: float = 1.0,
+        selection: str = "topk",
+        scope: str = "global",
+        *,
+        zero_cutoff: float = 1e-8,
+        drift_window: int = 4,
+        quantile_warmup: int = 10,
+    ) -> None:
+        name = type(self).__name__ + "()"
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"{name}: expected model to be an nn.Module, got {type(model).__name__}"
+            )
+        if not _is_number(lr) or not lr >= 0 or not math.isfinite(lr):
+            raise ValueError(f"{name}: expected lr >= 0, got {lr!r}")
+        if not _is_number(momentum) or not 0 <= momentum < 1:
+            raise ValueError(f"{name}: expected momentum in [0, 1), got {momentum!r}")
+        if not _is_number(weight_decay) or not weight_decay >= 0 or not math.isfinite(weight_decay):
+            raise ValueError(f"{name}: expected weight_decay >= 0, got {weight_decay!r}")
+        if not _is_number(init_decay) or not 0 < init_decay <= 1:
+            raise ValueError(f"{name}: expected init_decay in (0, 1], got {init_decay!r}")
+        if selection not in SELECTIONS:
+            raise ValueError(f"{name}: expected selection in {SELECTIONS}, got {selection!r}")
+        if scope not in SCOPES:
+            raise ValueError(f"{name}: expected scope in {SCOPES}, got {scope!r}")
+        if not _is_number(zero_cutoff) or not 0 <= zero_cutoff < 1:
+            raise ValueError(f"{name}: expected zero_cutoff in [0, 1), got {zero_cutoff!r}")
+
+        self.layers: list[SparseLayer] = []
+        self.layer_names: list[str] = []
+        for mod_name, module in model.named_modules():
+            if isinstance(module, SparseLayer):
+                self.layers.append(module)
+                self.layer_names.append(mod_name or type(module).__name__)
+        if not self.layers:
+            raise ValueError(
+                f"{name}: expected a model with SparseLinear / SparseConv2d layers, found none "
+                "(convert it with procrustes_kernels.sparsify(model) first)"
+            )
+        self.total_weights = sum(layer.numel for layer in self.layers)
+        self.budget = self._budget_count(budget, name)
+        self.init_decay = float(init_decay)
+        self.selection = selection
+        self.scope = scope
+        self.zero_cutoff = float(zero_cutoff)
+        if scope == "global":
+            self.layer_budgets = None
+        else:
+            share = self.budget / self.total_weights
+            self.layer_budgets = [max(1, round(layer.numel * share)) for layer in self.layers]
+
+        sparse_ids = {id(layer.values) for layer in self.layers}
+        params = [layer.values for layer in self.layers]
+        params += [p for p in model.parameters() if id(p) not in sparse_ids]
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+        self._sparse_ids = sparse_ids
+        self.step_count = 0
+        n_sel = 1 if scope == "global" else len(self.layers)
+        self.selectors = [self._new_selector(drift_window, quantile_warmup) for _ in range(n_sel)]
+        self.tracked_count = sum(layer.nnz for layer in self.layers)
+
+    # -- configuration -----------------------------------------------------------------------------
+    def _budget_count(self, budget: Any, name: str) -> int:
+        total = self.total_weights
+        if isinstance(budget, bool) or not _is_number(budget):
+            raise TypeError(
+                f"{name}: expected budget to be a float in (0, 1] or an int count, got {budget!r}"
+            )
+        if isinstance(budget, int):
+            if not 1 <= budget <= total:
+                raise ValueError(f"{name}: expected an int budget in [1, {total}], got {budget}")
+            return budget
+        if not 0 < budget <= 1:
+            raise ValueError(f"{name}: expected a fractional budget in (0, 1], got {budget}")
+        return max(1, round(budget * total))
+
+    def _new_selector(
+        self, drift_window: int, warmup: int
+    ) -> QuantileSelector | PaperQuantileSelector | None:
+        if self.selection == "quantile":
+            return QuantileSelector(drift_window, warmup)
+        if self.selection == "quantile_paper":
+            return PaperQuantileSelector()
+        return None
+
+    # -- gradients ---------------------------------------------------------------------------------
+    def dense_grads(self) -> list[torch.Tensor]:
+        """The sparse layers' dense weight gradients (for an all-reduce before ``step()``)."""
+        return [layer.dense_grad for layer in self.layers if layer.dense_grad is not None]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for layer in self.layers:
+            if set_to_none or layer.dense_grad is None:
+                layer.dense_grad = None
+            else:
+                layer.dense_grad.zero_()
+
+    def _checked_grads(self) -> list[torch.Tensor]:
+        grads = []
+        for layer, lname in zip(self.layers, self.layer_names):
+            g = layer.dense_grad
+            if g is None:
+                g = torch.zeros(
+                    layer.weight_shape, dtype=layer.values.dtype, device=layer.values.device
+                )
+            elif not torch.isfinite(g).all():
+                raise FloatingPointError(
+                    f"{type(self).__name__}.step(): non-finite gradient in layer '{lname}'; "
+                    "model and optimizer left unchanged"
+                )
+            grads.append(g)
+        if all(layer.dense_grad is None for layer in self.layers):
+            raise RuntimeError(
+                f"{type(self).__name__}.step(): no sparse layer has a gradient; "
+                "call loss.backward() before step()"
+            )
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) not in self._sparse_ids and p.grad is not None:
+                    if not torch.isfinite(p.grad).all():
+                        raise FloatingPointError(
+                            f"{type(self).__name__}.step(): non-finite gradient in a dense parameter "
+                            f"of shape {tuple(p.shape)}; model and optimizer left unchanged"
+                        )
+        return grads
+
+    # -- the step ----------------------------------------------------------------------------------
+    def _k_for(self, i: int | None) -> int:
+        return self.budget if i is None else self.layer_budgets[i]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One DropBack/Procrustes step over all sparse layers plus SGD on the other parameters."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+        grads = self._checked_grads()
+        n = self.step_count + 1
+        d_n = decay_factor(n, self.init_decay, self.zero_cutoff)
+
+        # 1-2: candidates and scores, all transient.
+        cands, moms, scores = [], [], []
+        for layer, g in zip(self.layers, grads):
+            w0 = layer.initial_weight()
+            storage = layer.storage
+            W = layer._materialize(layer.values.detach(), w0).flatten()
+            g = g.flatten()
+            if wd != 0:
+                g = g.add(W, alpha=wd)
+            if mu != 0:
+                m = g.clone()
+                buf = self.state[layer.values].get("momentum_buffer")
+                if buf is not None and buf.numel():
+                    idx = storage.indices()
+                    m[idx] = buf.mul(mu).add_(g[idx])
+            else:
+                m = g
+            c = W.add(m, alpha=-lr)
+            target = (w0.flatten() * torch.tensor(d_n, dtype=torch.float32)).to(c.dtype)
+            cands.append(c)
+            moms.append(m)
+            scores.append((c - target).abs())
+
+        # 3: selection (computes the new selector states without committing them).
+        masks, selector_plans = self._select(scores)
+
+        # 4: commit.
+        count = 0
+        for layer, c, m, mask in zip(self.layers, cands, moms, masks):
+            new = BlockStorage.from_mask(c.view(layer.weight_shape), mask, layer.block_size)
+            layer.set_tracked(new)
+            layer.init_scale.fill_(d_n)
+            if mu != 0:
+                self.state[layer.values]["momentum_buffer"] = m[mask]
+            count += new.nnz
+        for selector, plan in zip(self.selectors, selector_plans):
+            if plan is not None:
+                selector.load_state_dict(plan)
+        self._dense_sgd(lr, mu, wd)
+        for layer in self.layers:
+            layer.dense_grad = None
+        self.step_count = n
+        self.tracked_count = count
+        return loss
+
+    def _select(self, scores: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[Any]]:
+        if self.scope == "global":
+            flat = torch.cat([s.to(torch.promote_types(s.dtype, torch.float32)) for s in scores])
+            mask, plan = self._select_one(flat, self.budget, self.selectors[0])
+            return list(torch.split(mask, [s.numel() for s in scores])), [plan]
+        masks, plans = [], []
+        for i, s in enumerate(scores):
+            mask, plan = self._select_one(s, self.layer_budgets[i], self.selectors[i])
+            masks.append(mask)
+            plans.append(plan)
+        return masks, plans
+
+    def _select_one(self, s: torch.Tensor, k: int, selector: Any) -> tuple[torch.Tensor, Any]:
+        if self.selection == "topk":
+            return topk_mask(s, k), None
+        return selector.step(s, k)
+
+    def _dense_sgd(self, lr: float, mu: float, wd: float) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) in self._sparse_ids or p.grad is None:
+                    continue
+                d_p = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
+                if mu != 0:
+                    state = self.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = torch.clone(d_p).detach()
+                    else:
+                        buf.mul_(mu).add_(d_p)
+                    d_p = buf
+                p.add_(d_p, alpha=-lr)
+
+    # -- state -------------------------------------------------------------------------------------
+    @property
+    def layer_counts(self) -> list[int]:
+        """Tracked weights per sparse layer."""
+        return [layer.nnz for layer in self.layers]
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["dropback"] = {
+            "step": self.step_count,
+            "selection": self.selection,
+            "scope": self.scope,
+            "budget": self.budget,
+            "init_decay": self.init_decay,
+            "tracked_count": self.tracked_count,
+            "selectors": [s.state_dict() if s is not None else None for s in self.selectors],
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        name = f"{type(self).__name__}.load_state_dict()"
+        if "dropback" not in state_dict:
+            raise ValueError(
+                f"{name}: expected a state_dict saved by DropBack (no 'dropback' entry)"
+            )
+        extra = state_dict["dropback"]
+        for key in ("selection", "scope"):
+            if extra[key] != getattr(self, key):
+                raise ValueError(
+                    f"{name}: expected {key}={getattr(self, key)!r} as configured, "
+                    f"checkpoint has {extra[key]!r}"
+                )
+        # Momentum of tracked weights must line up with the model's tracked sets.
+        saved_state = state_dict["state"]
+        for i, layer in enumerate(self.layers):
+            buf = saved_state.get(i, {}).get("momentum_buffer")
+            if buf is not None and buf.numel() != layer.nnz:
+                raise ValueError(
+                    f"{name}: momentum of layer '{self.layer_names[i]}' has {buf.numel()} entries but "
+                    f"the layer tracks {layer.nnz}; load the model's state_dict first"
+                )
+        rest = {k: v for k, v in state_dict.items() if k != "dropback"}
+        super().load_state_dict(rest)
+        self.step_count = int(extra["step"])
+        self.tracked_count = int(extra["tracked_count"])
+        for selector, s in zip(self.selectors, extra["selectors"]):
+            if selector is not None:
+                selector.load_state_dict(s)
+
+    def __repr__(self) -> str:
+        g = self.param_groups[0]
+        return (
+            f"{type(self).__name__}(lr={g['lr']}, budget={self.budget}/{self.total_weights}, "
+            f"momentum={g['momentum']}, weight_decay={g['weight_decay']}, "
+            f"init_decay={self.init_decay}, selection={self.selection!r}, scope={self.scope!r}, "
+            f"step={self.step_count}, tracked={self.tracked_count})"
+        )
+
+
+class Procrustes(DropBack):
+    """DropBack with the Procrustes settings: decaying initial values and quantile selection.
+
+    Same arguments as :class:`DropBack`; defaults ``init_decay=0.9`` (per step, as in the paper)
+    and ``selection="quantile"``. For short runs :func:`decay_for_steps` gives a decay that reaches
+    zero at a chosen step instead.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        budget: float | int,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        init_decay: float = 0.9,
+        selection: str = "quantile",
+        scope: str = "global",
+        **kw: Any,
+    ) -> None:
+        super().__init__(
+            model, lr, budget, momentum, weight_decay, init_decay, selection, scope, **kw
+        )

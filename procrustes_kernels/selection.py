@@ -1,0 +1,245 @@
+"""Selecting the tracked set from the scores (docs: algorithm section 3).
+
+Three rules, all returning a boolean mask over a flat score vector:
+
+* :func:`topk_mask` (DropBack, exact): the ``k`` largest scores among the positive ones, ties at the
+  k-th score resolved towards the lower flat index.
+* :class:`QuantileSelector` (Procrustes, this project's order-independent estimator): every score is
+  compared with a threshold ``theta`` fixed for the whole pass, and the same pass builds a histogram
+  of the scores over log-spaced bins from which the next step's ``theta`` is read. The bins are cut on
+  the float32 bit pattern (exponent plus the top mantissa bits), so every backend bins every score
+  identically with integer operations alone.
+* :class:`PaperQuantileSelector`: a faithful port of the authors' sequential estimator, kept for
+  comparison with the paper (it walks the scores one by one, so no GPU can run it as written).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+__all__ = [
+    "topk_mask",
+    "HIST_BINS",
+    "score_histogram",
+    "bin_edges",
+    "threshold_from_histogram",
+    "QuantileSelector",
+    "PaperQuantileSelector",
+]
+
+# Log-spaced bins on the float32 bit pattern: 2**HIST_MANTISSA_BITS bins per octave, from
+# 2**HIST_MIN_EXP up to 2**HIST_MAX_EXP. Scores below the range fall into bin 0 and above it into
+# the last bin; a 2.2% bin width keeps the interpolation error small next to the step-to-step drift.
+HIST_MANTISSA_BITS = 5
+HIST_MIN_EXP = -40
+HIST_MAX_EXP = 25
+_SHIFT = 23 - HIST_MANTISSA_BITS
+_BASE = (127 + HIST_MIN_EXP) << HIST_MANTISSA_BITS
+HIST_BINS = (HIST_MAX_EXP - HIST_MIN_EXP) << HIST_MANTISSA_BITS
+
+
+def _float32(x: float) -> float:
+    """Round a Python float to the nearest float32 (thresholds are float32 on every backend)."""
+    return float(np.float32(x))
+
+
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact DropBack selection: the ``k`` largest positive scores, ties to the lower index.
+
+    Args:
+        scores: 1-D floating tensor (non-negative in practice).
+        k: number of elements to keep, ``0 <= k``; fewer are kept when fewer scores are positive.
+
+    Returns:
+        Boolean mask with the same length as ``scores``.
+    """
+    if scores.dim() != 1:
+        raise ValueError(f"topk_mask(): expected 1-D scores, got shape {tuple(scores.shape)}")
+    if k < 0:
+        raise ValueError(f"topk_mask(): expected k >= 0, got {k}")
+    n = scores.numel()
+    if k == 0 or n == 0:
+        return torch.zeros(n, dtype=torch.bool, device=scores.device)
+    k = min(k, n)
+    kth = torch.topk(scores, k, sorted=False).values.min()
+    if kth <= 0:
+        # Fewer than k positive scores: keep all positive ones (zero scores never count).
+        return scores > 0
+    mask = scores > kth
+    remaining = k - int(mask.sum())
+    if remaining > 0:
+        ties = torch.nonzero(scores == kth).flatten()[:remaining]
+        mask[ties] = True
+    return mask
+
+
+def _bins_of(scores: torch.Tensor) -> torch.Tensor:
+    bits = scores.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
+    return ((bits >> _SHIFT) - _BASE).clamp_(0, HIST_BINS - 1)
+
+
+def score_histogram(scores: torch.Tensor) -> torch.Tensor:
+    """Counts of ``scores`` per log-spaced bin (int64, length :data:`HIST_BINS`)."""
+    return torch.bincount(_bins_of(scores.flatten()), minlength=HIST_BINS)
+
+
+def bin_edges(b: int) -> tuple[float, float]:
+    """Lower and upper score edge of bin ``b`` (bin 0 starts at 0: it also holds tiny scores)."""
+    lo_bits = (b + _BASE) << _SHIFT
+    hi_bits = (b + 1 + _BASE) << _SHIFT
+    as_float = np.array([lo_bits, hi_bits], dtype=np.int32).view(np.float32)
+    lo = 0.0 if b == 0 else float(as_float[0])
+    return lo, float(as_float[1])
+
+
+def threshold_from_histogram(hist: torch.Tensor, target: float) -> float:
+    """Score above which the histogram's upper tail holds ``target`` elements.
+
+    Linear interpolation inside the bin where the tail count crosses ``target``; 0.0 when the whole
+    histogram holds fewer than ``target`` elements (then every positive score is kept). The result
+    is rounded to float32.
+    """
+    counts = hist.detach().to("cpu", torch.int64).numpy()
+    tail = np.cumsum(counts[::-1])[::-1]  # tail[b] = elements in bins >= b
+    if target <= 0:
+        return math.inf
+    if tail[0] < target:
+        return 0.0
+    # Highest bin whose tail reaches the target: the crossing happens inside it.
+    b = int(np.nonzero(tail >= target)[0][-1])
+    above = int(tail[b + 1]) if b + 1 < len(tail) else 0
+    lo, hi = bin_edges(b)
+    frac = (target - above) / counts[b]
+    return _float32(hi - frac * (hi - lo))
+
+
+class QuantileSelector:
+    """Order-independent quantile estimator carrying ``theta`` across steps.
+
+    Step ``t`` keeps the scores strictly above ``theta_t`` and, from the same scores, computes
+    ``theta_(t+1)``: the threshold whose histogram tail holds ``aim`` elements. ``aim`` is the
+    budget ``k`` corrected for drift: ``count_t / aim_(t-1)`` measures how far the distribution moved
+    between two steps (plus the interpolation bias); its geometric mean over the last
+    ``drift_window`` steps divides ``k``.
+
+    The first ``warmup_steps`` steps (at least the first, which has no ``theta`` yet) read their
+    threshold from their own histogram instead, a second pass over the scores: early in training
+    the scores move fastest (momentum builds up, the init decay starts at step 2), and a threshold
+    carried from the previous step would overshoot the budget several times over. The drift is
+    measured only on steps that use the carried threshold: with exact top-k selection the tracked
+    set churns more than under a fixed threshold, and its drift would mislead the correction.
+
+    All of this is host arithmetic on integer counts, so every backend carries the same ``theta``.
+    """
+
+    def __init__(self, drift_window: int = 4, warmup_steps: int = 10) -> None:
+        if drift_window < 1:
+            raise ValueError(f"QuantileSelector(): expected drift_window >= 1, got {drift_window}")
+        if warmup_steps < 1:
+            raise ValueError(f"QuantileSelector(): expected warmup_steps >= 1, got {warmup_steps}")
+        self.drift_window = drift_window
+        self.warmup_steps = warmup_steps
+        self.steps = 0
+        self.theta: float | None = None
+        self.aim: float | None = None
+        self.ratios: list[float] = []
+
+    @property
+    def two_pass(self) -> bool:
+        """Whether the next step reads its threshold from its own histogram."""
+        return self.theta is None or self.steps < self.warmup_steps
+
+    def step(self, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, dict]:
+        """Mask of one step and the selector's next state (not applied: see ``load_state_dict``).
+
+        The optimizer applies the state only once the whole step succeeded, so a failure leaves
+        the estimator as it was.
+        """
+        hist = score_histogram(scores)
+        if self.two_pass:
+            theta = threshold_from_histogram(hist, float(k))
+        else:
+            theta = self.theta
+        mask = scores > theta
+        carried_count = int(mask.sum())
+        ratios = list(self.ratios)
+        if not self.two_pass and self.aim and carried_count > 0:
+            ratios = (ratios + [carried_count / self.aim])[-self.drift_window :]
+        drift = math.exp(sum(math.log(r) for r in ratios) / len(ratios)) if ratios else 1.0
+        aim = min(max(k / drift, 1.0), float(max(scores.numel(), 1)))
+        state = {
+            "steps": self.steps + 1,
+            "theta": threshold_from_histogram(hist, aim),
+            "aim": aim,
+            "ratios": ratios,
+            "used_theta": theta,
+        }
+        return mask, state
+
+    def select(self, scores: torch.Tensor, k: int) -> torch.Tensor:
+        """One step that also advances the state."""
+        mask, state = self.step(scores, k)
+        self.load_state_dict(state)
+        return mask
+
+    def state_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "theta": self.theta,
+            "aim": self.aim,
+            "ratios": list(self.ratios),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        self.theta = state["theta"]
+        self.aim = state["aim"]
+        self.ratios = list(state["ratios"])[-self.drift_window :]
+
+
+class PaperQuantileSelector:
+    """The authors' sequential quantile estimator (qe-cpp), for comparison with the paper.
+
+    Walks the scores in flat order: an element is kept when ``score > theta``; after each element
+    ``theta *= 1 + lam * q`` if it was kept, else ``theta *= 1 - lam * (1 - q)``, with
+    ``q = 1 - k / N``. ``theta`` carries across steps. The kept count is only approximately ``k``
+    and converges slowly on large tensors (see docs); it is not the default.
+    """
+
+    def __init__(self, theta0: float = 1e-2, lam: float = 1e-6) -> None:
+        if not theta0 > 0:
+            raise ValueError(f"PaperQuantileSelector(): expected theta0 > 0, got {theta0}")
+        if not 0 < lam < 1:
+            raise ValueError(f"PaperQuantileSelector(): expected lam in (0, 1), got {lam}")
+        self.theta0 = theta0
+        self.lam = lam
+        self.theta = theta0
+
+    def step(self, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, dict]:
+        """Mask of one sequential pass and the next state (not applied)."""
+        n = scores.numel()
+        q = 1.0 - k / n if n else 0.0
+        up, down = 1.0 + self.lam * q, 1.0 - self.lam * (1.0 - q)
+        theta = self.theta
+        kept = np.zeros(n, dtype=np.bool_)
+        for i, s in enumerate(scores.detach().to("cpu", torch.float64).numpy().tolist()):
+            if s > theta:
+                kept[i] = True
+                theta *= up
+            else:
+                theta *= down
+        return torch.from_numpy(kept).to(scores.device), {"theta": theta}
+
+    def select(self, scores: torch.Tensor, k: int) -> torch.Tensor:
+        mask, state = self.step(scores, k)
+        self.load_state_dict(state)
+        return mask
+
+    def state_dict(self) -> dict:
+        return {"theta": self.theta}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.theta = state["theta"]

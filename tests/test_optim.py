@@ -1,0 +1,408 @@
+"""The optimizer against a straightforward dense emulation of the training rule, plus its contract:
+SGD equivalence at full budget, exact checkpoint resume, bad arguments, failure atomicity."""
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import procrustes_kernels as pk
+from procrustes_kernels.optim import decay_factor
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(20, 33), nn.ReLU(), nn.Linear(33, 17), nn.ReLU(), nn.Linear(17, 5)
+    )
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 7, 3, stride=2, bias=False),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(7 * 3 * 3, 5),
+    )
+
+
+def batches(model_kind: str, steps: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (16, 20) if model_kind == "mlp" else (16, 2, 8, 8)
+    return [
+        (torch.randn(shape, generator=g), torch.randint(0, 5, (16,), generator=g))
+        for _ in range(steps)
+    ]
+
+
+def make(kind: str, seed: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    return pk.sparsify(mlp() if kind == "mlp" else cnn(), seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# The dense emulation: stores w0 and W densely, applies masks. Written independently of the
+# library's optimizer; only the seed-derived initial values are taken from the layers.
+# ---------------------------------------------------------------------------------------------
+def emulate(sparse_model, data, steps, lr, budget, momentum, wd, init_decay, scope="global"):
+    model = pk.densify(copy.deepcopy(sparse_model))
+    budgeted = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    weights = [m.weight for m in budgeted]
+    w0 = [
+        layer.initial_weight()
+        for layer in sparse_model.modules()
+        if isinstance(layer, pk.SparseLayer)
+    ]
+    others = [p for p in model.parameters() if all(p is not w for w in weights)]
+    sgd = torch.optim.SGD(others, lr=lr, momentum=momentum, weight_decay=wd)
+    tracked = [torch.zeros_like(w, dtype=torch.bool) for w in weights]
+    mom = [torch.zeros_like(w) for w in weights]
+    total = sum(w.numel() for w in weights)
+    k = budget if isinstance(budget, int) else max(1, round(budget * total))
+    masks_per_step = []
+    for n in range(1, steps + 1):
+        x, y = data[n - 1]
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        d = torch.tensor(decay_factor(n, init_decay), dtype=torch.float32)
+        cands, moms, scores = [], [], []
+        with torch.no_grad():
+            for i, w in enumerate(weights):
+                g = w.grad.add(w, alpha=wd) if wd else w.grad
+                m = torch.where(tracked[i], mom[i].mul(momentum).add(g), g) if momentum else g
+                c = w.add(m, alpha=-lr)
+                cands.append(c)
+                moms.append(m)
+                scores.append((c - w0[i] * d).abs())
+            if scope == "global":
+                flat = torch.cat([s.flatten() for s in scores])
+                order = torch.sort(flat, descending=True, stable=True).indices[:k]
+                order = order[flat[order] > 0]
+                keep = torch.zeros_like(flat, dtype=torch.bool)
+                keep[order] = True
+                masks = [
+                    mk.view_as(s)
+                    for mk, s in zip(torch.split(keep, [s.numel() for s in scores]), scores)
+                ]
+            else:
+                masks = []
+                for s in scores:
+                    kl = max(1, round(s.numel() * k / total))
+                    flat = s.flatten()
+                    order = torch.sort(flat, descending=True, stable=True).indices[:kl]
+                    order = order[flat[order] > 0]
+                    keep = torch.zeros_like(flat, dtype=torch.bool)
+                    keep[order] = True
+                    masks.append(keep.view_as(s))
+            for i, w in enumerate(weights):
+                w.copy_(torch.where(masks[i], cands[i], w0[i] * d))
+                mom[i] = torch.where(masks[i], moms[i], torch.zeros_like(moms[i]))
+                tracked[i] = masks[i]
+            sgd.step()
+        masks_per_step.append([mk.clone() for mk in masks])
+    return model, masks_per_step
+
+
+def train(model, opt, data, steps, start=0, on_step=None):
+    for n in range(start, start + steps):
+        x, y = data[n]
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        if on_step is not None:
+            on_step(n)
+
+
+def sparse_weights(model):
+    return [
+        layer.effective_weight() for layer in model.modules() if isinstance(layer, pk.SparseLayer)
+    ]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("init_decay", [1.0, 0.9], ids=["dropback", "procrustes_topk"])
+@pytest.mark.parametrize("momentum,wd", [(0.0, 0.0), (0.9, 5e-3)], ids=["sgd", "momentum_wd"])
+def test_matches_dense_emulation_for_50_steps(kind, init_decay, momentum, wd):
+    steps, lr, budget = 50, 0.1, 0.1
+    model = make(kind)
+    data = batches(kind, steps)
+    ref, ref_masks = emulate(model, data, steps, lr, budget, momentum, wd, init_decay)
+    opt = pk.DropBack(
+        model, lr=lr, budget=budget, momentum=momentum, weight_decay=wd, init_decay=init_decay
+    )
+    layers = [m for m in model.modules() if isinstance(m, pk.SparseLayer)]
+
+    def check_masks(n):
+        for layer, expected in zip(layers, ref_masks[n]):
+            assert torch.equal(layer.storage.mask(), expected.flatten()), (
+                f"mask differs at step {n + 1}"
+            )
+
+    train(model, opt, data, steps, on_step=check_masks)
+    ref_weights = [m.weight for m in ref.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    for got, want in zip(sparse_weights(model), ref_weights):
+        torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
+    ref_biases = [
+        m.bias
+        for m in ref.modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None
+    ]
+    got_biases = [m.bias for m in layers if m.bias is not None]
+    for got, want in zip(got_biases, ref_biases):
+        torch.testing.assert_close(got.detach(), want.detach(), rtol=0, atol=0)
+    assert opt.tracked_count == round(budget * opt.total_weights)
+
+
+def test_matches_dense_emulation_per_layer_scope():
+    steps = 20
+    model = make("cnn")
+    data = batches("cnn", steps)
+    ref, _ = emulate(model, data, steps, 0.05, 0.2, 0.9, 0.0, 0.95, scope="layer")
+    opt = pk.DropBack(model, lr=0.05, budget=0.2, momentum=0.9, init_decay=0.95, scope="layer")
+    train(model, opt, data, steps)
+    ref_weights = [m.weight for m in ref.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    for got, want, layer in zip(sparse_weights(model), ref_weights, opt.layers):
+        torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
+        assert layer.nnz == max(1, round(layer.numel * opt.budget / opt.total_weights))
+
+
+@pytest.mark.parametrize("momentum,wd", [(0.0, 0.0), (0.9, 1e-2)])
+def test_full_budget_without_decay_is_plain_sgd(momentum, wd):
+    steps = 15
+    model = make("cnn")
+    dense = pk.densify(copy.deepcopy(model))
+    data = batches("cnn", steps)
+    opt = pk.DropBack(model, lr=0.1, budget=1.0, momentum=momentum, weight_decay=wd)
+    sgd = torch.optim.SGD(dense.parameters(), lr=0.1, momentum=momentum, weight_decay=wd)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+    sched_dense = torch.optim.lr_scheduler.StepLR(sgd, step_size=5, gamma=0.5)
+    train(model, opt, data, steps, on_step=lambda n: sched.step())
+    train(dense, sgd, data, steps, on_step=lambda n: sched_dense.step())
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+    for got, want in zip(pk.densify(copy.deepcopy(model)).parameters(), dense.parameters()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _save(model, opt) -> bytes:
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "cls,kw",
+    [
+        (pk.DropBack, {"momentum": 0.9, "weight_decay": 1e-3}),
+        (pk.Procrustes, {"momentum": 0.9, "init_decay": 0.8}),
+        (pk.Procrustes, {"scope": "layer"}),
+        (pk.DropBack, {"selection": "quantile_paper"}),
+    ],
+)
+def test_checkpoint_resume_is_bit_identical(cls, kw):
+    n_steps, m_steps = 7, 6
+    data = batches("cnn", n_steps + m_steps)
+    straight = make("cnn")
+    opt = cls(straight, lr=0.05, budget=0.15, **kw)
+    train(straight, opt, data, n_steps + m_steps)
+
+    first = make("cnn")
+    opt1 = cls(first, lr=0.05, budget=0.15, **kw)
+    train(first, opt1, data, n_steps)
+    blob = _save(first, opt1)
+
+    resumed = make("cnn", seed=99)  # different init: everything must come from the checkpoint
+    opt2 = cls(resumed, lr=0.05, budget=0.15, **kw)
+    ckpt = torch.load(io.BytesIO(blob))
+    resumed.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    train(resumed, opt2, data, m_steps, start=n_steps)
+
+    for a, b in zip(sparse_weights(straight), sparse_weights(resumed)):
+        assert torch.equal(a, b)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert opt.state_dict()["dropback"] == opt2.state_dict()["dropback"]
+
+
+def test_checkpoint_holds_only_the_budget():
+    """model + optimizer state at 10x stores <= 0.2x the bytes of the dense model with SGD momentum."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(
+        nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10)
+    )
+    model = pk.sparsify(copy.deepcopy(dense), seed=0)
+    opt = pk.DropBack(model, lr=0.05, budget=0.1, momentum=0.9)
+    sgd = torch.optim.SGD(dense.parameters(), lr=0.05, momentum=0.9)
+    data = [(torch.randn(8, 256), torch.randint(0, 10, (8,))) for _ in range(3)]
+    train(model, opt, data, 3)
+    train(dense, sgd, data, 3)
+    sparse_bytes, dense_bytes = len(_save(model, opt)), len(_save(dense, sgd))
+    assert sparse_bytes <= 0.2 * dense_bytes, (sparse_bytes, dense_bytes)
+
+
+def test_decayed_weights_become_exact_zeros():
+    model = make("mlp")
+    data = batches("mlp", 40)
+    opt = pk.Procrustes(model, lr=0.1, budget=0.1, init_decay=0.5, selection="topk")
+    train(model, opt, data, 40)
+    assert decay_factor(40, 0.5) == 0.0
+    for layer in opt.layers:
+        assert float(layer.init_scale) == 0.0
+        w = layer.effective_weight().flatten()
+        untracked = ~layer.storage.mask()
+        assert torch.all(w[untracked] == 0)
+    assert opt.tracked_count == opt.budget
+
+
+@pytest.mark.parametrize("init_decay", [1.0, 0.97])
+def test_quantile_tracks_near_budget_in_training(init_decay):
+    torch.manual_seed(0)
+    model = pk.sparsify(nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 10)), seed=1)
+    g = torch.Generator().manual_seed(0)
+    data = [
+        (torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g))
+        for _ in range(40)
+    ]
+    opt = pk.Procrustes(model, lr=0.05, budget=0.1, momentum=0.9, init_decay=init_decay)
+    counts = []
+    train(model, opt, data, 40, on_step=lambda n: counts.append(opt.tracked_count / opt.budget))
+    # Warm-up steps read their own histogram: the count is the budget up to one bin's resolution.
+    assert all(c == pytest.approx(1.0, abs=0.02) for c in counts[:10]), counts
+    assert all(0.85 <= c <= 1.15 for c in counts[10:]), counts
+    assert opt.tracked_count == sum(opt.layer_counts)
+
+
+def test_int_budget_and_repr():
+    model = make("mlp")
+    opt = pk.DropBack(model, lr=0.1, budget=100)
+    train(model, opt, batches("mlp", 2), 2)
+    assert opt.tracked_count == 100
+    assert "budget=100/" in repr(opt)
+
+
+def test_dense_grad_is_transient():
+    model = make("mlp")
+    opt = pk.DropBack(model, lr=0.1, budget=0.1)
+    x, y = batches("mlp", 1)[0]
+    F.cross_entropy(model(x), y).backward()
+    assert len(opt.dense_grads()) == 3
+    assert all(layer.values.grad is None for layer in opt.layers)
+    opt.step()
+    assert opt.dense_grads() == []
+    with pytest.raises(RuntimeError, match="backward"):
+        opt.step()
+    F.cross_entropy(model(x), y).backward()
+    opt.zero_grad()
+    assert opt.dense_grads() == []
+
+
+def _snapshot(model, opt):
+    return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+
+
+def _assert_same_state(a, b):
+    (ma, oa), (mb, ob) = a, b
+    assert ma.keys() == mb.keys()
+    for key in ma:
+        assert torch.equal(ma[key], mb[key]), key
+    assert oa["dropback"] == ob["dropback"]
+    assert oa["param_groups"] == ob["param_groups"]
+    assert oa["state"].keys() == ob["state"].keys()
+    for i in oa["state"]:
+        for key, value in oa["state"][i].items():
+            assert torch.equal(value, ob["state"][i][key])
+
+
+@pytest.mark.parametrize("where", ["sparse", "bias"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_gradient_raises_and_changes_nothing(where, value):
+    model = make("cnn")
+    opt = pk.Procrustes(model, lr=0.1, budget=0.1, momentum=0.9)
+    data = batches("cnn", 4)
+    train(model, opt, data, 3)
+    before = _snapshot(model, opt)
+    x, y = data[3]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    if where == "sparse":
+        opt.layers[1].dense_grad.view(-1)[5] = value
+        match = "layer '2'"
+    else:
+        opt.layers[0].bias.grad[0] = value
+        match = "dense parameter"
+    with pytest.raises(FloatingPointError, match=match):
+        opt.step()
+    _assert_same_state(before, _snapshot(model, opt))
+    assert opt.step_count == 3
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"budget": 0}, "budget"),
+        ({"budget": 0.0}, "budget"),
+        ({"budget": 1.5}, "budget"),
+        ({"budget": -0.1}, "budget"),
+        ({"budget": -3}, "budget"),
+        ({"budget": 10**9}, "budget"),
+        ({"budget": True}, "budget"),
+        ({"budget": "10%"}, "budget"),
+        ({"selection": "foo"}, "selection"),
+        ({"init_decay": 0.0}, "init_decay"),
+        ({"init_decay": 1.5}, "init_decay"),
+        ({"init_decay": -0.9}, "init_decay"),
+        ({"scope": "row"}, "scope"),
+        ({"lr": -1.0}, "lr"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"weight_decay": -1e-4}, "weight_decay"),
+        ({"zero_cutoff": 2.0}, "zero_cutoff"),
+    ],
+)
+def test_bad_arguments_raise_and_leave_model_unchanged(kw, match):
+    model = make("mlp")
+    before = copy.deepcopy(model.state_dict())
+    args = {"lr": 0.1, "budget": 0.1, **kw}
+    with pytest.raises((ValueError, TypeError), match=match):
+        pk.DropBack(model, **args)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_model_without_sparse_layers_is_rejected():
+    with pytest.raises(ValueError, match="sparsify"):
+        pk.DropBack(mlp(), lr=0.1, budget=0.1)
+    with pytest.raises(TypeError, match="model"):
+        pk.DropBack([torch.zeros(3)], lr=0.1, budget=0.1)
+
+
+def test_load_state_dict_rejects_mismatch_and_changes_nothing():
+    model = make("mlp")
+    opt = pk.DropBack(model, lr=0.1, budget=0.1, momentum=0.9)
+    train(model, opt, batches("mlp", 3), 3)
+    saved = opt.state_dict()
+    other = make("mlp")
+    opt_other = pk.DropBack(other, lr=0.1, budget=0.1, momentum=0.9)
+    before = _snapshot(other, opt_other)
+    # The model's tracked sets were not loaded first: momentum does not line up.
+    with pytest.raises(ValueError, match="momentum"):
+        opt_other.load_state_dict(saved)
+    _assert_same_state(before, _snapshot(other, opt_other))
+    quantile = pk.DropBack(model, lr=0.1, budget=0.1, selection="quantile")
+    with pytest.raises(ValueError, match="selection"):
+        quantile.load_state_dict(saved)
+    with pytest.raises(ValueError, match="DropBack"):
+        opt_other.load_state_dict(torch.optim.SGD(mlp().parameters(), lr=0.1).state_dict())
+
+
+def test_decay_helpers():
+    assert decay_factor(0, 0.9) == decay_factor(1, 0.9) == 1.0
+    assert decay_factor(3, 0.9) == pytest.approx(0.81)
+    assert decay_factor(176, 0.9) == 0.0  # 0.9**175 < 1e-8
+    d = pk.decay_for_steps(1000)
+    assert decay_factor(1000, d) > 0 and decay_factor(1002, d) == 0.0
+    with pytest.raises(ValueError, match="steps"):
+        pk.decay_for_steps(0)
