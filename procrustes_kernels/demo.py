@@ -228,9 +228,9 @@ def main(argv: list[str] | None = None) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--mnist", metavar="DIR", help="MNIST IDX files (default: sklearn digits)")
     src.add_argument("--cifar10", metavar="DIR", help="CIFAR-10 python batches")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--budget", type=float, default=0.1, help="tracked fraction (0.1 = 10x)")
     p.add_argument(

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from .ops import get_ops
 from .philox import derive_seed, init_bound, init_values
 from .storage import BlockStorage
 
@@ -153,23 +154,19 @@ class SparseLayer(nn.Module):
         w0 = init_values(self.seed_value, self.numel, self.bound, device=self.mask_bits.device)
         return w0.view(self.weight_shape)
 
-    def _materialize(self, values: torch.Tensor, w0: torch.Tensor | None = None) -> torch.Tensor:
-        scale = float(self.init_scale)
-        if scale == 0.0:
-            w = torch.zeros(self.weight_shape, dtype=values.dtype, device=values.device)
-        else:
-            if w0 is None:
-                w0 = self.initial_weight()
-            w = (w0 * self.init_scale).to(values.dtype).view(self.weight_shape)
-        storage = BlockStorage(
-            self.weight_shape,
-            self.block_size,
+    def _materialize(self, values: torch.Tensor) -> torch.Tensor:
+        ops = get_ops(values.device)
+        flat = ops.materialize(
+            self.seed_value,
+            self.bound,
+            float(self.init_scale),
             values,
             self.mask_bits,
             self.group_ptr,
-            validate=False,
+            self.numel,
+            values.dtype,
         )
-        return storage.scatter_(w)
+        return flat.view(self.weight_shape)
 
     def effective_weight(self) -> torch.Tensor:
         """The dense weight the forward pass uses (a plain tensor shaped like the nn weight)."""

@@ -20,12 +20,14 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
 from .layers import SparseLayer
-from .selection import PaperQuantileSelector, QuantileSelector, topk_mask
+from .ops import Compacted, Segment, StepParams, get_ops, reference
+from .selection import PaperQuantileSelector, QuantileSelector
 from .storage import BlockStorage
 
 __all__ = ["DropBack", "Procrustes", "decay_factor", "decay_for_steps"]
@@ -57,6 +59,44 @@ def decay_for_steps(steps: int, zero_cutoff: float = 1e-8) -> float:
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _float32_of_bits(bits: int) -> float:
+    return float(np.array([bits], dtype=np.int32).view(np.float32)[0])
+
+
+def _highest_bin_reaching(counts: np.ndarray, target: int) -> tuple[int, int]:
+    """Highest bin ``b`` whose tail (bins >= b) holds ``target`` elements, and the tail above it."""
+    tail = np.cumsum(counts[::-1])[::-1]
+    b = int(np.nonzero(tail >= target)[0][-1])
+    above = int(tail[b + 1]) if b + 1 < len(tail) else 0
+    return b, above
+
+
+def _select_topk(segments: list[Segment], p: StepParams, k: int) -> list[Compacted]:
+    """Exact top-k over all ``segments`` by a two-level radix select on the scores' bits.
+
+    The k-th largest score ``v`` is found from a histogram of the upper 15 bits, then one of the
+    lower 16 bits within the bin that holds it; the compaction keeps scores above ``v`` and hands
+    the remaining quota of ties at ``v`` to the segments in order, so ties go to the lower flat
+    index across all layers. Zero scores are never kept.
+    """
+    ops = [get_ops(s.grad.device) for s in segments]
+    high = sum(o.radix_histogram(s, p).cpu() for o, s in zip(ops, segments)).numpy()
+    b, above = _highest_bin_reaching(high, k)
+    low = sum(o.radix_histogram(s, p, b).cpu() for o, s in zip(ops, segments)).numpy()
+    lo, above_low = _highest_bin_reaching(low, k - above)
+    v = (b << 16) | lo
+    if v == 0:  # fewer than k positive scores: keep them all
+        threshold, quota = 0.0, 0
+    else:
+        threshold, quota = _float32_of_bits(v), k - above - above_low
+    results = []
+    for o, s in zip(ops, segments):
+        res = o.compact(s, p, threshold, quota)
+        quota -= res.ties_used
+        results.append(res)
+    return results
 
 
 class DropBack(Optimizer):
@@ -220,9 +260,6 @@ class DropBack(Optimizer):
         return grads
 
     # -- the step ----------------------------------------------------------------------------------
-    def _k_for(self, i: int | None) -> int:
-        return self.budget if i is None else self.layer_budgets[i]
-
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One DropBack/Procrustes step over all sparse layers plus SGD on the other parameters."""
@@ -235,68 +272,82 @@ class DropBack(Optimizer):
         grads = self._checked_grads()
         n = self.step_count + 1
         d_n = decay_factor(n, self.init_decay, self.zero_cutoff)
+        params = StepParams(lr=lr, momentum=mu, weight_decay=wd, scale=d_n)
+        segments = [
+            Segment(
+                seed=layer.seed_value,
+                bound=layer.bound,
+                numel=layer.numel,
+                values=layer.values.detach(),
+                bits=layer.mask_bits,
+                group_ptr=layer.group_ptr,
+                grad=g.reshape(-1).contiguous(),
+                momentum=self.state[layer.values].get("momentum_buffer") if mu != 0 else None,
+                scale_prev=float(layer.init_scale),
+            )
+            for layer, g in zip(self.layers, grads)
+        ]
 
-        # 1-2: candidates and scores, all transient.
-        cands, moms, scores = [], [], []
-        for layer, g in zip(self.layers, grads):
-            w0 = layer.initial_weight()
-            storage = layer.storage
-            W = layer._materialize(layer.values.detach(), w0).flatten()
-            g = g.flatten()
-            if wd != 0:
-                g = g.add(W, alpha=wd)
-            if mu != 0:
-                m = g.clone()
-                buf = self.state[layer.values].get("momentum_buffer")
-                if buf is not None and buf.numel():
-                    idx = storage.indices()
-                    m[idx] = buf.mul(mu).add_(g[idx])
-            else:
-                m = g
-            c = W.add(m, alpha=-lr)
-            target = (w0.flatten() * torch.tensor(d_n, dtype=torch.float32)).to(c.dtype)
-            cands.append(c)
-            moms.append(m)
-            scores.append((c - target).abs())
+        # Everything new is computed first; nothing is written until all of it succeeded.
+        if self.scope == "global":
+            results, plans = self._update(segments, params, self.budget, self.selectors[0])
+            plans = [plans]
+        else:
+            results, plans = [], []
+            for i, seg in enumerate(segments):
+                res, plan = self._update([seg], params, self.layer_budgets[i], self.selectors[i])
+                results += res
+                plans.append(plan)
 
-        # 3: selection (computes the new selector states without committing them).
-        masks, selector_plans = self._select(scores)
-
-        # 4: commit.
-        count = 0
-        for layer, c, m, mask in zip(self.layers, cands, moms, masks):
-            new = BlockStorage.from_mask(c.view(layer.weight_shape), mask, layer.block_size)
-            layer.set_tracked(new)
+        for layer, res in zip(self.layers, results):
+            layer.set_tracked(
+                BlockStorage(
+                    layer.weight_shape,
+                    layer.block_size,
+                    res.values,
+                    res.bits,
+                    res.group_ptr,
+                    validate=False,
+                )
+            )
             layer.init_scale.fill_(d_n)
             if mu != 0:
-                self.state[layer.values]["momentum_buffer"] = m[mask]
-            count += new.nnz
-        for selector, plan in zip(self.selectors, selector_plans):
+                self.state[layer.values]["momentum_buffer"] = res.momentum
+        for selector, plan in zip(self.selectors, plans):
             if plan is not None:
                 selector.load_state_dict(plan)
         self._dense_sgd(lr, mu, wd)
         for layer in self.layers:
             layer.dense_grad = None
         self.step_count = n
-        self.tracked_count = count
+        self.tracked_count = sum(res.kept for res in results)
         return loss
 
-    def _select(self, scores: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[Any]]:
-        if self.scope == "global":
-            flat = torch.cat([s.to(torch.promote_types(s.dtype, torch.float32)) for s in scores])
-            mask, plan = self._select_one(flat, self.budget, self.selectors[0])
-            return list(torch.split(mask, [s.numel() for s in scores])), [plan]
-        masks, plans = [], []
-        for i, s in enumerate(scores):
-            mask, plan = self._select_one(s, self.layer_budgets[i], self.selectors[i])
-            masks.append(mask)
-            plans.append(plan)
-        return masks, plans
-
-    def _select_one(self, s: torch.Tensor, k: int, selector: Any) -> tuple[torch.Tensor, Any]:
+    def _update(
+        self, segments: list[Segment], p: StepParams, k: int, selector: Any
+    ) -> tuple[list[Compacted], dict | None]:
+        """New tracked sets of ``segments`` sharing one budget ``k``, and the selector's next state."""
         if self.selection == "topk":
-            return topk_mask(s, k), None
-        return selector.step(s, k)
+            return _select_topk(segments, p, k), None
+        if self.selection == "quantile":
+            if selector.two_pass:
+                hist = sum(get_ops(s.grad.device).log_histogram(s, p).cpu() for s in segments)
+                theta = selector.own_threshold(hist, k)
+                results = [get_ops(s.grad.device).compact(s, p, theta) for s in segments]
+            else:
+                results = [
+                    get_ops(s.grad.device).compact(s, p, selector.theta, with_histogram=True)
+                    for s in segments
+                ]
+                hist = sum(r.histogram.cpu() for r in results)
+            return results, selector.advance(hist, k, sum(r.kept for r in results))
+        # quantile_paper walks the scores sequentially: reference only.
+        scores = torch.cat([reference.scores(s, p).cpu() for s in segments])
+        mask, plan = selector.step(scores, k)
+        masks = torch.split(mask, [s.numel for s in segments])
+        return [
+            reference.compact_mask(s, p, m.to(s.grad.device)) for s, m in zip(segments, masks)
+        ], plan
 
     def _dense_sgd(self, lr: float, mu: float, wd: float) -> None:
         for group in self.param_groups:

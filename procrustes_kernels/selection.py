@@ -152,32 +152,34 @@ class QuantileSelector:
         """Whether the next step reads its threshold from its own histogram."""
         return self.theta is None or self.steps < self.warmup_steps
 
-    def step(self, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, dict]:
-        """Mask of one step and the selector's next state (not applied: see ``load_state_dict``).
+    def own_threshold(self, hist: torch.Tensor, k: int) -> float:
+        """Threshold of a two-pass step, from that step's own histogram."""
+        return threshold_from_histogram(hist, float(k))
 
-        The optimizer applies the state only once the whole step succeeded, so a failure leaves
-        the estimator as it was.
+    def advance(self, hist: torch.Tensor, k: int, kept: int) -> dict:
+        """The state after a step that kept ``kept`` scores and binned them into ``hist``.
+
+        Returned, not applied (see ``load_state_dict``): the optimizer applies it only once the
+        whole step succeeded, so a failure leaves the estimator as it was.
         """
-        hist = score_histogram(scores)
-        if self.two_pass:
-            theta = threshold_from_histogram(hist, float(k))
-        else:
-            theta = self.theta
-        mask = scores > theta
-        carried_count = int(mask.sum())
         ratios = list(self.ratios)
-        if not self.two_pass and self.aim and carried_count > 0:
-            ratios = (ratios + [carried_count / self.aim])[-self.drift_window :]
+        if not self.two_pass and self.aim and kept > 0:
+            ratios = (ratios + [kept / self.aim])[-self.drift_window :]
         drift = math.exp(sum(math.log(r) for r in ratios) / len(ratios)) if ratios else 1.0
-        aim = min(max(k / drift, 1.0), float(max(scores.numel(), 1)))
-        state = {
+        aim = min(max(k / drift, 1.0), float(max(int(hist.sum()), 1)))
+        return {
             "steps": self.steps + 1,
             "theta": threshold_from_histogram(hist, aim),
             "aim": aim,
             "ratios": ratios,
-            "used_theta": theta,
         }
-        return mask, state
+
+    def step(self, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, dict]:
+        """Mask of one step over a flat score vector and the next state (not applied)."""
+        hist = score_histogram(scores)
+        theta = self.own_threshold(hist, k) if self.two_pass else self.theta
+        mask = scores > theta
+        return mask, self.advance(hist, k, int(mask.sum()))
 
     def select(self, scores: torch.Tensor, k: int) -> torch.Tensor:
         """One step that also advances the state."""
