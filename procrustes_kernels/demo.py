@@ -33,6 +33,9 @@ from .data import Dataset, load_cifar10, load_digits, load_mnist
 from .layers import SparseLayer, densify, sparsify
 from .optim import DropBack, Procrustes, decay_for_steps
 
+CSV_COLUMNS = ("method", "test_acc_pct", "tracked_weights", "compression_x", "stored_bytes",
+               "wall_time_s", "command")  # fmt: skip
+
 
 @dataclass
 class RunResult:
@@ -149,8 +152,6 @@ def train(
 
 
 def load_data(args: argparse.Namespace) -> Dataset:
-    if args.mnist and args.cifar10:
-        raise SystemExit("demo: give at most one of --mnist and --cifar10")
     if args.mnist:
         data = load_mnist(args.mnist)
     elif args.cifar10:
@@ -168,17 +169,7 @@ def write_outputs(results: list[RunResult], title: str, out: Path, command: str)
     out.mkdir(parents=True, exist_ok=True)
     with (out / "results.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(
-            [
-                "method",
-                "test_acc_pct",
-                "tracked_weights",
-                "compression_x",
-                "stored_bytes",
-                "wall_time_s",
-                "command",
-            ]
-        )
+        w.writerow(CSV_COLUMNS)
         for r in results:
             w.writerow(
                 [
@@ -196,6 +187,7 @@ def write_outputs(results: list[RunResult], title: str, out: Path, command: str)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
@@ -207,6 +199,7 @@ def write_outputs(results: list[RunResult], title: str, out: Path, command: str)
             ms=3,
             label=f"{r.method} ({r.test_acc:.1f}%, {r.compression:.1f}x)",
         )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=9)
@@ -267,28 +260,15 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(args.seed)
     sparse = sparsify(make_model(data.input_shape, data.num_classes), seed=args.seed)
-    kw = {"momentum": args.momentum}
-    runs: list[tuple[str, nn.Module, torch.optim.Optimizer]] = []
-    dense = densify(copy.deepcopy(sparse))
-    runs.append(("dense", dense, torch.optim.SGD(dense.parameters(), args.lr, **kw)))
-    m = copy.deepcopy(sparse)
-    runs.append(
-        (
-            "DropBack",
-            m,
-            DropBack(m, args.lr, budget=args.budget, init_decay=1.0, selection="topk", **kw),
-        )
-    )
-    m = copy.deepcopy(sparse)
-    runs.append(
-        (
-            "Procrustes",
-            m,
-            Procrustes(
-                m, args.lr, budget=args.budget, init_decay=decay, selection="quantile", **kw
-            ),
-        )
-    )
+    mom = args.momentum
+    dense, db, pc = densify(copy.deepcopy(sparse)), copy.deepcopy(sparse), copy.deepcopy(sparse)
+    runs: list[tuple[str, nn.Module, torch.optim.Optimizer]] = [
+        ("dense", dense, torch.optim.SGD(dense.parameters(), args.lr, momentum=mom)),
+        ("DropBack", db, DropBack(db, args.lr, budget=args.budget, momentum=mom,
+                                  init_decay=1.0, selection="topk")),
+        ("Procrustes", pc, Procrustes(pc, args.lr, budget=args.budget, momentum=mom,
+                                      init_decay=decay, selection="quantile")),
+    ]  # fmt: skip
 
     results = [
         train(name, model, opt, data, args.epochs, args.batch_size, args.seed)
