@@ -13,7 +13,7 @@ Two kinds of op, per sparse layer ("segment"):
 The arithmetic of the candidate is part of the contract (kernels may contract multiply-adds, so they
 agree to ~1 ulp, not bit for bit)::
 
-    W  = tracked ? value : cast(scale_prev * w0)
+    W  = tracked ? value : cast(scale_prev * w0)     (cast: to the layer dtype, then compute dtype)
     g' = g + weight_decay * W
     m  = tracked and momentum != 0 ? momentum * m_old + g' : g'
     c  = W - lr * m
@@ -76,7 +76,8 @@ def candidates(seg: Segment, p: StepParams) -> tuple[Tensor, Tensor, Tensor, Ten
     cdt = _compute_dtype(seg.values.dtype)
     w0 = init_values(seg.seed, seg.numel, seg.bound, device=device)
     tracked = unpack_bits(seg.bits, seg.numel)
-    W = (w0 * torch.tensor(seg.scale_prev, dtype=torch.float32, device=device)).to(cdt)
+    vdt = seg.values.dtype  # untracked weights round to the layer dtype, as the forward pass sees them
+    W = (w0 * torch.tensor(seg.scale_prev, dtype=torch.float32, device=device)).to(vdt).to(cdt)
     W[tracked] = seg.values.to(cdt)
     g = seg.grad.reshape(-1).to(cdt)
     if p.weight_decay != 0:
@@ -86,7 +87,7 @@ def candidates(seg: Segment, p: StepParams) -> tuple[Tensor, Tensor, Tensor, Ten
         m = g.clone()
         m[tracked] = seg.momentum.to(cdt).mul(p.momentum).add_(g[tracked])
     c = W.add(m, alpha=-p.lr)
-    target = (w0 * torch.tensor(p.scale, dtype=torch.float32, device=device)).to(cdt)
+    target = (w0 * torch.tensor(p.scale, dtype=torch.float32, device=device)).to(vdt).to(cdt)
     s = (c - target).abs().to(torch.float32)
     return c, m, s, tracked
 

@@ -1,0 +1,450 @@
+"""Accuracy on a weight budget: DropBack and Procrustes against dense training and two baselines.
+
+For each model, budget (fraction of the conv/linear weights kept) and seed, this trains:
+
+* ``dense``: plain SGD on the nn layers (same seed-derived initial weights as the sparse runs);
+* ``dropback``: DropBack, exact top-k, initial values kept (init_decay 1);
+* ``procrustes``: Procrustes as in the paper, init_decay 0.9 per step, quantile selection;
+* ``procrustes_rel``: Procrustes with a decay tied to the length of training (untracked weights
+  reach exactly zero half way: ``decay_for_steps(total_steps // 2)``), the library's recommendation
+  for short runs;
+* ``static``: a random tracked set chosen at initialisation and never changed, untracked weights
+  zero (the same number of stored weights, no reselection);
+* ``gmp``: gradual magnitude pruning (Zhu & Gupta 2017): dense training with the cubic sparsity
+  schedule ``s_t = s_f * (1 - (1 - t / T)^3)`` pruning by magnitude every few steps until 75% of
+  training, then fine-tuning the survivors.
+
+Reported per (model, method, budget): test accuracy mean and std over seeds, stored weights, bytes
+of the stored model in the block format (values + bitmask + pointers, biases dense), and the weight
+diffusion ``||W_final - W_init||_2`` the DropBack paper tracks. Rows go to
+``benchmarks/results/accuracy_<dataset>.csv`` with the command line, a plot of accuracy against the
+budget to ``accuracy_<dataset>.png`` and a markdown table to ``accuracy_<dataset>.md``.
+
+    python benchmarks/bench_accuracy.py                  # digits, both LeNets, 3 seeds
+    python benchmarks/bench_accuracy.py --quick          # smoke run
+    python benchmarks/bench_accuracy.py --mnist DIR --models lenet300,lenet5 --epochs 10
+    python benchmarks/bench_accuracy.py --cifar10 DIR --models resnet --epochs 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import RESULTS, machine_info, print_table  # noqa: E402
+
+import procrustes_kernels as pk  # noqa: E402
+from procrustes_kernels import BlockStorage  # noqa: E402
+
+METHODS = ("dense", "dropback", "procrustes", "procrustes_rel", "static", "gmp")
+BUDGETS = (1 / 5, 1 / 10, 1 / 25, 1 / 50)
+
+
+# -- models ---------------------------------------------------------------------------------------
+def lenet300(shape: tuple[int, int, int], classes: int) -> nn.Module:
+    """LeNet-300-100: the MLP of the DropBack paper's MNIST experiment."""
+    c, h, w = shape
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(c * h * w, 300),
+        nn.ReLU(),
+        nn.Linear(300, 100),
+        nn.ReLU(),
+        nn.Linear(100, classes),
+    )
+
+
+def lenet5(shape: tuple[int, int, int], classes: int) -> nn.Module:
+    """LeNet-5 (6 and 16 5x5 filters, 120-84 dense); small inputs are padded instead of shrunk."""
+    c, h, _ = shape
+    side = 5 if h >= 28 else 2
+    return nn.Sequential(
+        nn.Conv2d(c, 6, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5, padding=0 if h >= 28 else 2),
+        nn.ReLU(),
+        nn.AdaptiveMaxPool2d(side),
+        nn.Flatten(),
+        nn.Linear(16 * side * side, 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
+        nn.Linear(84, classes),
+    )
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = None
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return F.relu(y + (x if self.short is None else self.short(x)))
+
+
+def resnet(shape: tuple[int, int, int], classes: int) -> nn.Module:
+    """A small ResNet (16-32-64 channels, one basic block per stage) for CIFAR-10 sized inputs."""
+    return nn.Sequential(
+        nn.Conv2d(shape[0], 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        _Block(16, 16, 1),
+        _Block(16, 32, 2),
+        _Block(32, 64, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, classes),
+    )
+
+
+MODELS = {"lenet300": lenet300, "lenet5": lenet5, "resnet": resnet}
+
+
+# -- the two baselines ----------------------------------------------------------------------------
+def _budgeted(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+class MaskedSGD:
+    """SGD on a dense model whose budgeted weights are multiplied by fixed-shape masks.
+
+    ``static`` sets the masks once; ``gmp`` updates them on its schedule. Masked weights stay exactly
+    zero (their gradient and momentum are masked too).
+    """
+
+    def __init__(self, model: nn.Module, lr: float, momentum: float, masks: list[torch.Tensor]) -> None:
+        self.opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+        self.layers = _budgeted(model)
+        self.masks = masks
+        self.apply_masks()
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.opt.param_groups
+
+    def apply_masks(self) -> None:
+        with torch.no_grad():
+            for layer, mask in zip(self.layers, self.masks):
+                layer.weight.mul_(mask)
+                buf = self.opt.state.get(layer.weight, {}).get("momentum_buffer")
+                if buf is not None:
+                    buf.mul_(mask)
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad()
+
+    def step(self) -> None:
+        for layer, mask in zip(self.layers, self.masks):
+            layer.weight.grad.mul_(mask)
+        self.opt.step()
+        self.apply_masks()
+
+
+def random_masks(model: nn.Module, k: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """k weights chosen uniformly over all budgeted weights (global, like the sparse budget)."""
+    sizes = [m.weight.numel() for m in _budgeted(model)]
+    keep = torch.zeros(sum(sizes), dtype=torch.bool)
+    keep[torch.randperm(sum(sizes), generator=gen)[:k]] = True
+    return [m.view_as(layer.weight) for m, layer in zip(torch.split(keep, sizes), _budgeted(model))]
+
+
+def magnitude_masks(model: nn.Module, k: int) -> list[torch.Tensor]:
+    """Keep the k largest-magnitude weights over all budgeted layers."""
+    weights = [m.weight.detach().abs().flatten() for m in _budgeted(model)]
+    flat = torch.cat(weights)
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[torch.topk(flat, k).indices] = True
+    return [m.view_as(layer.weight) for m, layer in zip(torch.split(keep, [w.numel() for w in weights]), _budgeted(model))]
+
+
+class GradualMagnitudePruning(MaskedSGD):
+    """Zhu & Gupta's cubic schedule from dense to the budget, pruning every ``every`` steps."""
+
+    def __init__(self, model: nn.Module, lr: float, momentum: float, k: int, total_steps: int, every: int = 10) -> None:
+        masks = [torch.ones_like(m.weight, dtype=torch.bool) for m in _budgeted(model)]
+        super().__init__(model, lr, momentum, masks)
+        self.model, self.k, self.every = model, k, every
+        self.n = sum(m.numel() for m in masks)
+        self.end = max(1, int(0.75 * total_steps))
+        self.t = 0
+
+    def step(self) -> None:
+        super().step()
+        self.t += 1
+        if self.t % self.every == 0 or self.t == self.end:
+            final_sparsity = 1 - self.k / self.n
+            frac = min(self.t / self.end, 1.0)
+            sparsity = final_sparsity * (1 - (1 - frac) ** 3)
+            keep = max(self.k, round((1 - sparsity) * self.n))
+            if self.t <= self.end:
+                self.masks = magnitude_masks(self.model, keep)
+                self.apply_masks()
+
+
+# -- one run --------------------------------------------------------------------------------------
+def stored_model_bytes(model: nn.Module) -> int:
+    """Bytes of the model in the block format: tracked values + bitmask + pointers, dense rest."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, pk.SparseLayer):
+            total += m.storage.nbytes
+        elif isinstance(m, (nn.Linear, nn.Conv2d)):
+            w = m.weight.detach()
+            nz = w != 0
+            if bool(nz.all()):
+                total += w.numel() * w.element_size()
+            else:
+                block = w[0, 0].numel() if w.dim() == 4 else 16
+                total += BlockStorage.from_mask(w, nz, block).nbytes
+        for name, p in m.named_parameters(recurse=False):
+            if name not in ("values", "weight"):
+                total += p.numel() * p.element_size()
+    return total
+
+
+def weight_list(model: nn.Module) -> list[torch.Tensor]:
+    return [
+        m.effective_weight() if isinstance(m, pk.SparseLayer) else m.weight.detach().clone()
+        for m in model.modules()
+        if isinstance(m, (pk.SparseLayer, nn.Linear, nn.Conv2d))
+    ]
+
+
+def run_one(
+    method: str,
+    sparse_init: nn.Module,
+    data: pk.Dataset,
+    budget: float,
+    args: argparse.Namespace,
+    seed: int,
+) -> dict:
+    total_weights = sum(m.numel for m in sparse_init.modules() if isinstance(m, pk.SparseLayer))
+    k = max(1, round(budget * total_weights))
+    steps_per_epoch = math.ceil(len(data.y_train) / args.batch_size)
+    total_steps = args.epochs * steps_per_epoch
+    if method in ("dropback", "procrustes", "procrustes_rel"):
+        model = copy.deepcopy(sparse_init)
+        decay = {"dropback": 1.0, "procrustes": 0.9, "procrustes_rel": pk.decay_for_steps(max(1, total_steps // 2))}[method]
+        selection = "topk" if method == "dropback" else "quantile"
+        opt = pk.DropBack(
+            model, args.lr, budget=k, momentum=args.momentum, init_decay=decay, selection=selection, scope=args.scope
+        )
+    else:
+        model = pk.densify(copy.deepcopy(sparse_init))
+        if method == "dense":
+            opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+        elif method == "static":
+            masks = random_masks(model, k, torch.Generator().manual_seed(seed + 12345))
+            opt = MaskedSGD(model, args.lr, args.momentum, masks)
+        else:
+            opt = GradualMagnitudePruning(model, args.lr, args.momentum, k, total_steps)
+    init = weight_list(model)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt.opt if isinstance(opt, MaskedSGD) else opt,
+        lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / total_steps)),
+    )
+    gen = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    model.train()
+    for _ in range(args.epochs):
+        perm = torch.randperm(len(data.y_train), generator=gen)
+        for i in range(0, len(perm), args.batch_size):
+            idx = perm[i : i + args.batch_size]
+            opt.zero_grad()
+            F.cross_entropy(model(data.x_train[idx]), data.y_train[idx]).backward()
+            opt.step()
+            sched.step()
+    wall = time.perf_counter() - start
+    model.eval()
+    with torch.no_grad():
+        correct = sum(
+            int((model(data.x_test[i : i + 1000]).argmax(1) == data.y_test[i : i + 1000]).sum())
+            for i in range(0, len(data.y_test), 1000)
+        )
+    final = weight_list(model)
+    diffusion = math.sqrt(sum(float(((a - b) ** 2).sum()) for a, b in zip(final, init)))
+    stored = sum(int((w != 0).sum()) for w in final) if method in ("static", "gmp") else None
+    if method == "dense":
+        stored = total_weights
+    elif stored is None:
+        stored = sum(m.nnz for m in model.modules() if isinstance(m, pk.SparseLayer))
+    return {
+        "acc": 100.0 * correct / len(data.y_test),
+        "stored_weights": stored,
+        "stored_bytes": stored_model_bytes(model),
+        "diffusion": diffusion,
+        "wall_s": wall,
+        "total_weights": total_weights,
+    }
+
+
+def load(args: argparse.Namespace) -> pk.Dataset:
+    if args.mnist:
+        data = pk.load_mnist(args.mnist)
+    elif args.cifar10:
+        data = pk.load_cifar10(args.cifar10)
+    else:
+        data = pk.load_digits(seed=0)
+    if args.max_train and args.max_train < len(data.y_train):
+        keep = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(0))[: args.max_train]
+        data.x_train, data.y_train = data.x_train[keep], data.y_train[keep]
+    return data
+
+
+def plot(rows: list[dict], models: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mine = [r for r in rows if r["model"] == model]
+        dense = [r for r in mine if r["method"] == "dense"]
+        if dense:
+            ax.axhline(dense[0]["acc_mean"], color="k", ls="--", lw=1, label="dense")
+        for method in METHODS[1:]:
+            pts = sorted((r for r in mine if r["method"] == method), key=lambda r: r["compression"])
+            if pts:
+                ax.errorbar(
+                    [r["compression"] for r in pts],
+                    [r["acc_mean"] for r in pts],
+                    yerr=[r["acc_std"] for r in pts],
+                    marker="o",
+                    ms=4,
+                    capsize=3,
+                    label=method,
+                )
+        ax.set_xscale("log")
+        ax.set_xticks([5, 10, 25, 50], labels=["5x", "10x", "25x", "50x"])
+        ax.set_xlabel("compression (all weights / stored weights)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(model)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower left")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--mnist", metavar="DIR")
+    src.add_argument("--cifar10", metavar="DIR")
+    p.add_argument("--models", default=None, help=f"comma-separated from {sorted(MODELS)}")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--budgets", default=",".join(f"{b:g}" for b in BUDGETS))
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--max-train", type=int, default=None)
+    p.add_argument("--scope", choices=("global", "layer"), default="global", help="budget scope of the sparse methods")
+    p.add_argument("--quick", action="store_true", help="one model, one seed, 2 budgets, 2 epochs")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.models = args.models or "lenet300"
+        args.seeds, args.epochs = 1, min(args.epochs, 2)
+        args.budgets = "0.1,0.04"
+        args.max_train = args.max_train or 512
+    default_models = "resnet" if args.cifar10 else "lenet300,lenet5"
+    models = (args.models or default_models).split(",")
+    for m in models:
+        if m not in MODELS:
+            p.error(f"--models: expected names from {sorted(MODELS)}, got {m!r}")
+    methods = args.methods.split(",")
+    for m in methods:
+        if m not in METHODS:
+            p.error(f"--methods: expected names from {METHODS}, got {m!r}")
+    budgets = [float(b) for b in args.budgets.split(",")]
+    command = shlex.join(["python", "benchmarks/bench_accuracy.py", *(argv if argv is not None else sys.argv[1:])])
+    data = load(args)
+    tag = data.name + ("_quick" if args.quick else "")
+    print(f"{data!r}; models {models}; methods {methods}; budgets {budgets}; {args.seeds} seeds", flush=True)
+
+    rows = []
+    for model_name in models:
+        for method in methods:
+            for budget in [1.0] if method == "dense" else budgets:
+                runs = []
+                for seed in range(args.seeds):
+                    torch.manual_seed(seed)
+                    sparse_init = pk.sparsify(MODELS[model_name](data.input_shape, data.num_classes), seed=seed)
+                    runs.append(run_one(method, sparse_init, data, budget, args, seed))
+                accs = [r["acc"] for r in runs]
+                row = {
+                    "dataset": data.name,
+                    "model": model_name,
+                    "method": method,
+                    "budget": round(budget, 4),
+                    "compression": round(runs[0]["total_weights"] / statistics.mean(r["stored_weights"] for r in runs), 2),
+                    "acc_mean": round(statistics.mean(accs), 2),
+                    "acc_std": round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0,
+                    "seeds": len(runs),
+                    "stored_weights": round(statistics.mean(r["stored_weights"] for r in runs)),
+                    "total_weights": runs[0]["total_weights"],
+                    "stored_bytes": round(statistics.mean(r["stored_bytes"] for r in runs)),
+                    "diffusion": round(statistics.mean(r["diffusion"] for r in runs), 3),
+                    "wall_s": round(statistics.mean(r["wall_s"] for r in runs), 1),
+                }
+                rows.append(row)
+                print(
+                    f"{model_name:<9} {method:<15} budget {budget:<6.3g} acc {row['acc_mean']:6.2f} "
+                    f"+- {row['acc_std']:<5} stored {row['stored_weights']:>7} ({row['compression']}x) "
+                    f"diffusion {row['diffusion']:.2f}  {row['wall_s']:.1f} s/run",
+                    flush=True,
+                )
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    info = machine_info(torch.device("cpu"))
+    import csv
+
+    with (args.out / f"accuracy_{tag}.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*rows[0].keys(), *info.keys(), "backend", "command"])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, **info, "backend": pk.ops.backend_for("cpu"), "command": command})
+    title = (
+        f"{data.name}: SGD lr {args.lr:g} cosine, momentum {args.momentum:g}, batch {args.batch_size}, "
+        f"{args.epochs} epochs, {args.seeds} seeds (mean +- std)"
+    )
+    plot(rows, models, args.out / f"accuracy_{tag}.png", title)
+    cols = ["model", "method", "budget", "compression", "acc_mean", "acc_std", "stored_weights", "stored_bytes", "diffusion"]
+    with (args.out / f"accuracy_{tag}.md").open("w") as f:
+        f.write(f"`{command}`\n\n{title}\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
+        for r in rows:
+            f.write("| " + " | ".join(str(r[c]) for c in cols) + " |\n")
+    print()
+    print_table(rows, cols)
+    print(f"\nwrote {args.out}/accuracy_{tag}.csv, .png and .md")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
