@@ -341,12 +341,23 @@ class DropBack(Optimizer):
                 ]
                 hist = sum(r.histogram.cpu() for r in results)
             return results, selector.advance(hist, k, sum(r.kept for r in results))
-        # quantile_paper walks the scores sequentially: reference only.
-        scores = torch.cat([reference.scores(s, p).cpu() for s in segments])
-        mask, plan = selector.step(scores, k)
+        # quantile_paper walks the scores one by one on the host (in C++ when it is built); the
+        # Triton backend has no per-element score output, so scores and compaction use the
+        # backend's own functions where it has them and the reference's otherwise.
+        seg_ops = [get_ops(s.grad.device) for s in segments]
+        scores = torch.cat(
+            [getattr(o, "scores", reference.scores)(s, p).cpu() for o, s in zip(seg_ops, segments)]
+        )
+        walk = getattr(get_ops("cpu"), "paper_walk", None)
+        if walk is not None:
+            mask, theta = walk(scores, selector.theta, selector.lam, k)
+            plan = {"theta": theta}
+        else:
+            mask, plan = selector.step(scores, k)
         masks = torch.split(mask, [s.numel for s in segments])
         return [
-            reference.compact_mask(s, p, m.to(s.grad.device)) for s, m in zip(segments, masks)
+            getattr(o, "compact_mask", reference.compact_mask)(s, p, m.to(s.grad.device))
+            for o, s, m in zip(seg_ops, segments, masks)
         ], plan
 
     def _dense_sgd(self, lr: float, mu: float, wd: float) -> None:

@@ -10,8 +10,9 @@ Two kinds of op, per sparse layer ("segment"):
   threshold from them, and :func:`compact` keeps the weights above it (plus a quota of ties at it)
   and writes the new compressed tracked set and momentum.
 
-The arithmetic of the candidate is part of the contract (kernels may contract multiply-adds, so they
-agree to ~1 ulp, not bit for bit)::
+The arithmetic of the candidate is part of the contract. The C++ backend reproduces it bit for
+bit (including whether this PyTorch build fuses ``a.add(b, alpha=s)`` into one multiply-add); the
+Triton kernels round each operation separately and agree to ~1 ulp::
 
     W  = tracked ? value : cast(scale_prev * w0)     (cast: to the layer dtype, then compute dtype)
     g' = g + weight_decay * W

@@ -1,0 +1,432 @@
+// Python module procrustes_kernels._C: numpy buffers in, checked, handed to ops.cpp.
+//
+// The Python wrapper (procrustes_kernels/ops/cpp_ops.py) passes CPU tensors as zero-copy numpy
+// views. Every argument is checked here again (dtype, 1-D, C-contiguous, length, writability) so
+// that a wrong call raises TypeError / ValueError instead of reading or writing out of bounds.
+// The GIL is released while the kernels run.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#include "common.h"
+#include "ops.h"
+
+namespace py = pybind11;
+
+namespace {
+
+std::string where(const char* fn) { return std::string(fn) + "(): "; }
+
+std::string shape_of(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) {
+    s += std::to_string(a.shape(i));
+    s += (a.ndim() == 1 || i + 1 < a.ndim()) ? "," : "";
+    if (i + 1 < a.ndim()) s += " ";
+  }
+  return s + ")";
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <class T>
+const char* dtype_name() {
+  if constexpr (std::is_same_v<T, float>) return "float32";
+  if constexpr (std::is_same_v<T, double>) return "float64";
+  if constexpr (std::is_same_v<T, uint8_t>) return "uint8";
+  if constexpr (std::is_same_v<T, bool>) return "bool";
+  if constexpr (std::is_same_v<T, int32_t>) return "int32";
+  if constexpr (std::is_same_v<T, int64_t>) return "int64";
+  return "?";
+}
+
+// A 1-D C-contiguous array of dtype T with `size` elements (size < 0: any).
+template <class T>
+py::array expect(const py::handle& obj, const char* fn, const char* name, int64_t size,
+                 bool writable = false) {
+  if (!py::isinstance<py::array>(obj)) {
+    throw py::type_error(where(fn) + "expected " + name + " to be a numpy array, got " +
+                         std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
+  }
+  py::array a = py::reinterpret_borrow<py::array>(obj);
+  if (!py::isinstance<py::array_t<T>>(a)) {
+    throw py::type_error(where(fn) + "expected " + name + " of dtype " + dtype_name<T>() +
+                         ", got " + std::string(py::str(a.dtype())));
+  }
+  if (a.ndim() != 1) {
+    throw py::value_error(where(fn) + "expected " + name + " to be 1-D, got shape " +
+                          shape_of(a));
+  }
+  if (!(a.flags() & py::array::c_style)) {
+    throw py::value_error(where(fn) + "expected " + name + " to be contiguous");
+  }
+  if (size >= 0 && a.size() != size) {
+    throw py::value_error(where(fn) + "expected " + name + " of length " + std::to_string(size) +
+                          ", got " + std::to_string(a.size()));
+  }
+  if (writable && !a.writeable()) {
+    throw py::value_error(where(fn) + "expected " + name + " to be writable");
+  }
+  return a;
+}
+
+void expect_numel(int64_t numel, const char* fn) {
+  if (numel < 0) throw py::value_error(where(fn) + "expected numel >= 0, got " + std::to_string(numel));
+}
+
+template <class T>
+bool is_array_of(const py::handle& obj) {
+  return py::isinstance<py::array_t<T>>(obj);
+}
+
+// The storage arrays every segment op reads, checked against numel.
+struct Storage {
+  py::array values, bits, group_ptr;
+};
+
+template <class T>
+Storage expect_storage(const py::handle& values, const py::handle& bits,
+                       const py::handle& group_ptr, int64_t numel, const char* fn) {
+  expect_numel(numel, fn);
+  Storage s{expect<T>(values, fn, "values", -1),
+            expect<uint8_t>(bits, fn, "bits", ceil_div(numel, 8)),
+            expect<int64_t>(group_ptr, fn, "group_ptr", ceil_div(numel, pk::kGroupSize) + 1)};
+  return s;
+}
+
+// Arguments shared by the update ops, as keyword arguments from the wrapper.
+struct SegmentIn {
+  py::object values, bits, group_ptr, grad, momentum;
+  uint64_t seed;
+  double bound;
+  int64_t numel;
+  double scale_prev, lr, mu, wd, scale;
+  bool fused;
+};
+
+template <class T>
+pk::SegmentArgs<T> segment_args(const SegmentIn& in, const char* fn) {
+  Storage st = expect_storage<T>(in.values, in.bits, in.group_ptr, in.numel, fn);
+  py::array grad = expect<T>(in.grad, fn, "grad", in.numel);
+  const T* mom = nullptr;
+  if (!in.momentum.is_none()) {
+    py::array m = expect<T>(in.momentum, fn, "momentum", -1);
+    if (m.size() != 0 && m.size() != st.values.size()) {
+      throw py::value_error(where(fn) + "expected momentum of length values.numel() = " +
+                            std::to_string(st.values.size()) + " (or empty), got " +
+                            std::to_string(m.size()));
+    }
+    if (m.size() != 0) mom = static_cast<const T*>(m.data());
+  }
+  return {in.seed,
+          in.bound,
+          in.numel,
+          static_cast<const T*>(st.values.data()),
+          static_cast<int64_t>(st.values.size()),
+          static_cast<const uint8_t*>(st.bits.data()),
+          static_cast<const int64_t*>(st.group_ptr.data()),
+          static_cast<const T*>(grad.data()),
+          mom};
+}
+
+pk::StepArgs step_args(const SegmentIn& in) {
+  return {in.lr, in.mu, in.wd, in.scale, in.scale_prev, in.fused};
+}
+
+// f(T{}) with T the element type of `values` (float32 or float64): one instance per type.
+template <class F>
+auto with_value_type(const py::handle& values, const char* fn, F&& f) {
+  if (is_array_of<float>(values)) return f(float{});
+  if (is_array_of<double>(values)) return f(double{});
+  if (!py::isinstance<py::array>(values)) {
+    throw py::type_error(where(fn) + "expected values to be a numpy array, got " +
+                         std::string(py::str(py::type::handle_of(values).attr("__name__"))));
+  }
+  throw py::type_error(where(fn) + "expected values of dtype float32 or float64, got " +
+                       std::string(py::str(py::reinterpret_borrow<py::array>(values).dtype())));
+}
+
+pk::LogBins log_bins(int shift, int64_t base, int64_t nbins, const char* fn) {
+  if (shift < 0 || shift > 31 || nbins < 1) {
+    throw py::value_error(where(fn) + "expected 0 <= hist_shift <= 31 and hist_bins >= 1, got " +
+                          std::to_string(shift) + ", " + std::to_string(nbins));
+  }
+  return {shift, base, nbins};
+}
+
+template <class T>
+py::array_t<T> new_array(int64_t n) {
+  return py::array_t<T>(static_cast<py::ssize_t>(n));
+}
+
+// Segment ops take the same keyword arguments; this declares them once.
+template <class... Extra>
+auto seg_kwargs(Extra... extra) {
+  return std::make_tuple(py::kw_only(), py::arg("values"), py::arg("bits"), py::arg("group_ptr"),
+                         py::arg("grad"), py::arg("momentum").none(true), py::arg("seed"),
+                         py::arg("bound"), py::arg("numel"), py::arg("scale_prev"),
+                         py::arg("lr"), py::arg("mu"), py::arg("wd"), py::arg("scale"),
+                         py::arg("fused"), extra...);
+}
+
+template <class Ret, class... Args, class Tuple, size_t... I>
+void def_seg(py::module_& m, const char* name, Ret (*f)(Args...), const char* doc,
+             const Tuple& kw, std::index_sequence<I...>) {
+  m.def(name, f, doc, std::get<I>(kw)...);
+}
+
+template <class Ret, class... Args, class Tuple>
+void def_seg(py::module_& m, const char* name, Ret (*f)(Args...), const char* doc,
+             const Tuple& kw) {
+  def_seg(m, name, f, doc, kw, std::make_index_sequence<std::tuple_size_v<Tuple>>{});
+}
+
+#define PK_SEGMENT_PARAMS                                                                 \
+  py::object values, py::object bits, py::object group_ptr, py::object grad,             \
+      py::object momentum, uint64_t seed, double bound, int64_t numel, double scale_prev, \
+      double lr, double mu, double wd, double scale, bool fused
+#define PK_SEGMENT_IN                                                                   \
+  SegmentIn {                                                                           \
+    values, bits, group_ptr, grad, momentum, seed, bound, numel, scale_prev, lr, mu, wd, \
+        scale, fused                                                                    \
+  }
+
+py::array_t<int64_t> log_histogram(PK_SEGMENT_PARAMS, int hist_shift, int64_t hist_base,
+                                   int64_t hist_bins) {
+  const char* fn = "log_histogram";
+  const SegmentIn in = PK_SEGMENT_IN;
+  const pk::LogBins bins = log_bins(hist_shift, hist_base, hist_bins, fn);
+  auto hist = new_array<int64_t>(hist_bins);
+  int64_t* h = hist.mutable_data();
+  with_value_type(in.values, fn, [&](auto tag) {
+    using T = decltype(tag);
+    const auto seg = segment_args<T>(in, fn);
+    const auto p = step_args(in);
+    py::gil_scoped_release release;
+    pk::log_histogram<T>(seg, p, bins, h);
+    return 0;
+  });
+  return hist;
+}
+
+py::array_t<int64_t> radix_histogram(PK_SEGMENT_PARAMS, int64_t high) {
+  const char* fn = "radix_histogram";
+  const SegmentIn in = PK_SEGMENT_IN;
+  const int64_t nbins = high < 0 ? (int64_t{1} << 15) : (int64_t{1} << 16);
+  auto hist = new_array<int64_t>(nbins);
+  int64_t* h = hist.mutable_data();
+  with_value_type(in.values, fn, [&](auto tag) {
+    using T = decltype(tag);
+    const auto seg = segment_args<T>(in, fn);
+    const auto p = step_args(in);
+    py::gil_scoped_release release;
+    pk::radix_histogram<T>(seg, p, high, nbins, h);
+    return 0;
+  });
+  return hist;
+}
+
+void candidates(PK_SEGMENT_PARAMS, py::object c_out, py::object m_out, py::object s_out,
+                py::object tracked_out) {
+  const char* fn = "candidates";
+  const SegmentIn in = PK_SEGMENT_IN;
+  with_value_type(in.values, fn, [&](auto tag) {
+    using T = decltype(tag);
+    const auto seg = segment_args<T>(in, fn);
+    const auto p = step_args(in);
+    py::array s = expect<float>(s_out, fn, "s_out", in.numel, true);
+    T* c = nullptr;
+    T* m = nullptr;
+    uint8_t* tr = nullptr;
+    if (!c_out.is_none()) c = static_cast<T*>(expect<T>(c_out, fn, "c_out", in.numel, true).mutable_data());
+    if (!m_out.is_none()) m = static_cast<T*>(expect<T>(m_out, fn, "m_out", in.numel, true).mutable_data());
+    if (!tracked_out.is_none()) {
+      tr = static_cast<uint8_t*>(
+          expect<bool>(tracked_out, fn, "tracked_out", in.numel, true).mutable_data());
+    }
+    float* sp = static_cast<float*>(s.mutable_data());
+    py::gil_scoped_release release;
+    pk::candidates<T>(seg, p, c, m, sp, tr);
+    return 0;
+  });
+}
+
+// Second half of both compactions: allocate the kept values / momentum, then gather them.
+template <class T>
+py::tuple finish_compact(const SegmentIn& in, const pk::SegmentArgs<T>& seg,
+                         const pk::StepArgs& p, const py::array_t<uint8_t>& bits,
+                         const py::array_t<int64_t>& ptr, int64_t kept) {
+  auto values = new_array<T>(kept);
+  py::object momentum = py::none();
+  T* mom = nullptr;
+  if (in.mu != 0) {
+    auto mo = new_array<T>(kept);
+    mom = mo.mutable_data();
+    momentum = mo;
+  }
+  T* vals = values.mutable_data();
+  {
+    py::gil_scoped_release release;
+    pk::compact_gather<T>(seg, p, bits.data(), ptr.data(), vals, mom);
+  }
+  return py::make_tuple(values, bits, ptr, momentum);
+}
+
+py::tuple compact(PK_SEGMENT_PARAMS, double threshold, int64_t tie_quota, bool with_histogram,
+                  int hist_shift, int64_t hist_base, int64_t hist_bins) {
+  const char* fn = "compact";
+  const SegmentIn in = PK_SEGMENT_IN;
+  const pk::LogBins bins = log_bins(hist_shift, hist_base, hist_bins, fn);
+  return with_value_type(in.values, fn, [&](auto tag) {
+    using T = decltype(tag);
+    const auto seg = segment_args<T>(in, fn);
+    const auto p = step_args(in);
+    auto new_bits = new_array<uint8_t>(ceil_div(in.numel, 8));
+    auto ptr = new_array<int64_t>(ceil_div(in.numel, pk::kGroupSize) + 1);
+    py::object hist = py::none();
+    int64_t* h = nullptr;
+    if (with_histogram) {
+      auto ha = new_array<int64_t>(hist_bins);
+      h = ha.mutable_data();
+      hist = ha;
+    }
+    uint8_t* b = new_bits.mutable_data();
+    int64_t* gp = ptr.mutable_data();
+    pk::SelectResult r{};
+    {
+      py::gil_scoped_release release;
+      r = pk::compact_select<T>(seg, p, static_cast<float>(threshold), tie_quota, b, gp, bins, h);
+    }
+    py::tuple out = finish_compact<T>(in, seg, p, new_bits, ptr, r.kept);
+    return py::make_tuple(out[0], out[1], out[2], out[3], r.ties_used, hist);
+  });
+}
+
+py::tuple compact_mask(PK_SEGMENT_PARAMS, py::object keep) {
+  const char* fn = "compact_mask";
+  const SegmentIn in = PK_SEGMENT_IN;
+  return with_value_type(in.values, fn, [&](auto tag) {
+    using T = decltype(tag);
+    const auto seg = segment_args<T>(in, fn);
+    const auto p = step_args(in);
+    py::array k = expect<bool>(keep, fn, "keep", in.numel);
+    auto new_bits = new_array<uint8_t>(ceil_div(in.numel, 8));
+    auto ptr = new_array<int64_t>(ceil_div(in.numel, pk::kGroupSize) + 1);
+    const uint8_t* kp = static_cast<const uint8_t*>(k.data());
+    uint8_t* b = new_bits.mutable_data();
+    int64_t* gp = ptr.mutable_data();
+    int64_t kept = 0;
+    {
+      py::gil_scoped_release release;
+      kept = pk::mask_select(kp, in.numel, b, gp);
+    }
+    return finish_compact<T>(in, seg, p, new_bits, ptr, kept);
+  });
+}
+
+void materialize(uint64_t seed, double bound, double scale, py::object values, py::object bits,
+                 py::object group_ptr, int64_t numel, py::object out) {
+  const char* fn = "materialize";
+  with_value_type(values, fn, [&](auto tag) {
+    using T = decltype(tag);
+    Storage st = expect_storage<T>(values, bits, group_ptr, numel, fn);
+    py::array o = expect<T>(out, fn, "out", numel, true);
+    const T* v = static_cast<const T*>(st.values.data());
+    const int64_t nv = st.values.size();
+    const uint8_t* b = static_cast<const uint8_t*>(st.bits.data());
+    const int64_t* gp = static_cast<const int64_t*>(st.group_ptr.data());
+    T* op = static_cast<T*>(o.mutable_data());
+    py::gil_scoped_release release;
+    pk::materialize<T>(seed, bound, scale, v, nv, b, gp, numel, op);
+    return 0;
+  });
+}
+
+py::array_t<float> philox_uniform(uint64_t seed, py::object offsets) {
+  const char* fn = "philox_uniform";
+  const bool is32 = is_array_of<int32_t>(offsets);
+  py::array off = is32 ? expect<int32_t>(offsets, fn, "offsets", -1)
+                       : expect<int64_t>(offsets, fn, "offsets", -1);
+  const int64_t n = off.size();
+  auto out = new_array<float>(n);
+  float* o = out.mutable_data();
+  const int32_t* o32 = is32 ? static_cast<const int32_t*>(off.data()) : nullptr;
+  const int64_t* o64 = is32 ? nullptr : static_cast<const int64_t*>(off.data());
+  {
+    py::gil_scoped_release release;
+    pk::philox_uniform(seed, o32, o64, n, o);
+  }
+  return out;
+}
+
+double paper_walk(py::object scores, double theta, double up, double down, py::object mask_out) {
+  const char* fn = "paper_walk";
+  const bool is32 = is_array_of<float>(scores);
+  py::array s = is32 ? expect<float>(scores, fn, "scores", -1) : expect<double>(scores, fn, "scores", -1);
+  py::array m = expect<bool>(mask_out, fn, "mask_out", s.size(), true);
+  uint8_t* mp = static_cast<uint8_t*>(m.mutable_data());
+  const int64_t n = s.size();
+  py::gil_scoped_release release;
+  if (is32) return pk::paper_walk(static_cast<const float*>(s.data()), n, theta, up, down, mp);
+  return pk::paper_walk(static_cast<const double*>(s.data()), n, theta, up, down, mp);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "C++/OpenMP kernels of procrustes_kernels (use procrustes_kernels.ops.cpp_ops).";
+  m.attr("GROUP_SIZE") = pk::kGroupSize;
+
+  m.def("philox_uniform", &philox_uniform, "tl.rand(seed, offsets) for int32 or int64 offsets.",
+        py::arg("seed"), py::arg("offsets"));
+  m.def("materialize", &materialize,
+        "Write the effective weight (tracked values, else scale * w0) into out.", py::kw_only(),
+        py::arg("seed"), py::arg("bound"), py::arg("scale"), py::arg("values"), py::arg("bits"),
+        py::arg("group_ptr"), py::arg("numel"), py::arg("out"));
+  def_seg(m, "log_histogram", &log_histogram, "Log-bin histogram of the scores.",
+          seg_kwargs(py::arg("hist_shift"), py::arg("hist_base"), py::arg("hist_bins")));
+  def_seg(m, "radix_histogram", &radix_histogram,
+          "Radix histogram of the scores' bits (high < 0: upper 15 bits).",
+          seg_kwargs(py::arg("high")));
+  def_seg(m, "candidates", &candidates, "Dense c, m, s and tracked (outputs may be None but s).",
+          seg_kwargs(py::arg("c_out").none(true), py::arg("m_out").none(true), py::arg("s_out"),
+                     py::arg("tracked_out").none(true)));
+  def_seg(m, "compact", &compact,
+          "Keep s > threshold plus the first tie_quota ties: (values, bits, group_ptr, "
+          "momentum, ties_used, histogram).",
+          seg_kwargs(py::arg("threshold"), py::arg("tie_quota"), py::arg("with_histogram"),
+                     py::arg("hist_shift"), py::arg("hist_base"), py::arg("hist_bins")));
+  def_seg(m, "compact_mask", &compact_mask,
+          "Compaction with an explicit keep mask: (values, bits, group_ptr, momentum).",
+          seg_kwargs(py::arg("keep")));
+  m.def("paper_walk", &paper_walk,
+        "PaperQuantileSelector's sequential walk; writes mask_out, returns the final theta.",
+        py::arg("scores"), py::arg("theta"), py::arg("up"), py::arg("down"),
+        py::arg("mask_out"));
+
+  m.def("max_threads", &pk::max_threads, "Threads the kernels use.");
+  m.def(
+      "set_max_threads",
+      [](int n) {
+        if (n < 0) throw py::value_error("set_max_threads(): expected n >= 0, got " + std::to_string(n));
+        pk::set_max_threads(n);
+      },
+      "Threads the kernels use (0: the OpenMP default).", py::arg("n"));
+  m.def("hardware_threads", &pk::hardware_threads, "Processors OpenMP sees.");
+  m.def("simd_level", &pk::simd_level,
+        "Instruction set in use: 0 baseline, 1 AVX2 + FMA, 2 with AVX-512 Philox.");
+  m.def("max_simd_level", &pk::max_simd_level, "The highest simd_level this CPU runs.");
+  m.def("set_simd_level", &pk::set_simd_level,
+        "Cap the instruction set (for tests and comparisons; results never change).",
+        py::arg("level"));
+#ifdef _OPENMP
+  m.attr("openmp") = true;
+#else
+  m.attr("openmp") = false;
+#endif
+}

@@ -1,0 +1,103 @@
+// Small shared pieces of the C++ backend: inlining / ISA attributes, bit helpers, group layout.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__GNUC__)
+#define PK_INLINE inline __attribute__((always_inline))
+#define PK_NOINLINE __attribute__((noinline))
+#else
+#define PK_INLINE inline
+#define PK_NOINLINE
+#endif
+
+// The hot loops are compiled twice: once for the baseline ISA and once for AVX2 + FMA, chosen at
+// run time. Per-function target attributes (never a file-wide pragma) keep every out-of-line
+// function, including std:: template instances shared with other files, at the baseline ISA; only
+// code inlined into a PK_SIMD_TARGET function is compiled for AVX2.
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define PK_HAVE_SIMD_VARIANT 1
+#define PK_SIMD_TARGET __attribute__((target("avx2,fma,popcnt,bmi,bmi2")))
+#else
+#define PK_HAVE_SIMD_VARIANT 0
+#define PK_SIMD_TARGET
+#endif
+
+namespace pk {
+
+// Elements per group_ptr entry (storage.GROUP_SIZE); a group is 32 bytes of the bitmask.
+inline constexpr int kGroupSize = 256;
+inline constexpr int kGroupBytes = kGroupSize / 8;
+inline constexpr int kGroupWords = kGroupSize / 64;
+
+PK_INLINE int popcount64(uint64_t x) {
+#if defined(__GNUC__)
+  return __builtin_popcountll(x);
+#else
+  int n = 0;
+  for (; x; x &= x - 1) ++n;
+  return n;
+#endif
+}
+
+PK_INLINE int ctz64(uint64_t x) {  // x != 0
+#if defined(__GNUC__)
+  return __builtin_ctzll(x);
+#else
+  int n = 0;
+  while (!(x & 1)) {
+    x >>= 1;
+    ++n;
+  }
+  return n;
+#endif
+}
+
+PK_INLINE int group_popcount(const uint64_t* w) {
+  return popcount64(w[0]) + popcount64(w[1]) + popcount64(w[2]) + popcount64(w[3]);
+}
+
+// Bits of group g as four little-endian words, with bits at or past `len` cleared (padding bits
+// past numel are not part of the tracked set, as in storage.unpack_bits).
+PK_INLINE void load_group_bits(const uint8_t* bits, int64_t nbytes, int64_t g, int len,
+                               uint64_t* w) {
+  const int64_t b0 = g * kGroupBytes;
+  const int64_t avail = nbytes - b0;
+  const int nb = avail < kGroupBytes ? static_cast<int>(avail) : kGroupBytes;
+  w[0] = w[1] = w[2] = w[3] = 0;
+  for (int k = 0; k < nb; ++k) w[k >> 3] |= static_cast<uint64_t>(bits[b0 + k]) << ((k & 7) * 8);
+  if (len < kGroupSize) {
+    const int full = len >> 6, rem = len & 63;
+    for (int k = full; k < kGroupWords; ++k) {
+      w[k] = (k == full && rem) ? (w[k] & ((uint64_t{1} << rem) - 1)) : 0;
+    }
+  }
+}
+
+PK_INLINE void store_group_bits(uint8_t* bits, int64_t nbytes, int64_t g, const uint64_t* w) {
+  const int64_t b0 = g * kGroupBytes;
+  const int64_t avail = nbytes - b0;
+  const int nb = avail < kGroupBytes ? static_cast<int>(avail) : kGroupBytes;
+  for (int k = 0; k < nb; ++k) bits[b0 + k] = static_cast<uint8_t>(w[k >> 3] >> ((k & 7) * 8));
+}
+
+// Bit j of the result is flag j, for 64 flags of 0 or 1: each byte of the product's top byte
+// collects one flag (the partial products land on distinct bits, so nothing carries).
+PK_INLINE uint64_t pack_flags64(const uint8_t* f) {
+  uint64_t w = 0;
+  for (int k = 0; k < 8; ++k) {
+    uint64_t x;
+    std::memcpy(&x, f + 8 * k, sizeof x);
+    w |= ((x * 0x0102040810204080ull) >> 56) << (8 * k);
+  }
+  return w;
+}
+
+PK_INLINE int32_t float_bits(float x) {
+  int32_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return b;
+}
+
+}  // namespace pk

@@ -1,0 +1,102 @@
+// The weight ops of the C++ backend on raw buffers (procrustes_kernels/ops/reference.py is the
+// definition). bindings.cpp checks dtypes and sizes before calling in; what these functions check
+// themselves (storage consistency) is reported as std::invalid_argument, which pybind11 turns
+// into ValueError. Nothing here touches Python, so callers may release the GIL around them.
+#pragma once
+
+#include <cstdint>
+
+#include "philox.h"
+
+namespace pk {
+
+struct StepArgs {
+  double lr, momentum, weight_decay;
+  double scale;       // d_n: the score's reference point
+  double scale_prev;  // d_(n-1): untracked weights before the step
+  // Whether torch's `a.add(b, alpha=s)` rounds once (an FMA) on this machine: true on its AVX2 /
+  // AVX-512 kernels, false on the generic one. The reference's candidate arithmetic inherits it.
+  bool fused;
+};
+
+template <class T>
+struct SegmentArgs {
+  uint64_t seed;
+  double bound;
+  int64_t numel;
+  const T* values;
+  int64_t nvalues;
+  const uint8_t* bits;        // ceil(numel / 8) bytes
+  const int64_t* group_ptr;   // ceil(numel / 256) + 1 entries
+  const T* grad;              // numel
+  const T* momentum;          // nvalues, or nullptr when there is no buffer
+};
+
+// Log-spaced score bins of selection.py: clamp((bits >> shift) - base, 0, nbins - 1).
+struct LogBins {
+  int shift;
+  int64_t base;
+  int64_t nbins;
+};
+
+struct SelectResult {
+  int64_t kept;
+  int64_t ties_used;
+};
+
+// Threads used by every kernel (results never depend on it).
+int max_threads();
+void set_max_threads(int n);
+int hardware_threads();
+// Instruction set of the kernels (results never depend on it either): 0 baseline, 1 AVX2 + FMA,
+// 2 the same with AVX-512 Philox. set_simd_level caps it; it never exceeds the CPU's.
+int simd_level();
+int max_simd_level();
+void set_simd_level(int level);
+
+// The Philox block generator of the current simd level.
+InitBlockFn init_block_fn();
+
+// u for each offset; exactly one of off32 / off64 is non-null.
+void philox_uniform(uint64_t seed, const int32_t* off32, const int64_t* off64, int64_t n,
+                    float* out);
+
+template <class T>
+void materialize(uint64_t seed, double bound, double scale, const T* values, int64_t nvalues,
+                 const uint8_t* bits, const int64_t* group_ptr, int64_t numel, T* out);
+
+template <class T>
+void log_histogram(const SegmentArgs<T>& seg, const StepArgs& p, const LogBins& bins,
+                   int64_t* hist);
+
+// high < 0: counts of bits >> 16 (nbins = 2**15); else counts of bits & 0xFFFF among the scores
+// with bits >> 16 == high (nbins = 2**16).
+template <class T>
+void radix_histogram(const SegmentArgs<T>& seg, const StepArgs& p, int64_t high, int64_t nbins,
+                     int64_t* hist);
+
+// Dense outputs of reference.candidates; c, m and tracked may be null (scores only).
+template <class T>
+void candidates(const SegmentArgs<T>& seg, const StepArgs& p, T* c, T* m, float* s,
+                uint8_t* tracked);
+
+// First half of compact(): the new bitmask and group pointers (and the log histogram when hist
+// is non-null). compact_gather() then fills the kept values and momentum.
+template <class T>
+SelectResult compact_select(const SegmentArgs<T>& seg, const StepArgs& p, float threshold,
+                            int64_t tie_quota, uint8_t* out_bits, int64_t* out_ptr,
+                            const LogBins& bins, int64_t* hist);
+
+// The bitmask and group pointers of an explicit keep mask (one byte per element).
+int64_t mask_select(const uint8_t* keep, int64_t numel, uint8_t* out_bits, int64_t* out_ptr);
+
+template <class T>
+void compact_gather(const SegmentArgs<T>& seg, const StepArgs& p, const uint8_t* new_bits,
+                    const int64_t* new_ptr, T* out_values, T* out_momentum);
+
+// PaperQuantileSelector's sequential walk; returns the final theta.
+template <class S>
+double paper_walk(const S* scores, int64_t n, double theta, double up, double down,
+                  uint8_t* mask);
+
+}  // namespace pk
