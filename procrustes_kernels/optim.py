@@ -57,6 +57,15 @@ def decay_for_steps(steps: int, zero_cutoff: float = 1e-8) -> float:
     return zero_cutoff ** (1.0 / steps)
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every element is finite: one min/max reduction (NaN and inf propagate into it),
+    no boolean tensor of the gradient's size."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t.detach())
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -238,7 +247,7 @@ class DropBack(Optimizer):
                 g = torch.zeros(
                     layer.weight_shape, dtype=layer.values.dtype, device=layer.values.device
                 )
-            elif not torch.isfinite(g).all():
+            elif not _all_finite(g):
                 raise FloatingPointError(
                     f"{type(self).__name__}.step(): non-finite gradient in layer '{lname}'; "
                     "model and optimizer left unchanged"
@@ -252,7 +261,7 @@ class DropBack(Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if id(p) not in self._sparse_ids and p.grad is not None:
-                    if not torch.isfinite(p.grad).all():
+                    if not _all_finite(p.grad):
                         raise FloatingPointError(
                             f"{type(self).__name__}.step(): non-finite gradient in a dense parameter "
                             f"of shape {tuple(p.shape)}; model and optimizer left unchanged"
