@@ -50,6 +50,16 @@ import procrustes_kernels as pk  # noqa: E402
 from procrustes_kernels import BlockStorage  # noqa: E402
 
 METHODS = ("dense", "dropback", "procrustes", "procrustes_rel", "static", "gmp")
+# Sparse methods may carry a budget scope: "procrustes_rel@layer" keeps each layer's share.
+DEFAULT_METHODS = (
+    "dense",
+    "dropback",
+    "procrustes",
+    "procrustes_rel",
+    "procrustes_rel@layer",
+    "static",
+    "gmp",
+)
 BUDGETS = (1 / 5, 1 / 10, 1 / 25, 1 / 50)
 
 
@@ -96,7 +106,9 @@ class _Block(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.short = None
         if stride != 1 or cin != cout:
-            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.short = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.relu(self.bn1(self.conv1(x)))
@@ -134,7 +146,9 @@ class MaskedSGD:
     zero (their gradient and momentum are masked too).
     """
 
-    def __init__(self, model: nn.Module, lr: float, momentum: float, masks: list[torch.Tensor]) -> None:
+    def __init__(
+        self, model: nn.Module, lr: float, momentum: float, masks: list[torch.Tensor]
+    ) -> None:
         self.opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
         self.layers = _budgeted(model)
         self.masks = masks
@@ -176,13 +190,24 @@ def magnitude_masks(model: nn.Module, k: int) -> list[torch.Tensor]:
     flat = torch.cat(weights)
     keep = torch.zeros_like(flat, dtype=torch.bool)
     keep[torch.topk(flat, k).indices] = True
-    return [m.view_as(layer.weight) for m, layer in zip(torch.split(keep, [w.numel() for w in weights]), _budgeted(model))]
+    return [
+        m.view_as(layer.weight)
+        for m, layer in zip(torch.split(keep, [w.numel() for w in weights]), _budgeted(model))
+    ]
 
 
 class GradualMagnitudePruning(MaskedSGD):
     """Zhu & Gupta's cubic schedule from dense to the budget, pruning every ``every`` steps."""
 
-    def __init__(self, model: nn.Module, lr: float, momentum: float, k: int, total_steps: int, every: int = 10) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        momentum: float,
+        k: int,
+        total_steps: int,
+        every: int = 10,
+    ) -> None:
         masks = [torch.ones_like(m.weight, dtype=torch.bool) for m in _budgeted(model)]
         super().__init__(model, lr, momentum, masks)
         self.model, self.k, self.every = model, k, every
@@ -244,12 +269,23 @@ def run_one(
     k = max(1, round(budget * total_weights))
     steps_per_epoch = math.ceil(len(data.y_train) / args.batch_size)
     total_steps = args.epochs * steps_per_epoch
+    method, _, scope = method.partition("@")
     if method in ("dropback", "procrustes", "procrustes_rel"):
         model = copy.deepcopy(sparse_init)
-        decay = {"dropback": 1.0, "procrustes": 0.9, "procrustes_rel": pk.decay_for_steps(max(1, total_steps // 2))}[method]
+        decay = {
+            "dropback": 1.0,
+            "procrustes": 0.9,
+            "procrustes_rel": pk.decay_for_steps(max(1, total_steps // 2)),
+        }[method]
         selection = "topk" if method == "dropback" else "quantile"
         opt = pk.DropBack(
-            model, args.lr, budget=k, momentum=args.momentum, init_decay=decay, selection=selection, scope=args.scope
+            model,
+            args.lr,
+            budget=k,
+            momentum=args.momentum,
+            init_decay=decay,
+            selection=selection,
+            scope=scope or "global",
         )
     else:
         model = pk.densify(copy.deepcopy(sparse_init))
@@ -308,7 +344,9 @@ def load(args: argparse.Namespace) -> pk.Dataset:
     else:
         data = pk.load_digits(seed=0)
     if args.max_train and args.max_train < len(data.y_train):
-        keep = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(0))[: args.max_train]
+        keep = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(0))[
+            : args.max_train
+        ]
         data.x_train, data.y_train = data.x_train[keep], data.y_train[keep]
     return data
 
@@ -325,7 +363,7 @@ def plot(rows: list[dict], models: list[str], path: Path, title: str) -> None:
         dense = [r for r in mine if r["method"] == "dense"]
         if dense:
             ax.axhline(dense[0]["acc_mean"], color="k", ls="--", lw=1, label="dense")
-        for method in METHODS[1:]:
+        for method in dict.fromkeys(r["method"] for r in mine if r["method"] != "dense"):
             pts = sorted((r for r in mine if r["method"] == method), key=lambda r: r["compression"])
             if pts:
                 ax.errorbar(
@@ -351,12 +389,18 @@ def plot(rows: list[dict], models: list[str], path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--mnist", metavar="DIR")
     src.add_argument("--cifar10", metavar="DIR")
     p.add_argument("--models", default=None, help=f"comma-separated from {sorted(MODELS)}")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"names from {METHODS}, sparse ones optionally @layer",
+    )
     p.add_argument("--budgets", default=",".join(f"{b:g}" for b in BUDGETS))
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=20)
@@ -364,7 +408,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--max-train", type=int, default=None)
-    p.add_argument("--scope", choices=("global", "layer"), default="global", help="budget scope of the sparse methods")
     p.add_argument("--quick", action="store_true", help="one model, one seed, 2 budgets, 2 epochs")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -380,13 +423,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
             p.error(f"--models: expected names from {sorted(MODELS)}, got {m!r}")
     methods = args.methods.split(",")
     for m in methods:
-        if m not in METHODS:
+        base, _, scope = m.partition("@")
+        if (
+            base not in METHODS
+            or scope not in ("", "global", "layer")
+            or (scope and base in ("dense", "static", "gmp"))
+        ):
             p.error(f"--methods: expected names from {METHODS}, got {m!r}")
     budgets = [float(b) for b in args.budgets.split(",")]
-    command = shlex.join(["python", "benchmarks/bench_accuracy.py", *(argv if argv is not None else sys.argv[1:])])
+    command = shlex.join(
+        ["python", "benchmarks/bench_accuracy.py", *(argv if argv is not None else sys.argv[1:])]
+    )
     data = load(args)
     tag = data.name + ("_quick" if args.quick else "")
-    print(f"{data!r}; models {models}; methods {methods}; budgets {budgets}; {args.seeds} seeds", flush=True)
+    print(
+        f"{data!r}; models {models}; methods {methods}; budgets {budgets}; {args.seeds} seeds",
+        flush=True,
+    )
 
     rows = []
     for model_name in models:
@@ -395,7 +448,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 runs = []
                 for seed in range(args.seeds):
                     torch.manual_seed(seed)
-                    sparse_init = pk.sparsify(MODELS[model_name](data.input_shape, data.num_classes), seed=seed)
+                    sparse_init = pk.sparsify(
+                        MODELS[model_name](data.input_shape, data.num_classes), seed=seed
+                    )
                     runs.append(run_one(method, sparse_init, data, budget, args, seed))
                 accs = [r["acc"] for r in runs]
                 row = {
@@ -403,7 +458,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "model": model_name,
                     "method": method,
                     "budget": round(budget, 4),
-                    "compression": round(runs[0]["total_weights"] / statistics.mean(r["stored_weights"] for r in runs), 2),
+                    "compression": round(
+                        runs[0]["total_weights"]
+                        / statistics.mean(r["stored_weights"] for r in runs),
+                        2,
+                    ),
                     "acc_mean": round(statistics.mean(accs), 2),
                     "acc_std": round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0,
                     "seeds": len(runs),
@@ -435,9 +494,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"{args.epochs} epochs, {args.seeds} seeds (mean +- std)"
     )
     plot(rows, models, args.out / f"accuracy_{tag}.png", title)
-    cols = ["model", "method", "budget", "compression", "acc_mean", "acc_std", "stored_weights", "stored_bytes", "diffusion"]
+    cols = [
+        "model",
+        "method",
+        "budget",
+        "compression",
+        "acc_mean",
+        "acc_std",
+        "stored_weights",
+        "stored_bytes",
+        "diffusion",
+    ]
     with (args.out / f"accuracy_{tag}.md").open("w") as f:
-        f.write(f"`{command}`\n\n{title}\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
+        f.write(
+            f"`{command}`\n\n{title}\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+        )
         for r in rows:
             f.write("| " + " | ".join(str(r[c]) for c in cols) + " |\n")
     print()
