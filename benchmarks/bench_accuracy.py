@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import multiprocessing
 import shlex
 import statistics
 import sys
@@ -336,6 +337,29 @@ def run_one(
     }
 
 
+_DATA: dict = {}
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+    if "cpp" in pk.ops.available_backends() and pk.ops.available_backends()["cpp"]:
+        from procrustes_kernels.ops import cpp_ops
+
+        cpp_ops.set_num_threads(1)
+
+
+def _run_task(task: tuple) -> dict:
+    """One (model, method, budget) configuration at one seed; data loaded once per process."""
+    (model_name, method, budget), seed, args = task
+    key = (args.mnist, args.cifar10, args.max_train)
+    if key not in _DATA:
+        _DATA[key] = load(args)
+    data = _DATA[key]
+    torch.manual_seed(seed)
+    sparse_init = pk.sparsify(MODELS[model_name](data.input_shape, data.num_classes), seed=seed)
+    return run_one(method, sparse_init, data, budget, args, seed)
+
+
 def load(args: argparse.Namespace) -> pk.Dataset:
     if args.mnist:
         data = pk.load_mnist(args.mnist)
@@ -408,6 +432,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--max-train", type=int, default=None)
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel, one thread each")
     p.add_argument("--quick", action="store_true", help="one model, one seed, 2 budgets, 2 epochs")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -441,44 +466,52 @@ def main(argv: list[str] | None = None) -> list[dict]:
         flush=True,
     )
 
+    configs = [
+        (model_name, method, budget)
+        for model_name in models
+        for method in methods
+        for budget in ([1.0] if method == "dense" else budgets)
+    ]
+    tasks = [(cfg, seed, args) for cfg in configs for seed in range(args.seeds)]
+    _DATA[(args.mnist, args.cifar10, args.max_train)] = data
+    if args.jobs > 1:
+        # Runs are small: one thread each, several runs at once, uses the cores better.
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(args.jobs, initializer=_worker_init) as pool:
+            results = pool.map(_run_task, tasks, chunksize=1)
+    else:
+        results = [_run_task(t) for t in tasks]
+    by_config: dict = {}
+    for (cfg, _, _), res in zip(tasks, results):
+        by_config.setdefault(cfg, []).append(res)
+
     rows = []
-    for model_name in models:
-        for method in methods:
-            for budget in [1.0] if method == "dense" else budgets:
-                runs = []
-                for seed in range(args.seeds):
-                    torch.manual_seed(seed)
-                    sparse_init = pk.sparsify(
-                        MODELS[model_name](data.input_shape, data.num_classes), seed=seed
-                    )
-                    runs.append(run_one(method, sparse_init, data, budget, args, seed))
-                accs = [r["acc"] for r in runs]
-                row = {
-                    "dataset": data.name,
-                    "model": model_name,
-                    "method": method,
-                    "budget": round(budget, 4),
-                    "compression": round(
-                        runs[0]["total_weights"]
-                        / statistics.mean(r["stored_weights"] for r in runs),
-                        2,
-                    ),
-                    "acc_mean": round(statistics.mean(accs), 2),
-                    "acc_std": round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0,
-                    "seeds": len(runs),
-                    "stored_weights": round(statistics.mean(r["stored_weights"] for r in runs)),
-                    "total_weights": runs[0]["total_weights"],
-                    "stored_bytes": round(statistics.mean(r["stored_bytes"] for r in runs)),
-                    "diffusion": round(statistics.mean(r["diffusion"] for r in runs), 3),
-                    "wall_s": round(statistics.mean(r["wall_s"] for r in runs), 1),
-                }
-                rows.append(row)
-                print(
-                    f"{model_name:<9} {method:<15} budget {budget:<6.3g} acc {row['acc_mean']:6.2f} "
-                    f"+- {row['acc_std']:<5} stored {row['stored_weights']:>7} ({row['compression']}x) "
-                    f"diffusion {row['diffusion']:.2f}  {row['wall_s']:.1f} s/run",
-                    flush=True,
-                )
+    for (model_name, method, budget), runs in by_config.items():
+        accs = [r["acc"] for r in runs]
+        row = {
+            "dataset": data.name,
+            "model": model_name,
+            "method": method,
+            "budget": round(budget, 4),
+            "compression": round(
+                runs[0]["total_weights"] / statistics.mean(r["stored_weights"] for r in runs), 2
+            ),
+            "acc_mean": round(statistics.mean(accs), 2),
+            "acc_std": round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0,
+            "seeds": len(runs),
+            "stored_weights": round(statistics.mean(r["stored_weights"] for r in runs)),
+            "total_weights": runs[0]["total_weights"],
+            "stored_bytes": round(statistics.mean(r["stored_bytes"] for r in runs)),
+            "diffusion": round(statistics.mean(r["diffusion"] for r in runs), 3),
+            "wall_s": round(statistics.mean(r["wall_s"] for r in runs), 1),
+        }
+        rows.append(row)
+        print(
+            f"{model_name:<9} {method:<21} budget {budget:<6.3g} acc {row['acc_mean']:6.2f} "
+            f"+- {row['acc_std']:<5} stored {row['stored_weights']:>7} ({row['compression']}x) "
+            f"diffusion {row['diffusion']:.2f}  {row['wall_s']:.1f} s/run",
+            flush=True,
+        )
 
     args.out.mkdir(parents=True, exist_ok=True)
     info = machine_info(torch.device("cpu"))
