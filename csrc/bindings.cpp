@@ -39,6 +39,7 @@ const char* dtype_name() {
   if constexpr (std::is_same_v<T, float>) return "float32";
   if constexpr (std::is_same_v<T, double>) return "float64";
   if constexpr (std::is_same_v<T, uint8_t>) return "uint8";
+  if constexpr (std::is_same_v<T, uint16_t>) return "uint16";
   if constexpr (std::is_same_v<T, bool>) return "bool";
   if constexpr (std::is_same_v<T, int32_t>) return "int32";
   if constexpr (std::is_same_v<T, int64_t>) return "int64";
@@ -101,7 +102,7 @@ Storage expect_storage(const py::handle& values, const py::handle& bits,
 
 // Arguments shared by the update ops, as keyword arguments from the wrapper.
 struct SegmentIn {
-  py::object values, bits, group_ptr, grad, momentum;
+  py::object values, bits, group_ptr, grad, momentum, tracked_c, tracked_m;
   uint64_t seed;
   double bound;
   int64_t numel;
@@ -123,15 +124,25 @@ pk::SegmentArgs<T> segment_args(const SegmentIn& in, const char* fn) {
     }
     if (m.size() != 0) mom = static_cast<const T*>(m.data());
   }
-  return {in.seed,
-          in.bound,
-          in.numel,
-          static_cast<const T*>(st.values.data()),
-          static_cast<int64_t>(st.values.size()),
-          static_cast<const uint8_t*>(st.bits.data()),
-          static_cast<const int64_t*>(st.group_ptr.data()),
-          static_cast<const T*>(grad.data()),
-          mom};
+  pk::SegmentArgs<T> seg{in.seed,
+                         in.bound,
+                         in.numel,
+                         static_cast<const T*>(st.values.data()),
+                         static_cast<int64_t>(st.values.size()),
+                         static_cast<const uint8_t*>(st.bits.data()),
+                         static_cast<const int64_t*>(st.group_ptr.data()),
+                         static_cast<const T*>(grad.data()),
+                         mom};
+  // Step space for the tracked elements' candidates and momenta (see ops.h).
+  if (!in.tracked_c.is_none()) {
+    seg.tracked_c = static_cast<T*>(
+        expect<T>(in.tracked_c, fn, "tracked_c", st.values.size(), true).mutable_data());
+  }
+  if (!in.tracked_m.is_none()) {
+    seg.tracked_m = static_cast<T*>(
+        expect<T>(in.tracked_m, fn, "tracked_m", st.values.size(), true).mutable_data());
+  }
+  return seg;
 }
 
 pk::StepArgs step_args(const SegmentIn& in) {
@@ -159,6 +170,22 @@ pk::LogBins log_bins(int shift, int64_t base, int64_t nbins, const char* fn) {
   return {shift, base, nbins};
 }
 
+// The optional buffer of a step's stored score upper halves: numel uint16, writable unless only
+// read.
+uint16_t* upper_buffer(const py::object& scores, bool read_only, int64_t numel, const char* fn) {
+  if (scores.is_none()) return nullptr;
+  py::array a = expect<uint16_t>(scores, fn, "scores", numel, !read_only);
+  return static_cast<uint16_t*>(const_cast<void*>(a.data()));
+}
+
+// A histogram pass's buffer: scores_valid (read it) needs one.
+uint16_t* histogram_upper(const py::object& scores, bool valid, int64_t numel, const char* fn) {
+  if (valid && scores.is_none()) {
+    throw py::value_error(where(fn) + "scores_valid needs a scores buffer");
+  }
+  return upper_buffer(scores, valid, numel, fn);
+}
+
 template <class T>
 py::array_t<T> new_array(int64_t n) {
   return py::array_t<T>(static_cast<py::ssize_t>(n));
@@ -171,7 +198,8 @@ auto seg_kwargs(Extra... extra) {
                          py::arg("grad"), py::arg("momentum").none(true), py::arg("seed"),
                          py::arg("bound"), py::arg("numel"), py::arg("scale_prev"),
                          py::arg("lr"), py::arg("mu"), py::arg("wd"), py::arg("scale"),
-                         py::arg("fused"), extra...);
+                         py::arg("fused"), py::arg("tracked_c").none(true) = py::none(),
+                         py::arg("tracked_m").none(true) = py::none(), extra...);
 }
 
 template <class Ret, class... Args, class Tuple, size_t... I>
@@ -189,15 +217,16 @@ void def_seg(py::module_& m, const char* name, Ret (*f)(Args...), const char* do
 #define PK_SEGMENT_PARAMS                                                                 \
   py::object values, py::object bits, py::object group_ptr, py::object grad,             \
       py::object momentum, uint64_t seed, double bound, int64_t numel, double scale_prev, \
-      double lr, double mu, double wd, double scale, bool fused
-#define PK_SEGMENT_IN                                                                   \
-  SegmentIn {                                                                           \
-    values, bits, group_ptr, grad, momentum, seed, bound, numel, scale_prev, lr, mu, wd, \
-        scale, fused                                                                    \
+      double lr, double mu, double wd, double scale, bool fused, py::object tracked_c,    \
+      py::object tracked_m
+#define PK_SEGMENT_IN                                                                      \
+  SegmentIn {                                                                              \
+    values, bits, group_ptr, grad, momentum, tracked_c, tracked_m, seed, bound, numel,      \
+        scale_prev, lr, mu, wd, scale, fused                                               \
   }
 
 py::array_t<int64_t> log_histogram(PK_SEGMENT_PARAMS, int hist_shift, int64_t hist_base,
-                                   int64_t hist_bins) {
+                                   int64_t hist_bins, py::object scores, bool scores_valid) {
   const char* fn = "log_histogram";
   const SegmentIn in = PK_SEGMENT_IN;
   const pk::LogBins bins = log_bins(hist_shift, hist_base, hist_bins, fn);
@@ -207,16 +236,21 @@ py::array_t<int64_t> log_histogram(PK_SEGMENT_PARAMS, int hist_shift, int64_t hi
     using T = decltype(tag);
     const auto seg = segment_args<T>(in, fn);
     const auto p = step_args(in);
+    uint16_t* sb = histogram_upper(scores, scores_valid, in.numel, fn);
     py::gil_scoped_release release;
-    pk::log_histogram<T>(seg, p, bins, h);
+    pk::log_histogram<T>(seg, p, bins, h, sb, scores_valid);
     return 0;
   });
   return hist;
 }
 
-py::array_t<int64_t> radix_histogram(PK_SEGMENT_PARAMS, int64_t high) {
+py::array_t<int64_t> radix_histogram(PK_SEGMENT_PARAMS, int64_t high, py::object scores,
+                                     bool scores_valid) {
   const char* fn = "radix_histogram";
   const SegmentIn in = PK_SEGMENT_IN;
+  if (high >= (int64_t{1} << 15)) {
+    throw py::value_error(where(fn) + "expected high < 2**15, got " + std::to_string(high));
+  }
   const int64_t nbins = high < 0 ? (int64_t{1} << 15) : (int64_t{1} << 16);
   auto hist = new_array<int64_t>(nbins);
   int64_t* h = hist.mutable_data();
@@ -224,8 +258,9 @@ py::array_t<int64_t> radix_histogram(PK_SEGMENT_PARAMS, int64_t high) {
     using T = decltype(tag);
     const auto seg = segment_args<T>(in, fn);
     const auto p = step_args(in);
+    uint16_t* sb = histogram_upper(scores, scores_valid, in.numel, fn);
     py::gil_scoped_release release;
-    pk::radix_histogram<T>(seg, p, high, nbins, h);
+    pk::radix_histogram<T>(seg, p, high, nbins, h, sb, scores_valid);
     return 0;
   });
   return hist;
@@ -260,7 +295,8 @@ void candidates(PK_SEGMENT_PARAMS, py::object c_out, py::object m_out, py::objec
 template <class T>
 py::tuple finish_compact(const SegmentIn& in, const pk::SegmentArgs<T>& seg,
                          const pk::StepArgs& p, const py::array_t<uint8_t>& bits,
-                         const py::array_t<int64_t>& ptr, int64_t kept) {
+                         const py::array_t<int64_t>& ptr, int64_t kept,
+                         const pk::Compaction<T>* pre = nullptr) {
   auto values = new_array<T>(kept);
   py::object momentum = py::none();
   T* mom = nullptr;
@@ -272,13 +308,13 @@ py::tuple finish_compact(const SegmentIn& in, const pk::SegmentArgs<T>& seg,
   T* vals = values.mutable_data();
   {
     py::gil_scoped_release release;
-    pk::compact_gather<T>(seg, p, bits.data(), ptr.data(), vals, mom);
+    pk::compact_gather<T>(seg, p, bits.data(), ptr.data(), vals, mom, pre);
   }
   return py::make_tuple(values, bits, ptr, momentum);
 }
 
 py::tuple compact(PK_SEGMENT_PARAMS, double threshold, int64_t tie_quota, bool with_histogram,
-                  int hist_shift, int64_t hist_base, int64_t hist_bins) {
+                  int hist_shift, int64_t hist_base, int64_t hist_bins, py::object scores) {
   const char* fn = "compact";
   const SegmentIn in = PK_SEGMENT_IN;
   const pk::LogBins bins = log_bins(hist_shift, hist_base, hist_bins, fn);
@@ -286,6 +322,7 @@ py::tuple compact(PK_SEGMENT_PARAMS, double threshold, int64_t tie_quota, bool w
     using T = decltype(tag);
     const auto seg = segment_args<T>(in, fn);
     const auto p = step_args(in);
+    const uint16_t* sb = upper_buffer(scores, true, in.numel, fn);
     auto new_bits = new_array<uint8_t>(ceil_div(in.numel, 8));
     auto ptr = new_array<int64_t>(ceil_div(in.numel, pk::kGroupSize) + 1);
     py::object hist = py::none();
@@ -298,11 +335,13 @@ py::tuple compact(PK_SEGMENT_PARAMS, double threshold, int64_t tie_quota, bool w
     uint8_t* b = new_bits.mutable_data();
     int64_t* gp = ptr.mutable_data();
     pk::SelectResult r{};
+    pk::Compaction<T> pre;
     {
       py::gil_scoped_release release;
-      r = pk::compact_select<T>(seg, p, static_cast<float>(threshold), tie_quota, b, gp, bins, h);
+      r = pk::compact_select<T>(seg, p, static_cast<float>(threshold), tie_quota, b, gp, bins, h,
+                                sb, &pre);
     }
-    py::tuple out = finish_compact<T>(in, seg, p, new_bits, ptr, r.kept);
+    py::tuple out = finish_compact<T>(in, seg, p, new_bits, ptr, r.kept, &pre);
     return py::make_tuple(out[0], out[1], out[2], out[3], r.ties_used, hist);
   });
 }
@@ -388,11 +427,16 @@ PYBIND11_MODULE(_C, m) {
         "Write the effective weight (tracked values, else scale * w0) into out.", py::kw_only(),
         py::arg("seed"), py::arg("bound"), py::arg("scale"), py::arg("values"), py::arg("bits"),
         py::arg("group_ptr"), py::arg("numel"), py::arg("out"));
-  def_seg(m, "log_histogram", &log_histogram, "Log-bin histogram of the scores.",
-          seg_kwargs(py::arg("hist_shift"), py::arg("hist_base"), py::arg("hist_bins")));
+  def_seg(m, "log_histogram", &log_histogram,
+          "Log-bin histogram of the scores. scores: optional numel uint16 buffer of the scores' "
+          "upper halves; scores_valid: it holds this step's (read them), else they are stored.",
+          seg_kwargs(py::arg("hist_shift"), py::arg("hist_base"), py::arg("hist_bins"),
+                     py::arg("scores").none(true) = py::none(), py::arg("scores_valid") = false));
   def_seg(m, "radix_histogram", &radix_histogram,
-          "Radix histogram of the scores' bits (high < 0: upper 15 bits).",
-          seg_kwargs(py::arg("high")));
+          "Radix histogram of the scores' bits (high < 0: upper 15 bits); scores and "
+          "scores_valid as for log_histogram.",
+          seg_kwargs(py::arg("high"), py::arg("scores").none(true) = py::none(),
+                     py::arg("scores_valid") = false));
   def_seg(m, "candidates", &candidates, "Dense c, m, s and tracked (outputs may be None but s).",
           seg_kwargs(py::arg("c_out").none(true), py::arg("m_out").none(true), py::arg("s_out"),
                      py::arg("tracked_out").none(true)));
@@ -400,7 +444,8 @@ PYBIND11_MODULE(_C, m) {
           "Keep s > threshold plus the first tie_quota ties: (values, bits, group_ptr, "
           "momentum, ties_used, histogram).",
           seg_kwargs(py::arg("threshold"), py::arg("tie_quota"), py::arg("with_histogram"),
-                     py::arg("hist_shift"), py::arg("hist_base"), py::arg("hist_bins")));
+                     py::arg("hist_shift"), py::arg("hist_base"), py::arg("hist_bins"),
+                     py::arg("scores").none(true) = py::none()));
   def_seg(m, "compact_mask", &compact_mask,
           "Compaction with an explicit keep mask: (values, bits, group_ptr, momentum).",
           seg_kwargs(py::arg("keep")));

@@ -24,6 +24,14 @@
 #define PK_SIMD_TARGET
 #endif
 
+// The bitmask's bytes are the little-endian bytes of its 64-bit words: on such hosts whole groups
+// are copied as words.
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define PK_LITTLE_ENDIAN 1
+#else
+#define PK_LITTLE_ENDIAN 0
+#endif
+
 namespace pk {
 
 // Elements per group_ptr entry (storage.GROUP_SIZE); a group is 32 bytes of the bitmask.
@@ -63,6 +71,12 @@ PK_INLINE int group_popcount(const uint64_t* w) {
 PK_INLINE void load_group_bits(const uint8_t* bits, int64_t nbytes, int64_t g, int len,
                                uint64_t* w) {
   const int64_t b0 = g * kGroupBytes;
+#if PK_LITTLE_ENDIAN
+  if (len == kGroupSize) {  // a full group: its 32 bytes are all there
+    std::memcpy(w, bits + b0, kGroupBytes);
+    return;
+  }
+#endif
   const int64_t avail = nbytes - b0;
   const int nb = avail < kGroupBytes ? static_cast<int>(avail) : kGroupBytes;
   w[0] = w[1] = w[2] = w[3] = 0;
@@ -77,6 +91,12 @@ PK_INLINE void load_group_bits(const uint8_t* bits, int64_t nbytes, int64_t g, i
 
 PK_INLINE void store_group_bits(uint8_t* bits, int64_t nbytes, int64_t g, const uint64_t* w) {
   const int64_t b0 = g * kGroupBytes;
+#if PK_LITTLE_ENDIAN
+  if (b0 + kGroupBytes <= nbytes) {
+    std::memcpy(bits + b0, w, kGroupBytes);
+    return;
+  }
+#endif
   const int64_t avail = nbytes - b0;
   const int nb = avail < kGroupBytes ? static_cast<int>(avail) : kGroupBytes;
   for (int k = 0; k < nb; ++k) bits[b0 + k] = static_cast<uint8_t>(w[k >> 3] >> ((k & 7) * 8));

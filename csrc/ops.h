@@ -5,6 +5,8 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
+#include <vector>
 
 #include "philox.h"
 
@@ -30,6 +32,11 @@ struct SegmentArgs {
   const int64_t* group_ptr;   // ceil(numel / 256) + 1 entries
   const T* grad;              // numel
   const T* momentum;          // nvalues, or nullptr when there is no buffer
+  // Optional step space, nvalues each (tracked_m only with momentum): the tracked elements'
+  // candidates and new momenta, written by a scoring pass that stores the score upper halves and
+  // read by compact_gather(), which then touches the gradient only for newly kept elements.
+  T* tracked_c = nullptr;
+  T* tracked_m = nullptr;
 };
 
 // Log-spaced score bins of selection.py: clamp((bits >> shift) - base, 0, nbins - 1).
@@ -54,8 +61,9 @@ int simd_level();
 int max_simd_level();
 void set_simd_level(int level);
 
-// The Philox block generator of the current simd level.
+// The Philox block generator of the current simd level, and its scattered-offset twin.
 InitBlockFn init_block_fn();
+InitIdxFn init_idx_fn();
 
 // u for each offset; exactly one of off32 / off64 is non-null.
 void philox_uniform(uint64_t seed, const int32_t* off32, const int64_t* off64, int64_t n,
@@ -65,34 +73,58 @@ template <class T>
 void materialize(uint64_t seed, double bound, double scale, const T* values, int64_t nvalues,
                  const uint8_t* bits, const int64_t* group_ptr, int64_t numel, T* out);
 
+// The scoring passes take an optional buffer `upper` of numel uint16: the upper 16 bits of this
+// step's scores. With upper_valid the pass reads them (and recomputes the exact scores of the few
+// elements it needs); otherwise it computes the scores and, when the buffer is given, stores
+// their upper halves there for the next passes of the step.
 template <class T>
 void log_histogram(const SegmentArgs<T>& seg, const StepArgs& p, const LogBins& bins,
-                   int64_t* hist);
+                   int64_t* hist, uint16_t* upper, bool upper_valid);
 
 // high < 0: counts of bits >> 16 (nbins = 2**15); else counts of bits & 0xFFFF among the scores
 // with bits >> 16 == high (nbins = 2**16).
 template <class T>
 void radix_histogram(const SegmentArgs<T>& seg, const StepArgs& p, int64_t high, int64_t nbins,
-                     int64_t* hist);
+                     int64_t* hist, uint16_t* upper, bool upper_valid);
 
 // Dense outputs of reference.candidates; c, m and tracked may be null (scores only).
 template <class T>
 void candidates(const SegmentArgs<T>& seg, const StepArgs& p, T* c, T* m, float* s,
                 uint8_t* tracked);
 
+// What compact_select() hands to compact_gather(). Without a tie quota the pass that computes
+// the scores knows the kept set as it goes, and collects the kept candidates and momenta per
+// thread (`ready`); the gather then only copies them into place instead of recomputing them.
+template <class T>
+struct Compaction {
+  struct Buffer {  // one thread's kept entries, in the order in which it ran its groups
+    std::unique_ptr<T[]> vals, moms;
+    int64_t size = 0, capacity = 0;
+  };
+  std::vector<Buffer> threads;
+  std::vector<int64_t> group_off;      // per group: its first entry in its thread's buffer
+  std::vector<int32_t> group_thread;   // per group: the thread that ran it
+  bool ready = false;
+};
+
 // First half of compact(): the new bitmask and group pointers (and the log histogram when hist
-// is non-null). compact_gather() then fills the kept values and momentum.
+// is non-null), from this step's stored upper halves when `upper` is non-null (and the
+// threshold's sign bit is clear), else computing the scores (and filling `pre` when it is
+// non-null and there is no tie quota). compact_gather() then fills the kept values and momentum,
+// from `pre` when it is ready.
 template <class T>
 SelectResult compact_select(const SegmentArgs<T>& seg, const StepArgs& p, float threshold,
                             int64_t tie_quota, uint8_t* out_bits, int64_t* out_ptr,
-                            const LogBins& bins, int64_t* hist);
+                            const LogBins& bins, int64_t* hist, const uint16_t* upper,
+                            Compaction<T>* pre);
 
 // The bitmask and group pointers of an explicit keep mask (one byte per element).
 int64_t mask_select(const uint8_t* keep, int64_t numel, uint8_t* out_bits, int64_t* out_ptr);
 
 template <class T>
 void compact_gather(const SegmentArgs<T>& seg, const StepArgs& p, const uint8_t* new_bits,
-                    const int64_t* new_ptr, T* out_values, T* out_momentum);
+                    const int64_t* new_ptr, T* out_values, T* out_momentum,
+                    const Compaction<T>* pre);
 
 // PaperQuantileSelector's sequential walk; returns the final theta.
 template <class S>

@@ -87,6 +87,20 @@ InitBlockFn init_block_fn() {
   return init_values_block_plain;
 }
 
+InitIdxFn init_idx_fn() {
+#if PK_HAVE_SIMD_VARIANT
+  switch (simd_level()) {
+    case 2:
+      return init_values_idx_avx512;
+    case 1:
+      return init_values_idx_avx2;
+    default:
+      break;
+  }
+#endif
+  return init_values_idx_plain;
+}
+
 void philox_uniform(uint64_t seed, const int32_t* off32, const int64_t* off64, int64_t n,
                     float* out) {
   constexpr int64_t kChunk = 1 << 14;

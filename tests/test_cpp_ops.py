@@ -377,6 +377,9 @@ for dtype in (torch.float32, torch.float64):
     T.assert_same(C.candidates(seg, p), R.candidates(seg, p))
     thr = T.threshold_with_ties(R.scores(seg, p))
     T.assert_same(C.compact(seg, p, thr, 1, True), R.compact(seg, p, thr, 1, True))
+    T.assert_same(C.compact(seg, p, thr, 0, True), R.compact(seg, p, thr, 0, True))
+    C.radix_histogram(seg, p)  # stores the scores for the next compaction
+    T.assert_same(C.compact(seg, p, thr, 1), R.compact(seg, p, thr, 1))
 print("ok")
 """
     env = {
@@ -386,6 +389,170 @@ print("ok")
     }
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------- stored scores (scratch)
+def _copy(seg: Segment, scratch) -> Segment:
+    """The same segment (same tensors) with its own scratch (None: the backend may not store)."""
+    return Segment(**{**seg.__dict__, "scratch": scratch})
+
+
+def _topk_passes(seg: Segment, p: StepParams, keep_frac: float = 0.1, quota: int = 3):
+    """The optimizer's top-k sequence on one segment: high histogram, low histogram, compact."""
+    high = C.radix_histogram(seg, p)
+    b = int(torch.nonzero(high.flip(0).cumsum(0) >= max(1, int(seg.numel * keep_frac)))[0])
+    b = len(high) - 1 - b
+    low = C.radix_histogram(seg, p, b)
+    nz = torch.nonzero(low).flatten()
+    lo = int(nz[len(nz) // 2]) if len(nz) else 0
+    thr = float(np.array([(b << 16) | lo], dtype=np.int32).view(np.float32)[0])
+    return high, low, C.compact(seg, p, thr, quota)
+
+
+@pytest.mark.parametrize("n", [1, 255, 257, 4099, 100_003])
+@pytest.mark.parametrize("params", list(PARAMS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stored_scores_give_the_same_results(n, params, dtype):
+    # The top-k sequence with the scores stored by the first pass (scratch) against the same
+    # sequence recomputing every pass (no scratch), on every thread count and instruction set.
+    p = PARAMS[params]
+    seg = make_segment(n, dtype=dtype, rng=7)
+
+    def run(scratch):
+        s = _copy(seg, scratch)
+        out = _topk_passes(s, p)
+        if scratch is not None:
+            assert s.scratch == {}, "compact() drops the stored scores"
+        return out
+
+    got = on_every_config(lambda: run({}))
+    assert_same(got, run(None))
+    # ... and the reference, for the same threshold.
+    high, low, out = got
+    assert_same(high, R.radix_histogram(seg, p))
+    b = len(high) - 1 - int(torch.nonzero(high.flip(0).cumsum(0) >= max(1, int(n * 0.1)))[0])
+    assert_same(low, R.radix_histogram(seg, p, b))
+
+
+@pytest.mark.parametrize("n", [257, 4099, 100_003])
+def test_stored_scores_with_many_ties(n):
+    # bound 0 and integer gradients: a handful of score values, so the threshold's upper bits
+    # match many elements and their exact scores are recomputed in bulk.
+    p = StepParams(lr=1.0, momentum=0.9, weight_decay=0.0, scale=1.0)
+    seg = make_segment(n, bound=0.0, integer_grads=True, density=0.1, rng=8)
+    s = R.scores(seg, p)
+    for thr in (1.0, 2.0, 0.0):
+        ties = int((s == thr).sum())
+        for quota in (0, 1, ties // 2, ties + 5):
+            for hist in (False, True):
+                expected = R.compact(seg, p, thr, quota, hist)
+
+                def stored(thr=thr, quota=quota, hist=hist):
+                    fresh = _copy(seg, {})
+                    C.radix_histogram(fresh, p)
+                    return C.compact(fresh, p, thr, quota, hist)
+
+                assert_same(on_every_config(stored), expected, f"thr={thr} quota={quota}")
+
+
+def test_stored_scores_of_other_params_are_not_used():
+    # One Segment reused with other StepParams (or changed tensors) must not see stale scores.
+    seg = make_segment(4099, rng=9)
+    p1, p2 = PARAMS["momentum_wd_decay"], PARAMS["zero_scale"]
+    C.radix_histogram(seg, p1)  # stores p1's scores
+    assert seg.scratch
+    thr = threshold_with_ties(R.scores(seg, p2))
+    high2 = R.radix_histogram(seg, p2)
+    b = int(torch.nonzero(high2)[-1])
+    assert_same(C.radix_histogram(seg, p2, b), R.radix_histogram(seg, p2, b))
+    assert_same(C.compact(seg, p2, thr, 2, True), R.compact(seg, p2, thr, 2, True))
+
+    # In-place change of the gradient after the scores were stored.
+    C.radix_histogram(seg, p1)
+    seg.grad.mul_(3.0)
+    thr = threshold_with_ties(R.scores(seg, p1))
+    assert_same(C.compact(seg, p1, thr, 1), R.compact(seg, p1, thr, 1))
+
+    # A new tensor in the segment (a momentum buffer of the same size, say).
+    C.radix_histogram(seg, p1)
+    seg.momentum = seg.momentum * 2.0
+    assert_same(C.log_histogram(seg, p1), R.log_histogram(seg, p1))
+    assert_same(C.compact(seg, p1, thr, 0, True), R.compact(seg, p1, thr, 0, True))
+
+    # Another seed (a scalar of the segment).
+    C.radix_histogram(seg, p1)
+    seg.seed += 1
+    assert_same(C.compact(seg, p1, thr, 0), R.compact(seg, p1, thr, 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_two_pass_quantile_with_stored_scores(dtype):
+    # log_histogram then compact (the quantile selector's warm-up steps).
+    p = PARAMS["momentum_wd_decay"]
+    seg = make_segment(100_003, dtype=dtype, rng=10)
+    hist = C.log_histogram(seg, p)
+    assert_same(hist, R.log_histogram(seg, p))
+    assert seg.scratch
+    assert_same(C.log_histogram(seg, p), hist)  # read back from the stored upper halves
+    thr = threshold_with_ties(R.scores(seg, p), 0.2)
+    assert_same(C.compact(seg, p, thr, 0, True), R.compact(seg, p, thr, 0, True))
+    assert not seg.scratch
+
+
+@pytest.mark.parametrize("thr", [-1.0, -0.0, 0.0, float("inf"), float("nan")])
+def test_stored_scores_with_unusual_thresholds(thr):
+    # Thresholds the stored upper halves cannot order (sign bit set) or that sit at the edges.
+    p = PARAMS["momentum_wd_decay"]
+    seg = make_segment(4099, rng=11)
+    seg.grad[::97] = 0.0
+    C.radix_histogram(seg, p)
+    assert_same(C.compact(seg, p, thr, 2, True), R.compact(seg, p, thr, 2, True))
+
+
+def test_stored_scores_with_non_finite_scores():
+    # Infinite and NaN gradients give infinite and NaN scores (upper bits 0x7F80 and up).
+    p = PARAMS["sgd"]
+    seg = make_segment(4099, rng=12)
+    seg.grad[5] = float("inf")
+    seg.grad[300] = float("nan")
+    seg.grad[301] = -float("inf")
+    s = R.scores(seg, p)
+    bits = s.view(torch.int32).long() >> 16
+    for b in sorted(set(bits[[5, 300, 301]].tolist())):
+        fresh = _copy(seg, {})
+        assert_same(C.radix_histogram(fresh, p), R.radix_histogram(seg, p))
+        assert_same(C.radix_histogram(fresh, p, b), R.radix_histogram(seg, p, b))
+    for thr in (float(s[7]), float("inf"), 1e30):
+        fresh = _copy(seg, {})
+        C.radix_histogram(fresh, p)
+        assert_same(C.compact(fresh, p, thr, 1, True), R.compact(seg, p, thr, 1, True))
+
+
+def test_compaction_without_quota_collects_in_the_pass():
+    # No tie quota: the kept candidates are collected during the scoring pass (many kept, so
+    # the per-thread buffers grow); the result must equal the recomputing path (a quota that
+    # adds no tie) and the reference.
+    p = PARAMS["momentum_wd_decay"]
+    seg = make_segment(100_003, density=0.05, rng=13)
+    s = R.scores(seg, p)
+    for thr in (0.0, float(s.median()), threshold_with_ties(s, 0.01)):
+        got = on_every_config(lambda thr=thr: C.compact(_copy(seg, None), p, thr, 0, True))
+        assert_same(got, R.compact(seg, p, thr, 0, True))
+
+
+def test_bad_score_buffers_raise():
+    seg = make_segment(300)
+    kw = C._seg_kwargs(seg, PARAMS["sgd"])
+    with pytest.raises(TypeError, match="scores of dtype uint16"):
+        _C.radix_histogram(**kw, high=-1, scores=np.zeros(300, np.float32))
+    with pytest.raises(ValueError, match="scores of length"):
+        _C.radix_histogram(**kw, high=-1, scores=np.zeros(299, np.uint16))
+    with pytest.raises(ValueError, match="scores_valid needs a scores buffer"):
+        _C.radix_histogram(**kw, high=-1, scores_valid=True)
+    with pytest.raises(ValueError, match="tracked_c of length"):
+        _C.radix_histogram(**kw, high=-1, tracked_c=np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="high < 2"):
+        _C.radix_histogram(**kw, high=1 << 15)
 
 
 # ------------------------------------------------------------------------------------- paper walk

@@ -3,7 +3,15 @@
 Same functions and results as :mod:`.reference`, plus :func:`paper_walk` (the authors' sequential
 quantile walk), :func:`philox_uniform` and thread controls. Each update op is one pass over the
 dense gradient that regenerates ``w0`` on the fly, so nothing dense is materialised but the
-outputs asked for. Results are identical for every thread count.
+outputs asked for, and 2 bytes per weight that live for one step: the first histogram pass of a
+step stores the upper 16 bits of every score in ``Segment.scratch`` (the optimizer builds fresh
+segments every step); the later passes of the same step (:func:`radix_histogram` with ``high``,
+:func:`compact`) read those instead of recomputing Philox and the candidate for every weight, and
+recompute the exact score only where the upper bits tie with the bin or threshold in question (a
+fraction of a percent of the weights); :func:`compact` then drops them. Stored scores are used
+only while the segment's tensors (same objects, same in-place versions), scalars and
+:class:`StepParams` are those they were computed from. Results are identical with and without
+them, and for every thread count.
 
 Bit-identical to the reference, including the rounding of the candidate: PyTorch's CPU
 ``a.add(b, alpha=s)`` is one fused multiply-add in its AVX2 / AVX-512 kernels and two roundings in
@@ -167,6 +175,82 @@ def _seg_kwargs(seg: Segment, p: StepParams) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------- stored scores
+_SCRATCH_KEY = "cpp_scores"
+
+
+def _tensor_state(t: Tensor | None) -> tuple | None:
+    return None if t is None else (t._version, t.data_ptr())
+
+
+class _StoredScores:
+    """One step's scores of a segment, with what they were computed from."""
+
+    __slots__ = ("params", "scalars", "tensors", "states", "kwargs", "call", "valid")
+
+    def __init__(self, seg: Segment, p: StepParams) -> None:
+        self.call = _seg_kwargs(seg, p)  # the segment's arguments, reused by the later passes
+        self.params = p
+        self.scalars = (seg.seed, seg.bound, seg.numel, seg.scale_prev)
+        self.tensors = (seg.values, seg.bits, seg.group_ptr, seg.grad, seg.momentum)
+        self.states = tuple(_tensor_state(t) for t in self.tensors)
+        nv, vdt = seg.values.numel(), _np(seg.values).dtype
+        self.kwargs = {
+            "scores": np.empty(int(seg.numel), dtype=np.uint16),  # the scores' upper halves
+            # the tracked weights' candidates and new momenta (the size of the tracked set)
+            "tracked_c": np.empty(nv, dtype=vdt),
+            "tracked_m": np.empty(nv, dtype=vdt) if p.momentum != 0 else None,
+        }
+        self.valid = False
+
+    def matches(self, seg: Segment, p: StepParams) -> bool:
+        tensors = (seg.values, seg.bits, seg.group_ptr, seg.grad, seg.momentum)
+        return (
+            self.valid
+            and type(p) is type(self.params)
+            and p == self.params
+            and self.scalars == (seg.seed, seg.bound, seg.numel, seg.scale_prev)
+            and all(a is b for a, b in zip(tensors, self.tensors))
+            and self.states == tuple(_tensor_state(t) for t in tensors)
+        )
+
+
+def _scratch(seg: Segment) -> dict | None:
+    scratch = getattr(seg, "scratch", None)
+    return scratch if isinstance(scratch, dict) else None
+
+
+def _stored(seg: Segment, p: StepParams) -> _StoredScores | None:
+    """This step's stored scores of ``seg``, when they are still its scores."""
+    scratch = _scratch(seg)
+    entry = None if scratch is None else scratch.get(_SCRATCH_KEY)
+    if isinstance(entry, _StoredScores) and entry.matches(seg, p):
+        return entry
+    return None
+
+
+def _scores_kwargs(seg: Segment, p: StepParams) -> tuple[dict, _StoredScores | None]:
+    """All arguments of a histogram pass: reading the stored scores, or storing new ones.
+
+    Returns the keyword arguments and the new entry to record once the pass has succeeded.
+    """
+    entry = _stored(seg, p)
+    if entry is not None:
+        return {**entry.call, **entry.kwargs, "scores_valid": True}, None
+    scratch = _scratch(seg)
+    if scratch is None:
+        return _seg_kwargs(seg, p), None
+    scratch.pop(_SCRATCH_KEY, None)  # stale: free it before allocating the new one
+    entry = _StoredScores(seg, p)
+    return {**entry.call, **entry.kwargs, "scores_valid": False}, entry
+
+
+def _record(seg: Segment, entry: _StoredScores | None) -> None:
+    if entry is not None:
+        entry.valid = True
+        seg.scratch[_SCRATCH_KEY] = entry
+
+
 def _float32(x: float) -> float:
     """float32 rounding as the reference's ``torch.tensor(x, dtype=torch.float32)``."""
     return float(torch.tensor(x, dtype=torch.float32))
@@ -235,7 +319,10 @@ def log_histogram(seg: Segment, p: StepParams) -> Tensor:
     """Score counts over the log-spaced bins of :mod:`procrustes_kernels.selection` (int64)."""
     if not _native_segment("log_histogram", seg):
         return reference.log_histogram(seg, p)
-    return torch.from_numpy(_C.log_histogram(**_seg_kwargs(seg, p), **_HIST))
+    kw, entry = _scores_kwargs(seg, p)
+    hist = torch.from_numpy(_C.log_histogram(**kw, **_HIST))
+    _record(seg, entry)
+    return hist
 
 
 def radix_histogram(seg: Segment, p: StepParams, high: int | None = None) -> Tensor:
@@ -246,9 +333,10 @@ def radix_histogram(seg: Segment, p: StepParams, high: int | None = None) -> Ten
         raise TypeError(f"radix_histogram(): expected high to be an int or None, got {high!r}")
     if high is not None and not 0 <= high < RADIX_HIGH_BINS:
         return torch.zeros(RADIX_LOW_BINS, dtype=torch.int64)  # no score has these upper bits
-    return torch.from_numpy(
-        _C.radix_histogram(**_seg_kwargs(seg, p), high=-1 if high is None else high)
-    )
+    kw, entry = _scores_kwargs(seg, p)
+    hist = torch.from_numpy(_C.radix_histogram(**kw, high=-1 if high is None else high))
+    _record(seg, entry)
+    return hist
 
 
 def _compacted(seg: Segment, out: tuple) -> Compacted:
@@ -263,13 +351,16 @@ def compact(
     index) whose score equals it (see :func:`.reference.compact`)."""
     if not _native_segment("compact", seg):
         return reference.compact(seg, p, threshold, tie_quota, with_histogram)
+    entry = _stored(seg, p)
     *storage_out, ties_used, hist = _C.compact(
-        **_seg_kwargs(seg, p),
+        **(_seg_kwargs(seg, p) if entry is None else {**entry.call, **entry.kwargs}),
         threshold=_float32(threshold),
         tie_quota=min(int(tie_quota), 2**62),  # any quota above numel means all ties
         with_histogram=bool(with_histogram),
         **_HIST,
     )
+    if entry is not None:  # the step's last pass over this segment: free the scores
+        seg.scratch.pop(_SCRATCH_KEY, None)
     out = _compacted(seg, tuple(storage_out))
     out.ties_used = int(ties_used)
     if with_histogram:
