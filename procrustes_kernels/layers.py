@@ -118,6 +118,19 @@ class SparseLayer(nn.Module):
         return math.prod(self.weight_shape)
 
     @property
+    def matrix_geometry(self) -> tuple[int, int, int, int]:
+        """``(rows, cols, ksize, groups)``: the weight as the compute kernels and tiles see it.
+
+        ``rows`` output features / channels, ``cols`` input features / channels per group,
+        ``ksize`` kernel positions per (row, column) pair (1 for a linear layer); see
+        :mod:`procrustes_kernels.ops.sparse_index`.
+        """
+        rows = self.weight_shape[0]
+        cols = self.weight_shape[1] if len(self.weight_shape) > 1 else 1
+        ksize = math.prod(self.weight_shape[2:])
+        return rows, cols, ksize, getattr(self, "groups", 1)
+
+    @property
     def nnz(self) -> int:
         """Number of tracked (stored) weights."""
         return self.values.numel()

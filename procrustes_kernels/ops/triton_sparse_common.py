@@ -1,0 +1,50 @@
+"""Device helpers shared by the sparse compute kernels: decoding a weight tile from the storage.
+
+A tile is ``[BN, BC]`` (rows ``n`` x columns ``c``) at one kernel position ``k`` of ``KS``
+(:mod:`.sparse_index`). Element ``(n, c, k)`` sits at flat index ``f = n * KROW + c * KS + k``
+(``KROW = cols * KS``); its tracked bit is bit ``f % 8`` of byte ``f // 8``, and its value, when
+tracked, is ``values[row_off[n, ct] + (tracked bits of row n from the tile's first column up to f)]``.
+
+:func:`tile_start` counts, per (row, column) pair, the tracked bits of the whole kernel and returns
+the value index of the pair's first tracked element (``row_off`` plus an exclusive ``cumsum`` along
+the columns). :func:`tile_at` then loads the tile at kernel position ``k`` and advances those
+indices by the bits it consumed; walking ``k = 0 .. KS-1`` in order visits the tracked elements in
+storage order. The same decode serves ``W`` (forward) and ``W^T`` (backward data): the caller only
+transposes the loaded tile.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["tile_start", "tile_at", "tile_bits"]
+
+
+@triton.jit
+def tile_bits(bits_ptr, n, c, k, valid, KROW, KS):
+    """Tracked bits (int32 0/1) of elements ``(n[:, None], c[None, :], k)``; 0 where not ``valid``."""
+    f = n.to(tl.int64)[:, None] * KROW + c.to(tl.int64)[None, :] * KS + k
+    byte = tl.load(bits_ptr + (f >> 3), mask=valid, other=0).to(tl.int32)
+    return (byte >> (f & 7).to(tl.int32)) & 1
+
+
+@triton.jit
+def tile_start(bits_ptr, row_off_ptr, n, c, ct, valid, KROW, KS, TILES_C):
+    """Value index of the first tracked element of every (row, column) pair of the tile."""
+    counts = tl.zeros(valid.shape, dtype=tl.int32)
+    for k in range(KS):
+        counts += tile_bits(bits_ptr, n, c, k, valid, KROW, KS)
+    excl = tl.cumsum(counts, axis=1) - counts
+    row_valid = tl.max(valid.to(tl.int32), axis=1) > 0
+    base = tl.load(row_off_ptr + n.to(tl.int64) * TILES_C + ct, mask=row_valid, other=0)
+    return base.to(tl.int64)[:, None] + excl
+
+
+@triton.jit
+def tile_at(values_ptr, bits_ptr, index, n, c, k, valid, KROW, KS):
+    """``(tile, next_index)``: the weights at kernel position ``k`` (0 where untracked or not
+    ``valid``) and the value indices advanced past them."""
+    bit = tile_bits(bits_ptr, n, c, k, valid, KROW, KS)
+    w = tl.load(values_ptr + index, mask=valid & (bit != 0), other=0.0)
+    return w, index + bit
