@@ -12,7 +12,7 @@ Quick use::
 """
 
 from .data import Dataset, load_cifar10, load_dataset, load_digits, load_mnist
-from .layers import SparseConv2d, SparseLayer, SparseLinear, densify, sparsify
+from .layers import SparseConv2d, SparseLayer, SparseLinear, densify, set_compute, sparsify
 from .optim import DropBack, Procrustes, decay_factor, decay_for_steps
 from .philox import derive_seed, init_values, philox_uniform
 from .storage import BlockStorage
@@ -37,5 +37,6 @@ __all__ = [
     "load_digits",
     "load_mnist",
     "philox_uniform",
+    "set_compute",
     "sparsify",
 ]

@@ -22,11 +22,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from .compute import (
+    DEFAULT_COMPUTE_TILE,
+    check_compute,
+    check_compute_tile,
+    choose_path,
+    sparse_conv2d_forward,
+    sparse_linear_forward,
+)
 from .ops import get_ops
 from .philox import derive_seed, init_bound, init_values
 from .storage import BlockStorage
 
-__all__ = ["SparseLayer", "SparseLinear", "SparseConv2d", "sparsify", "densify"]
+__all__ = ["SparseLayer", "SparseLinear", "SparseConv2d", "sparsify", "densify", "set_compute"]
 
 LINEAR_BLOCK = 16
 
@@ -86,8 +94,14 @@ class SparseLayer(nn.Module):
         bias: bool,
         device: Any,
         dtype: torch.dtype | None,
+        compute: str = "auto",
+        compute_tile: tuple[int, int] = DEFAULT_COMPUTE_TILE,
     ) -> None:
         name = type(self).__name__
+        self.compute = check_compute(compute, f"{name}()")
+        self.compute_tile = check_compute_tile(compute_tile, f"{name}()")
+        self._tile_index_cache = None
+        self.last_path: str | None = None
         if dtype is None:
             dtype = torch.get_default_dtype()
         if not dtype.is_floating_point:
@@ -111,6 +125,31 @@ class SparseLayer(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.dense_grad: torch.Tensor | None = None
+
+    # -- compute path ----------------------------------------------------------------------------
+    @property
+    def compute(self) -> str:
+        """``"auto"``, ``"dense"`` or ``"sparse"``: how forward/backward compute (see
+        :mod:`procrustes_kernels.compute`)."""
+        return self._compute
+
+    @compute.setter
+    def compute(self, value: str) -> None:
+        self._compute = check_compute(value, f"{type(self).__name__}.compute")
+
+    @property
+    def compute_tile(self) -> tuple[int, int]:
+        """``(rows, columns)`` of the sparse kernels' weight tile (powers of two >= 16)."""
+        return self._compute_tile
+
+    @compute_tile.setter
+    def compute_tile(self, value: tuple[int, int]) -> None:
+        self._compute_tile = check_compute_tile(value, f"{type(self).__name__}.compute_tile")
+
+    def _path(self, input: torch.Tensor) -> str:
+        path = choose_path(self, input)
+        self.last_path = path
+        return path
 
     # -- tracked set ---------------------------------------------------------------------------
     @property
@@ -260,6 +299,10 @@ class SparseLinear(SparseLayer):
         seed: the layer's random stream (initial weights and bias); drawn from torch's default
             generator when omitted.
         block_size: storage block length, a run of input weights of one output row.
+        compute: ``"auto"`` (default), ``"dense"`` or ``"sparse"``: materialise the weight and call
+            ``F.linear``, or run the sparse kernels on the compressed weight (valid once untracked
+            weights are zeros); see :mod:`procrustes_kernels.compute`.
+        compute_tile: ``(rows, columns)`` weight tile of the sparse kernels.
 
     The initial weight is U(-1/sqrt(in_features), 1/sqrt(in_features)) like ``nn.Linear``'s, but
     generated from ``seed`` so it can be regenerated instead of stored.
@@ -275,6 +318,8 @@ class SparseLinear(SparseLayer):
         *,
         seed: int | None = None,
         block_size: int = LINEAR_BLOCK,
+        compute: str = "auto",
+        compute_tile: tuple[int, int] = DEFAULT_COMPUTE_TILE,
     ) -> None:
         super().__init__()
         for arg, v in (("in_features", in_features), ("out_features", out_features)):
@@ -287,11 +332,21 @@ class SparseLinear(SparseLayer):
         self.in_features = in_features
         self.out_features = out_features
         self._init_sparse(
-            (out_features, in_features), in_features, block_size, seed, bias, device, dtype
+            (out_features, in_features),
+            in_features,
+            block_size,
+            seed,
+            bias,
+            device,
+            dtype,
+            compute,
+            compute_tile,
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input(input, -1, self.in_features, tuple(range(1, 9)))
+        if self._path(input) == "sparse":
+            return sparse_linear_forward(self, input)
         return F.linear(input, self._weight(), self.bias)
 
     def to_dense(self) -> nn.Linear:
@@ -337,6 +392,9 @@ class SparseConv2d(SparseLayer):
 
     One storage block is the ``kH x kW`` kernel of one (output channel, input channel) pair, as in
     the Procrustes accelerator, so the same blocks serve W (forward) and W^T (backward data).
+
+    ``compute`` / ``compute_tile`` as for :class:`SparseLinear` (the tile is output channels x
+    input channels, each with its whole kernel).
     """
 
     def __init__(
@@ -354,6 +412,8 @@ class SparseConv2d(SparseLayer):
         dtype: torch.dtype | None = None,
         *,
         seed: int | None = None,
+        compute: str = "auto",
+        compute_tile: tuple[int, int] = DEFAULT_COMPUTE_TILE,
     ) -> None:
         super().__init__()
         name = "SparseConv2d()"
@@ -413,11 +473,21 @@ class SparseConv2d(SparseLayer):
         cin = in_channels // groups
         kh, kw = kernel_size
         self._init_sparse(
-            (out_channels, cin, kh, kw), cin * kh * kw, kh * kw, seed, bias, device, dtype
+            (out_channels, cin, kh, kw),
+            cin * kh * kw,
+            kh * kw,
+            seed,
+            bias,
+            device,
+            dtype,
+            compute,
+            compute_tile,
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input(input, -3, self.in_channels, (3, 4))
+        if self._path(input) == "sparse":
+            return sparse_conv2d_forward(self, input)
         weight = self._weight()
         if self.padding_mode != "zeros":
             padded = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
@@ -558,3 +628,23 @@ def densify(model: nn.Module) -> nn.Module:
         return new
 
     return _replace(model, convert)
+
+
+def set_compute(
+    model: nn.Module, compute: str = "auto", compute_tile: tuple[int, int] | None = None
+) -> nn.Module:
+    """Set ``compute`` (and optionally ``compute_tile``) on every sparse layer of ``model``.
+
+    ``"auto"`` lets each layer choose per step between its sparse kernels and the materialise path,
+    ``"dense"`` / ``"sparse"`` force one (see :mod:`procrustes_kernels.compute`). Checked before
+    any layer changes.
+    """
+    check_compute(compute, "set_compute()")
+    if compute_tile is not None:
+        compute_tile = check_compute_tile(compute_tile, "set_compute()")
+    for module in model.modules():
+        if isinstance(module, SparseLayer):
+            module.compute = compute
+            if compute_tile is not None:
+                module.compute_tile = compute_tile
+    return model

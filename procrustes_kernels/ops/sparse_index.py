@@ -180,7 +180,9 @@ def build_tile_index(
     nonempty = tile_nnz > 0
     row_ptr, row_tiles = _csr(nonempty)
     # Column view: per group, its column tiles as rows of a [tiles_c, tiles_n] matrix.
-    by_col = nonempty.view(groups, tiles_n, tiles_c).transpose(1, 2).reshape(groups * tiles_c, tiles_n)
+    by_col = (
+        nonempty.view(groups, tiles_n, tiles_c).transpose(1, 2).reshape(groups * tiles_c, tiles_n)
+    )
     col_ptr, col_tiles = _csr(by_col)
     return TileIndex(
         rows=rows,
@@ -200,7 +202,12 @@ def build_tile_index(
 
 
 def tile_mask(
-    tiles: Tensor, rows: int, cols: int, ksize: int = 1, groups: int = 1, block_n: int = 16,
+    tiles: Tensor,
+    rows: int,
+    cols: int,
+    ksize: int = 1,
+    groups: int = 1,
+    block_n: int = 16,
     block_c: int = 16,
 ) -> Tensor:
     """Expand a boolean tile mask ``[groups * tiles_n, tiles_c]`` to the flat element mask."""
@@ -272,7 +279,9 @@ def build_schedule(work: Tensor, m_tiles: int, programs: int, balanced: bool = T
     return Schedule(programs, m_tiles, ptr.to(torch.int32), units.to(torch.int32), balanced)
 
 
-def schedule_makespan(schedule: Schedule, work: Tensor, unit_overhead: float = 1.0) -> tuple[float, float]:
+def schedule_makespan(
+    schedule: Schedule, work: Tensor, unit_overhead: float = 1.0
+) -> tuple[float, float]:
     """``(longest program, mean program)`` in tile-units of a schedule, with ``unit_overhead``
     tiles' worth of fixed cost per unit (loading the output tile, writing it).
 

@@ -38,7 +38,9 @@ def _check_input(fn: str, name: str, t: object, ndim: int, dim: int, size: int) 
             f"{fn}: expected {name}.shape[{dim}] == {size}, got shape {tuple(t.shape)}"
         )
     if t.dtype not in _INPUT_DTYPES:
-        raise TypeError(f"{fn}: expected {name} of dtype float32, float16 or bfloat16, got {t.dtype}")
+        raise TypeError(
+            f"{fn}: expected {name} of dtype float32, float16 or bfloat16, got {t.dtype}"
+        )
     return t
 
 
@@ -79,7 +81,9 @@ def sparse_linear_t(dy: Tensor, values: Tensor, bits: Tensor, index: TileIndex) 
     return (dy.to(torch.float32) @ w).to(dy.dtype)
 
 
-def _conv_weight(values: Tensor, bits: Tensor, index: TileIndex, dtype: torch.dtype, kernel_size) -> Tensor:
+def _conv_weight(
+    values: Tensor, bits: Tensor, index: TileIndex, dtype: torch.dtype, kernel_size
+) -> Tensor:
     kh, kw = kernel_size
     if kh * kw != index.ksize:
         raise ValueError(
