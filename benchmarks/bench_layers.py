@@ -297,7 +297,7 @@ def run_schedules(args, device, info) -> list[dict]:
             makespan = round(longest / mean, 3)
         ms = ""
         if ops.name == "triton" and device.type == "cuda":
-            fn = lambda: ops.sparse_linear(x, values, bits, index, schedule=schedule)  # noqa: E731
+            fn = lambda s=schedule: ops.sparse_linear(x, values, bits, index, schedule=s)  # noqa: E731
             ms = round(time_ms(fn, device, args.repeats, warmup=2)["median_ms"], 3)
         rows.append(
             {

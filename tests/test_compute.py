@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from conftest import assert_close_verbose
 
 import procrustes_kernels as pk
 from procrustes_kernels import compute
 from procrustes_kernels.ops import use_backend
 from procrustes_kernels.storage import BlockStorage
-
-from conftest import assert_close_verbose
 
 
 def _zero_untracked(layer, density, generator=None):
