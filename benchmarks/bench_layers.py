@@ -90,7 +90,7 @@ def cases(device: torch.device, quick: bool, kinds: list[str]) -> list[dict]:
                 (16, [(128, 28)]) if quick else (64, [(64, 56), (128, 28), (256, 14), (512, 7)])
             )
         else:
-            batch, specs = (2, [(32, 8)]) if quick else (8, [(64, 16), (128, 8)])
+            batch, specs = (2, [(64, 8)]) if quick else (8, [(64, 16), (128, 8)])
         for ch, hw in specs:
             out.append(
                 {

@@ -6,7 +6,8 @@ One ``step()`` over all sparse layers of a model, for weights ``W`` with dense g
    weights only: a weight entering the tracked set starts from ``m = g'``);
 2. score ``s = |c - d_n * w0|``, how far each weight moved from its decayed initial value;
 3. selection of the new tracked set (``topk`` exact or the ``quantile`` estimator), globally over
-   all layers or per layer;
+   all layers or per layer; with ``granularity="tile"`` whole tiles are kept or dropped, ranked by
+   their mean score (:mod:`procrustes_kernels.tiles`);
 4. tracked weights store ``c``; every other weight is ``d_n * w0`` again, regenerated, not stored.
 
 Every other parameter of the model (biases, norms) trains with plain SGD of the same settings.
@@ -29,11 +30,13 @@ from .layers import SparseLayer
 from .ops import Compacted, Segment, StepParams, get_ops, reference
 from .selection import PaperQuantileSelector, QuantileSelector
 from .storage import BlockStorage
+from .tiles import check_tile, select_tiles, tile_element_mask, tile_scores, tile_sizes
 
 __all__ = ["DropBack", "Procrustes", "decay_factor", "decay_for_steps"]
 
 SELECTIONS = ("topk", "quantile", "quantile_paper")
 SCOPES = ("global", "layer")
+GRANULARITIES = ("element", "tile")
 
 
 def decay_factor(step: int, init_decay: float, zero_cutoff: float = 1e-8) -> float:
@@ -127,6 +130,20 @@ class DropBack(Optimizer):
         drift_window: steps over which the quantile estimator averages the count drift.
         quantile_warmup: first steps in which the quantile estimator reads its threshold from
             the step's own scores (a second pass) rather than carrying it from the last step.
+        granularity: ``"element"`` (default: single weights are tracked) or ``"tile"`` (whole tiles
+            are tracked or regenerated, the unit of the sparse compute kernels). A tile's score is
+            the mean of its weights' scores (float64 sum over the tile's weights); tiles are ranked
+            exactly, descending (ties: earlier layer, then lower tile index), tiles of score 0 are
+            never kept, and tiles are taken while the tracked count stays within the budget (per
+            scope), stopping at the first tile that does not fit. ``selection`` does not apply
+            here (each of its values is accepted and has no effect): tile scores are few (~1/1000
+            of the weights) and are ranked exactly. See :mod:`procrustes_kernels.tiles`.
+        tile: ``(rows, cols)`` of a tile with ``granularity="tile"``: ``rows`` output features /
+            channels of one group times ``cols`` input features / channels per group, each with its
+            whole kernel (all ``kh * kw`` positions); cut per group, the last tiles of a layer are
+            partial where the sizes do not divide (the tiles of ``ops.sparse_index.tile_mask``
+            with ``block_n, block_c = tile``). Positive ints; ignored with
+            ``granularity="element"``.
 
     The dense gradient of each sparse layer's effective weight is kept in ``layer.dense_grad``
     between ``backward()`` and ``step()`` (for data parallel training, all-reduce
@@ -147,6 +164,8 @@ class DropBack(Optimizer):
         zero_cutoff: float = 1e-8,
         drift_window: int = 4,
         quantile_warmup: int = 10,
+        granularity: str = "element",
+        tile: tuple[int, int] = (32, 32),
     ) -> None:
         name = type(self).__name__ + "()"
         if not isinstance(model, nn.Module):
@@ -167,6 +186,11 @@ class DropBack(Optimizer):
             raise ValueError(f"{name}: expected scope in {SCOPES}, got {scope!r}")
         if not _is_number(zero_cutoff) or not 0 <= zero_cutoff < 1:
             raise ValueError(f"{name}: expected zero_cutoff in [0, 1), got {zero_cutoff!r}")
+        if not isinstance(granularity, str) or granularity not in GRANULARITIES:
+            raise ValueError(
+                f"{name}: expected granularity in {GRANULARITIES}, got {granularity!r}"
+            )
+        tile = check_tile(tile, name)
 
         self.layers: list[SparseLayer] = []
         self.layer_names: list[str] = []
@@ -185,6 +209,8 @@ class DropBack(Optimizer):
         self.selection = selection
         self.scope = scope
         self.zero_cutoff = float(zero_cutoff)
+        self.granularity = granularity
+        self.tile = tile
         if scope == "global":
             self.layer_budgets = None
         else:
@@ -200,6 +226,13 @@ class DropBack(Optimizer):
         self.step_count = 0
         n_sel = 1 if scope == "global" else len(self.layers)
         self.selectors = [self._new_selector(drift_window, quantile_warmup) for _ in range(n_sel)]
+        # Tile geometry of each layer (fixed: the weight shapes do not change).
+        self._tile_geometry = [layer.matrix_geometry for layer in self.layers]
+        self._tile_sizes = (
+            [tile_sizes(geo, tile) for geo in self._tile_geometry]
+            if granularity == "tile"
+            else None
+        )
         self.tracked_count = sum(layer.nnz for layer in self.layers)
 
     # -- configuration -----------------------------------------------------------------------------
@@ -220,6 +253,8 @@ class DropBack(Optimizer):
     def _new_selector(
         self, drift_window: int, warmup: int
     ) -> QuantileSelector | PaperQuantileSelector | None:
+        if self.granularity == "tile":  # tiles are ranked exactly: no estimator state
+            return None
         if self.selection == "quantile":
             return QuantileSelector(drift_window, warmup)
         if self.selection == "quantile_paper":
@@ -299,12 +334,16 @@ class DropBack(Optimizer):
 
         # Everything new is computed first; nothing is written until all of it succeeded.
         if self.scope == "global":
-            results, plans = self._update(segments, params, self.budget, self.selectors[0])
+            results, plans = self._update(
+                segments, list(range(len(segments))), params, self.budget, self.selectors[0]
+            )
             plans = [plans]
         else:
             results, plans = [], []
             for i, seg in enumerate(segments):
-                res, plan = self._update([seg], params, self.layer_budgets[i], self.selectors[i])
+                res, plan = self._update(
+                    [seg], [i], params, self.layer_budgets[i], self.selectors[i]
+                )
                 results += res
                 plans.append(plan)
 
@@ -333,9 +372,12 @@ class DropBack(Optimizer):
         return loss
 
     def _update(
-        self, segments: list[Segment], p: StepParams, k: int, selector: Any
+        self, segments: list[Segment], layer_ids: list[int], p: StepParams, k: int, selector: Any
     ) -> tuple[list[Compacted], dict | None]:
-        """New tracked sets of ``segments`` sharing one budget ``k``, and the selector's next state."""
+        """New tracked sets of ``segments`` (of layers ``layer_ids``) sharing one budget ``k``, and
+        the selector's next state."""
+        if self.granularity == "tile":
+            return self._update_tiles(segments, layer_ids, p, k), None
         if self.selection == "topk":
             return _select_topk(segments, p, k), None
         if self.selection == "quantile":
@@ -350,9 +392,9 @@ class DropBack(Optimizer):
                 ]
                 hist = sum(r.histogram.cpu() for r in results)
             return results, selector.advance(hist, k, sum(r.kept for r in results))
-        # quantile_paper walks the scores one by one on the host (in C++ when it is built); the
-        # Triton backend has no per-element score output, so scores and compaction use the
-        # backend's own functions where it has them and the reference's otherwise.
+        # quantile_paper walks the scores one by one on the host (in C++ when it is built); scores
+        # and compaction use the backend's own functions where it has them (the Triton backend has
+        # no compact_mask) and the reference's otherwise.
         seg_ops = [get_ops(s.grad.device) for s in segments]
         scores = torch.cat(
             [getattr(o, "scores", reference.scores)(s, p).cpu() for o, s in zip(seg_ops, segments)]
@@ -368,6 +410,26 @@ class DropBack(Optimizer):
             getattr(o, "compact_mask", reference.compact_mask)(s, p, m.to(s.grad.device))
             for o, s, m in zip(seg_ops, segments, masks)
         ], plan
+
+    def _update_tiles(
+        self, segments: list[Segment], layer_ids: list[int], p: StepParams, k: int
+    ) -> list[Compacted]:
+        """Tile granularity: keep whole tiles by mean score within the budget ``k`` (module
+        :mod:`procrustes_kernels.tiles`), then compact each layer with the expanded mask."""
+        seg_ops = [get_ops(s.grad.device) for s in segments]
+        geos = [self._tile_geometry[i] for i in layer_ids]
+        # One layer's element scores at a time; only its tile means (a ~1/1000 of it) stay.
+        means = [
+            tile_scores(getattr(o, "scores", reference.scores)(s, p), geo, self.tile).cpu()
+            for o, s, geo in zip(seg_ops, segments, geos)
+        ]
+        kept = select_tiles(means, k, [self._tile_sizes[i] for i in layer_ids])
+        return [
+            getattr(o, "compact_mask", reference.compact_mask)(
+                s, p, tile_element_mask(t.to(s.grad.device), geo, self.tile)
+            )
+            for o, s, geo, t in zip(seg_ops, segments, geos, kept)
+        ]
 
     def _dense_sgd(self, lr: float, mu: float, wd: float) -> None:
         for group in self.param_groups:
@@ -399,6 +461,8 @@ class DropBack(Optimizer):
             "scope": self.scope,
             "budget": self.budget,
             "init_decay": self.init_decay,
+            "granularity": self.granularity,
+            "tile": self.tile,
             "tracked_count": self.tracked_count,
             "selectors": [s.state_dict() if s is not None else None for s in self.selectors],
         }
@@ -411,11 +475,17 @@ class DropBack(Optimizer):
                 f"{name}: expected a state_dict saved by DropBack (no 'dropback' entry)"
             )
         extra = state_dict["dropback"]
-        for key in ("selection", "scope"):
-            if extra[key] != getattr(self, key):
+        # Checkpoints from before the tile granularity were element-granular.
+        saved = {**extra, "granularity": extra.get("granularity", "element")}
+        keys = ["selection", "scope", "granularity"]
+        if self.granularity == "tile" and saved["granularity"] == "tile":
+            saved["tile"] = tuple(extra.get("tile", ()))
+            keys.append("tile")
+        for key in keys:
+            if saved[key] != getattr(self, key):
                 raise ValueError(
                     f"{name}: expected {key}={getattr(self, key)!r} as configured, "
-                    f"checkpoint has {extra[key]!r}"
+                    f"checkpoint has {saved[key]!r}"
                 )
         # Momentum of tracked weights must line up with the model's tracked sets.
         saved_state = state_dict["state"]
@@ -436,10 +506,12 @@ class DropBack(Optimizer):
 
     def __repr__(self) -> str:
         g = self.param_groups[0]
+        tile = f", tile={self.tile}" if self.granularity == "tile" else ""
         return (
             f"{type(self).__name__}(lr={g['lr']}, budget={self.budget}/{self.total_weights}, "
             f"momentum={g['momentum']}, weight_decay={g['weight_decay']}, "
             f"init_decay={self.init_decay}, selection={self.selection!r}, scope={self.scope!r}, "
+            f"granularity={self.granularity!r}{tile}, "
             f"step={self.step_count}, tracked={self.tracked_count})"
         )
 
@@ -447,9 +519,10 @@ class DropBack(Optimizer):
 class Procrustes(DropBack):
     """DropBack with the Procrustes settings: decaying initial values and quantile selection.
 
-    Same arguments as :class:`DropBack`; defaults ``init_decay=0.9`` (per step, as in the paper)
-    and ``selection="quantile"``. For short runs :func:`decay_for_steps` gives a decay that reaches
-    zero at a chosen step instead.
+    Same arguments as :class:`DropBack` (``granularity`` and ``tile`` through the keywords);
+    defaults ``init_decay=0.9`` (per step, as in the paper) and ``selection="quantile"`` (which
+    ``granularity="tile"`` does not use). For short runs :func:`decay_for_steps` gives a decay that
+    reaches zero at a chosen step instead.
     """
 
     def __init__(

@@ -15,6 +15,8 @@ Kernels (private, ``@triton.jit``) and the launchers that allocate and launch th
 
 * :func:`_materialize_kernel` <- :func:`materialize`
 * :func:`_score_stats_kernel` <- :func:`log_histogram`, :func:`radix_histogram`
+* :func:`_scores_kernel` <- :func:`scores` (every element's score, for selections that need them
+  all at once: the tile granularity of the optimizer, ``quantile_paper``)
 * :func:`_compact_count_kernel`, :func:`_compact_write_kernel` <- :func:`compact` (a count pass,
   prefix sums over the per-group counts with torch, a write pass)
 
@@ -48,7 +50,7 @@ from ..selection import HIST_BINS, HIST_MANTISSA_BITS, HIST_MIN_EXP
 from ..storage import GROUP_SIZE
 from .types import RADIX_HIGH_BINS, RADIX_LOW_BINS, Compacted, Segment, StepParams
 
-__all__ = ["materialize", "log_histogram", "radix_histogram", "compact"]
+__all__ = ["materialize", "scores", "log_histogram", "radix_histogram", "compact"]
 
 _GROUP = tl.constexpr(GROUP_SIZE)
 # Bytes of the bit mask per group (GROUP_SIZE is a multiple of 8, so groups start on byte borders).
@@ -332,6 +334,56 @@ def _score_stats_kernel(
 
 
 @triton.jit
+def _scores_kernel(
+    out_ptr,
+    values_ptr,
+    mom_ptr,
+    bits_ptr,
+    group_ptr_ptr,
+    grad_ptr,
+    seed,
+    bound,
+    scale_prev,
+    scale,
+    lr_bits,
+    mu_bits,
+    wd_bits,
+    numel,
+    ngroups,
+    CDT: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    HAS_MOM: tl.constexpr,
+    OFFS64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """``out[e] = s[e]`` (float32) for every element: the score of :func:`_step_tile`."""
+    group, cols, offs, in_range = _tile(tl.program_id(0), numel, BLOCK // _GROUP, OFFS64)
+    tracked, rank = _tracked_rank(bits_ptr, group_ptr_ptr, group, cols, offs, in_range, ngroups)
+    _, _, s = _step_tile(
+        offs,
+        in_range,
+        tracked,
+        rank,
+        values_ptr,
+        mom_ptr,
+        grad_ptr,
+        seed,
+        tl.cast(bound, tl.float32),
+        tl.cast(scale_prev, tl.float32),
+        tl.cast(scale, tl.float32),
+        lr_bits,
+        mu_bits,
+        wd_bits,
+        CDT,
+        HAS_INIT,
+        HAS_WD,
+        HAS_MOM,
+    )
+    tl.store(out_ptr + offs, s, mask=in_range)
+
+
+@triton.jit
 def _compact_count_kernel(
     kept_ptr,
     ties_ptr,
@@ -595,6 +647,39 @@ def materialize(
         triton.cdiv(numel, GROUP_SIZE),
         HAS_INIT=scale != 0.0,
         OFFS64=numel >= _OFFS64_FROM,
+        BLOCK=block,
+        num_warps=num_warps,
+        enable_fp_fusion=False,
+    )
+    return out
+
+
+def scores(
+    seg: Segment,
+    p: StepParams,
+    *,
+    block: int | None = None,
+    num_warps: int | None = None,
+) -> Tensor:
+    """Float32 score of every weight of the segment (``numel`` elements, on the segment's device).
+
+    One pass over the gradient. Equal to :func:`.reference.scores` up to the rounding of the
+    candidate (the reference may fuse ``W - lr * m`` into one multiply-add, the kernel rounds twice:
+    ~1 ulp of ``c``, more ulps of a small score ``|c - d_n w0|``), and exactly 0 where the
+    reference's score is 0 (an untouched weight's candidate is its untracked value, exactly).
+    """
+    fn = "scores()"
+    args, flags = _step_args(fn, seg, p)
+    out = torch.empty(seg.numel, dtype=torch.float32, device=seg.grad.device)
+    if seg.numel == 0:
+        return out
+    block, num_warps = _launch_config(fn, seg.numel, out.device, block, num_warps)
+    _scores_kernel[(triton.cdiv(seg.numel, block),)](
+        out,
+        *args,
+        seg.numel,
+        triton.cdiv(seg.numel, GROUP_SIZE),
+        **flags,
         BLOCK=block,
         num_warps=num_warps,
         enable_fp_fusion=False,

@@ -1,0 +1,733 @@
+"""Tile granularity of the optimizer (``DropBack(..., granularity="tile")``) and the Triton
+``scores`` kernel it uses on GPUs.
+
+Order: hand-computed cases of the pure functions of :mod:`procrustes_kernels.tiles` (tile means,
+edge tiles, groups and kernels, the selection rule), the Triton ``scores`` kernel against the
+reference, then the optimizer against a dense emulation of the tile rule written here, the three
+backends against each other, checkpoints, arguments and the element granularity left as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import procrustes_kernels as pk
+from procrustes_kernels import ops
+from procrustes_kernels.ops import reference as ref
+from procrustes_kernels.ops import triton_ops as tri
+from procrustes_kernels.ops.sparse_index import build_tile_index
+from procrustes_kernels.ops.types import Segment, StepParams
+from procrustes_kernels.optim import decay_factor
+from procrustes_kernels.philox import init_bound, init_values
+from procrustes_kernels.storage import group_pointers, pack_bits
+from procrustes_kernels.tiles import (
+    select_tiles,
+    tile_element_mask,
+    tile_grid,
+    tile_scores,
+    tile_sizes,
+)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ------------------------------------------------------------------------ tile_scores, by hand
+
+
+def test_golden_4x4_with_2x2_tiles():
+    s = torch.arange(16, dtype=torch.float32)  # W[r, c] = 4 r + c
+    means = tile_scores(s, (4, 4, 1, 1), (2, 2))
+    # [0, 1, 4, 5] [2, 3, 6, 7] / [8, 9, 12, 13] [10, 11, 14, 15]
+    assert means.dtype == torch.float64
+    assert means.tolist() == [[2.5, 4.5], [10.5, 12.5]]
+    assert tile_sizes((4, 4, 1, 1), (2, 2)).tolist() == [[4, 4], [4, 4]]
+
+
+def test_golden_edge_tiles_are_means_of_their_own_elements():
+    s = torch.arange(15, dtype=torch.float32)  # 3 x 5, W[r, c] = 5 r + c
+    assert tile_grid((3, 5, 1, 1), (2, 2)) == (2, 3)
+    assert tile_sizes((3, 5, 1, 1), (2, 2)).tolist() == [[4, 4, 2], [2, 2, 1]]
+    means = tile_scores(s, (3, 5, 1, 1), (2, 2))
+    # rows 0-1: [0 1 5 6] [2 3 7 8] [4 9]; row 2: [10 11] [12 13] [14]
+    assert means.tolist() == [[3.0, 5.0, 6.5], [10.5, 12.5, 14.0]]
+
+
+def test_golden_groups_and_kernel_positions():
+    # rows 4 in 2 groups, 2 columns per group, 3 kernel positions: W[r, c, k] = 6 r + 3 c + k.
+    s = torch.arange(24, dtype=torch.float32)
+    geo = (4, 2, 3, 2)
+    # tile (2, 1): one row tile per group; a tile is 2 rows x 1 column x 3 positions.
+    assert tile_scores(s, geo, (2, 1)).tolist() == [[4.0, 7.0], [16.0, 19.0]]
+    # tile (3, 2): the row tile is cut at the group border (2 rows, partial), never across it.
+    assert tile_sizes(geo, (3, 2)).tolist() == [[12], [12]]
+    assert tile_scores(s, geo, (3, 2)).tolist() == [[5.5], [17.5]]
+    # tile (1, 1): every (row, column) pair with its kernel.
+    assert tile_scores(s, geo, (1, 1)).flatten().tolist() == [1.0 + 3 * i for i in range(8)]
+    # The expanded mask of group 1's first tile is rows 2-3, column 0, all positions.
+    mask = tile_element_mask(torch.tensor([[False, False], [True, False]]), geo, (2, 1))
+    assert mask.nonzero().flatten().tolist() == [12, 13, 14, 18, 19, 20]
+
+
+def brute_tile_means(s, geo, tile):
+    rows, cols, ksize, groups = geo
+    bn, bc = tile
+    rpg = rows // groups
+    w = s.reshape(rows, cols, ksize)
+    out = []
+    for g in range(groups):
+        for r0 in range(0, rpg, bn):
+            row = []
+            for c0 in range(0, cols, bc):
+                part = w[g * rpg + r0 : g * rpg + min(r0 + bn, rpg), c0 : min(c0 + bc, cols)]
+                row.append(float(part.double().sum()) / part.numel())
+            out.append(row)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "geo,tile",
+    [
+        ((33, 20, 1, 1), (4, 8)),
+        ((7, 13, 1, 1), (32, 32)),  # one partial tile
+        ((12, 5, 9, 3), (3, 2)),
+        ((10, 3, 4, 2), (4, 3)),
+        ((6, 1, 25, 6), (1, 1)),  # depthwise
+    ],
+)
+def test_tile_scores_match_brute_force(geo, tile):
+    rows, cols, ksize, _ = geo
+    s = torch.rand(rows * cols * ksize, generator=torch.Generator().manual_seed(1))
+    got = tile_scores(s, geo, tile)
+    assert got.shape == tile_grid(geo, tile)
+    torch.testing.assert_close(got, brute_tile_means(s, geo, tile), rtol=1e-15, atol=0)
+    sizes = tile_sizes(geo, tile)
+    assert int(sizes.sum()) == s.numel()
+    # Every tile's mask covers exactly its size; the tiles partition the weight.
+    cover = torch.zeros(s.numel(), dtype=torch.int64)
+    for i in range(sizes.numel()):
+        one = torch.zeros(sizes.numel(), dtype=torch.bool)
+        one[i] = True
+        m = tile_element_mask(one.view(sizes.shape), geo, tile)
+        assert int(m.sum()) == int(sizes.flatten()[i])
+        cover += m
+    assert torch.all(cover == 1)
+
+
+# ------------------------------------------------------------------------ select_tiles, by hand
+
+
+def test_golden_selection_takes_a_prefix_of_the_ranking():
+    scores = [torch.tensor([[3.0, 1.0], [2.0, 0.5]], dtype=torch.float64)]
+    sizes = [torch.full((2, 2), 4)]
+    # 3 (4 weights), 2 (8), then 1 would make 12 > 9: stop there, 0.5 is not reached.
+    assert select_tiles(scores, 9, sizes)[0].tolist() == [[True, False], [True, False]]
+    assert select_tiles(scores, 12, sizes)[0].tolist() == [[True, True], [True, False]]
+    assert select_tiles(scores, 3, sizes)[0].tolist() == [[False, False], [False, False]]
+    assert select_tiles(scores, 0, sizes)[0].sum() == 0
+
+
+def test_golden_selection_stops_at_the_first_tile_that_does_not_fit():
+    scores = [torch.tensor([[5.0, 4.0, 3.0]], dtype=torch.float64)]
+    sizes = [torch.tensor([[4, 8, 2]])]
+    # 5 fits (4 <= 7); 4 does not (12 > 7): the selection ends, although 3 (2 weights) would fit.
+    assert select_tiles(scores, 7, sizes)[0].tolist() == [[True, False, False]]
+    assert select_tiles(scores, 14, sizes)[0].tolist() == [[True, True, True]]
+
+
+def test_golden_selection_ties_and_zero_scores():
+    a = torch.tensor([[1.0, 0.0], [2.0, 1.0]], dtype=torch.float64)
+    b = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
+    sizes = [torch.ones(2, 2, dtype=torch.int64), torch.ones(1, 2, dtype=torch.int64)]
+    # Ranking: a[1,0]=2, b[0,1]=2 (later layer), a[0,0]=1, a[1,1]=1, b[0,0]=1, a[0,1]=0 (never).
+    want = [
+        (1, [[False, False], [True, False]], [[False, False]]),
+        (2, [[False, False], [True, False]], [[False, True]]),
+        (3, [[True, False], [True, False]], [[False, True]]),
+        (4, [[True, False], [True, True]], [[False, True]]),
+        (5, [[True, False], [True, True]], [[True, True]]),
+        (100, [[True, False], [True, True]], [[True, True]]),
+    ]
+    for k, wa, wb in want:
+        got = select_tiles([a, b], k, sizes)
+        assert got[0].tolist() == wa and got[1].tolist() == wb, k
+        assert got[0].dtype == torch.bool
+
+
+def test_select_tiles_rejects_bad_input():
+    s = [torch.zeros(2, 2, dtype=torch.float64)]
+    with pytest.raises(ValueError, match="k"):
+        select_tiles(s, -1, [torch.ones(2, 2)])
+    with pytest.raises(ValueError, match="sizes"):
+        select_tiles(s, 1, [torch.ones(2, 3)])
+    with pytest.raises(ValueError, match="sizes"):
+        select_tiles(s, 1, [])
+    with pytest.raises(ValueError, match="sizes"):
+        select_tiles(s, 1, [torch.zeros(2, 2)])
+    assert select_tiles([], 5, []) == []
+    with pytest.raises(ValueError, match="tile"):
+        tile_scores(torch.zeros(4), (2, 2, 1, 1), (2, 0))
+    with pytest.raises(ValueError, match="geometry"):
+        tile_scores(torch.zeros(4), (2, 2, 1), (2, 2))
+    with pytest.raises(ValueError, match="groups"):
+        tile_scores(torch.zeros(12), (3, 2, 2, 2), (2, 2))
+    with pytest.raises(ValueError, match="scores_flat"):
+        tile_scores(torch.zeros(5), (2, 2, 1, 1), (2, 2))
+
+
+# ----------------------------------------------------------------- the Triton scores kernel
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """The launcher's output starts as NaN, so an element the kernel never wrote shows."""
+    real_empty = torch.empty
+
+    def empty(*a, **k):
+        t = real_empty(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def make_segment(n, density, dtype, momentum, scale_prev, zero_grads=0.0, seed=0x5EED_1234_ABCD):
+    g = torch.Generator().manual_seed(n * 31 + int(density * 100))
+    mask = torch.rand(n, generator=g) < density
+    nnz = int(mask.sum())
+    values = (torch.randn(nnz, generator=g) * 0.1).to(dtype)
+    grad = torch.randn(n, generator=g) * 0.02
+    grad[torch.rand(n, generator=g) < zero_grads] = 0.0
+    mom = (torch.randn(nnz, generator=g) * 0.01).to(dtype) if momentum else None
+    bits = pack_bits(mask)
+    return Segment(
+        seed=seed,
+        bound=init_bound(37),
+        numel=n,
+        values=values.to(DEVICE),
+        bits=bits.to(DEVICE),
+        group_ptr=group_pointers(bits, n).to(DEVICE),
+        grad=grad.to(dtype).to(DEVICE),
+        momentum=None if mom is None else mom.to(DEVICE),
+        scale_prev=scale_prev,
+    )
+
+
+SCORE_CASES = [
+    # n, density, dtype, (mu, buffer), wd, scale_prev, scale, zero_grads, block
+    (1, 0.0, torch.float32, (0.0, False), 0.0, 1.0, 1.0, 0.0, None),
+    (7, 1.0, torch.float32, (0.9, True), 1e-3, 1.0, 1.0, 0.0, None),
+    (255, 0.3, torch.float32, (0.9, True), 0.0, 1.0, 1.0, 0.5, 256),
+    (257, 0.3, torch.float32, (0.0, False), 0.0, 0.9, 0.81, 0.3, 256),
+    (333, 0.2, torch.float32, (0.9, False), 5e-4, 0.0, 0.0, 0.3, None),
+    (1000, 0.5, torch.float32, (0.5, True), 0.0, 0.0, 0.0, 0.5, 256),
+    (1001, 0.3, torch.float64, (0.9, True), 1e-3, 0.9, 0.81, 0.2, None),
+    (1003, 0.3, torch.float16, (0.0, False), 0.0, 1.0, 1.0, 0.4, None),
+    (4099, 0.1, torch.bfloat16, (0.9, True), 0.0, 0.37, 0.37, 0.3, 1024),
+    (4099, 0.1, torch.float32, (0.9, True), 1e-3, 1.0, 1.0, 0.3, 1024),
+]
+
+
+@pytest.mark.parametrize("n,density,dtype,mom,wd,scale_prev,scale,zero_grads,block", SCORE_CASES)
+def test_triton_scores_match_reference(
+    poison, n, density, dtype, mom, wd, scale_prev, scale, zero_grads, block
+):
+    mu, buffer = mom
+    seg = make_segment(n, density, dtype, buffer, scale_prev, zero_grads)
+    p = StepParams(lr=0.1, momentum=mu, weight_decay=wd, scale=scale)
+    got = tri.scores(seg, p, block=block)
+    c, _, want, _ = ref.candidates(seg, p)
+    assert got.dtype == torch.float32 and got.shape == (n,) and got.device == DEVICE
+    got, want, c = got.cpu(), want.cpu(), c.cpu().double()
+    assert not got.isnan().any(), "an element was not written"
+    # Zero scores are exact (an untouched weight's candidate is its untracked value) ...
+    assert torch.equal(got == 0, want == 0)
+    if zero_grads and wd == 0 and scale_prev == scale:
+        assert int((want == 0).sum()) > 0, "the case should have zero scores"
+    # ... the others agree up to one rounding of the candidate c (and of the score itself).
+    tol = 2.0**-22 * c.abs() + 2.0**-23 * want.double().abs() + 1e-45
+    err = (got.double() - want.double()).abs()
+    assert torch.all(err <= tol), (
+        f"max error {float(err.max())}, worst at {int((err - tol).argmax())}"
+    )
+
+
+def test_triton_scores_of_an_empty_segment():
+    seg = make_segment(0, 0.0, torch.float32, False, 1.0)
+    p = StepParams(lr=0.1, momentum=0.0, weight_decay=0.0, scale=1.0)
+    assert tri.scores(seg, p).shape == (0,)
+    assert "scores" in tri.__all__
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="on a GPU the other tests compile the kernel for real"
+)
+def test_scores_kernel_compiles_for_sm90(tmp_path):
+    """Lower the new kernel to a cubin for sm_90 without a GPU (the interpreter is laxer)."""
+    script = textwrap.dedent(
+        """
+        import triton, triton.language as tl
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from procrustes_kernels.ops import triton_ops as T
+
+        sig = {"out_ptr": "*fp32", "values_ptr": "*bf16", "mom_ptr": "*bf16", "bits_ptr": "*u8",
+               "group_ptr_ptr": "*i64", "grad_ptr": "*bf16", "seed": "i64", "bound": "fp32",
+               "scale_prev": "fp32", "scale": "fp32", "lr_bits": "i64", "mu_bits": "i64",
+               "wd_bits": "i64", "numel": "i64", "ngroups": "i64"}
+        consts = {"CDT": tl.float32, "HAS_INIT": True, "HAS_WD": True, "HAS_MOM": True,
+                  "OFFS64": True, "BLOCK": 1024}
+        src = ASTSource(T._scores_kernel, {**sig, **{k: "constexpr" for k in consts}},
+                        constexprs=consts)
+        triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 4, "enable_fp_fusion": False})
+        print("compiled")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), TRITON_CACHE_DIR=str(tmp_path))
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "compiled" in out.stdout
+
+
+# ------------------------------------------------------------------------ models and training
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(20, 33), nn.ReLU(), nn.Linear(33, 17), nn.ReLU(), nn.Linear(17, 5)
+    )
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3, stride=2, groups=2, bias=False),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 3 * 3, 5),
+    )
+
+
+# Non-square tiles with edge tiles in every layer (and across the groups of the CNN's second conv).
+TILES = {"mlp": (4, 8), "cnn": (3, 2)}
+
+
+def make(kind: str, seed: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    return pk.sparsify(mlp() if kind == "mlp" else cnn(), seed=seed)
+
+
+def batches(kind: str, steps: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (16, 20) if kind == "mlp" else (16, 2, 8, 8)
+    return [
+        (torch.randn(shape, generator=g), torch.randint(0, 5, (16,), generator=g))
+        for _ in range(steps)
+    ]
+
+
+def train(model, opt, data, steps, start=0, on_step=None):
+    for n in range(start, start + steps):
+        x, y = data[n]
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        if on_step is not None:
+            on_step(n)
+
+
+def sparse_weights(model):
+    return [
+        layer.effective_weight() for layer in model.modules() if isinstance(layer, pk.SparseLayer)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The dense emulation of the tile rule: dense weights and momentum, w0 from the layers' seeds,
+# tiles cut and ranked with plain loops. Written independently of procrustes_kernels.tiles.
+# ---------------------------------------------------------------------------------------------
+def dense_tiles(module, tile):
+    """``[(layer-shaped bool mask, element count)]`` of every tile, in row-major tile order."""
+    w = module.weight
+    rows, cols = w.shape[0], w.shape[1]
+    groups = getattr(module, "groups", 1)
+    rpg = rows // groups
+    bn, bc = tile
+    out = []
+    for g in range(groups):
+        for r0 in range(0, rpg, bn):
+            for c0 in range(0, cols, bc):
+                m = torch.zeros(w.shape, dtype=torch.bool)
+                m[g * rpg + r0 : g * rpg + min(r0 + bn, rpg), c0 : min(c0 + bc, cols)] = True
+                out.append((m, int(m.sum())))
+    return out
+
+
+def choose_tiles(candidates, k):
+    """``candidates``: ``[(mean, layer, tile index, count)]``; the tile rule of the optimizer."""
+    ranked = sorted((c for c in candidates if c[0] > 0), key=lambda c: (-c[0], c[1], c[2]))
+    chosen, used = set(), 0
+    for _mean, layer, idx, count in ranked:
+        if used + count > k:
+            break
+        used += count
+        chosen.add((layer, idx))
+    return chosen
+
+
+def emulate_tiles(sparse_model, data, steps, lr, budget, momentum, wd, init_decay, tile, scope):
+    model = pk.densify(copy.deepcopy(sparse_model))
+    budgeted = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    weights = [m.weight for m in budgeted]
+    w0 = [
+        init_values(int(layer.seed), layer.numel, layer.bound).view(layer.weight_shape)
+        for layer in sparse_model.modules()
+        if isinstance(layer, pk.SparseLayer)
+    ]
+    tiles = [dense_tiles(m, tile) for m in budgeted]
+    others = [p for p in model.parameters() if all(p is not w for w in weights)]
+    sgd = torch.optim.SGD(others, lr=lr, momentum=momentum, weight_decay=wd)
+    tracked = [torch.zeros_like(w, dtype=torch.bool) for w in weights]
+    mom = [torch.zeros_like(w) for w in weights]
+    total = sum(w.numel() for w in weights)
+    k = budget if isinstance(budget, int) else max(1, round(budget * total))
+    masks_per_step = []
+    for n in range(1, steps + 1):
+        x, y = data[n - 1]
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        d = torch.tensor(decay_factor(n, init_decay), dtype=torch.float32)
+        with torch.no_grad():
+            cands, moms, candidates = [], [], []
+            for i, w in enumerate(weights):
+                g = w.grad.add(w, alpha=wd) if wd else w.grad
+                m = torch.where(tracked[i], mom[i].mul(momentum).add(g), g) if momentum else g
+                c = w.add(m, alpha=-lr)
+                s = (c - w0[i] * d).abs()
+                cands.append(c)
+                moms.append(m)
+                for j, (tm, count) in enumerate(tiles[i]):
+                    candidates.append((float(s[tm].double().sum()) / count, i, j, count))
+            if scope == "global":
+                chosen = choose_tiles(candidates, k)
+            else:
+                chosen = set()
+                for i, w in enumerate(weights):
+                    kl = max(1, round(w.numel() * (k / total)))
+                    chosen |= choose_tiles([c for c in candidates if c[1] == i], kl)
+            masks = []
+            for i, w in enumerate(weights):
+                mk = torch.zeros_like(w, dtype=torch.bool)
+                for j, (tm, _) in enumerate(tiles[i]):
+                    if (i, j) in chosen:
+                        mk |= tm
+                masks.append(mk)
+            for i, w in enumerate(weights):
+                w.copy_(torch.where(masks[i], cands[i], w0[i] * d))
+                mom[i] = torch.where(masks[i], moms[i], torch.zeros_like(moms[i]))
+                tracked[i] = masks[i]
+            sgd.step()
+        masks_per_step.append(masks)
+    return model, masks_per_step
+
+
+def assert_whole_tiles(opt):
+    """Every layer's tracked set is a union of whole tiles (counted from the bits alone)."""
+    bn, bc = opt.tile
+    for layer in opt.layers:
+        rows, cols, ksize, groups = layer.matrix_geometry
+        index = build_tile_index(layer.mask_bits, rows, cols, ksize, groups, bn, bc)
+        sizes = tile_sizes((rows, cols, ksize, groups), (bn, bc)).to(torch.int32)
+        nnz = index.tile_nnz.cpu()
+        assert torch.all((nnz == 0) | (nnz == sizes)), "a tile is partly tracked"
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("scope", ["global", "layer"])
+@pytest.mark.parametrize("init_decay", [1.0, 0.9], ids=["dropback", "procrustes"])
+@pytest.mark.parametrize("momentum,wd", [(0.0, 0.0), (0.9, 5e-3)], ids=["sgd", "momentum_wd"])
+def test_matches_dense_tile_emulation_for_30_steps(kind, scope, init_decay, momentum, wd):
+    steps, lr, budget, tile = 30, 0.1, 0.2, TILES[kind]
+    model = make(kind)
+    data = batches(kind, steps)
+    ref_model, ref_masks = emulate_tiles(
+        model, data, steps, lr, budget, momentum, wd, init_decay, tile, scope
+    )
+    cls = pk.DropBack if init_decay == 1.0 else pk.Procrustes  # Procrustes: 0.9, "quantile"
+    opt = cls(
+        model,
+        lr=lr,
+        budget=budget,
+        momentum=momentum,
+        weight_decay=wd,
+        scope=scope,
+        granularity="tile",
+        tile=tile,
+    )
+    assert opt.init_decay == init_decay
+
+    def check(n):
+        for layer, want in zip(opt.layers, ref_masks[n]):
+            assert torch.equal(layer.storage.mask(), want.flatten()), (
+                f"mask differs at step {n + 1}"
+            )
+        assert_whole_tiles(opt)
+        assert 0 < opt.tracked_count <= opt.budget
+        if scope == "layer":
+            assert all(c <= b for c, b in zip(opt.layer_counts, opt.layer_budgets))
+
+    train(model, opt, data, steps, on_step=check)
+    want = [m.weight for m in ref_model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    for got, w in zip(sparse_weights(model), want):
+        assert torch.equal(got, w.detach())
+    want_biases = [m.bias for m in ref_model.modules() if getattr(m, "bias", None) is not None]
+    got_biases = [m.bias for m in opt.layers if m.bias is not None]
+    assert len(got_biases) == len(want_biases) > 0
+    for got, w in zip(got_biases, want_biases):
+        assert torch.equal(got.detach(), w.detach())
+
+
+def test_tile_granularity_ignores_selection():
+    data = batches("mlp", 6)
+    runs = []
+    for selection in ("topk", "quantile", "quantile_paper"):
+        model = make("mlp")
+        opt = pk.DropBack(
+            model, lr=0.1, budget=0.2, selection=selection, granularity="tile", tile=(4, 8)
+        )
+        train(model, opt, data, 6)
+        assert opt.selectors == [None]
+        runs.append(sparse_weights(model))
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+# ------------------------------------------------------------------------------------ backends
+
+
+def backend_run(kind, backend, scope, steps=3):
+    model = make(kind)
+    data = batches(kind, steps, seed=7)
+    opt = pk.DropBack(
+        model,
+        lr=0.1,
+        budget=0.25,
+        momentum=0.9,
+        weight_decay=1e-3,
+        scope=scope,
+        granularity="tile",
+        tile=TILES[kind],
+    )
+    history = []
+    with ops.use_backend(backend):
+        train(
+            model,
+            opt,
+            data,
+            steps,
+            on_step=lambda n: history.append(
+                [(layer.mask_bits.clone(), layer.values.detach().clone()) for layer in opt.layers]
+            ),
+        )
+    return history
+
+
+@pytest.mark.parametrize("kind,scope", [("mlp", "global"), ("mlp", "layer"), ("cnn", "global")])
+def test_backends_choose_the_same_tiles(kind, scope):
+    available = ops.available_backends()
+    assert available["reference"] and available["triton"], available
+    want = backend_run(kind, "reference", scope)
+    for backend in ("cpp", "triton"):
+        if not available[backend]:
+            pytest.fail(f"backend {backend} is not available: {ops.backend_error(backend)}")
+        got = backend_run(kind, backend, scope)
+        for step, (g, w) in enumerate(zip(got, want)):
+            for i, ((bg, vg), (bw, vw)) in enumerate(zip(g, w)):
+                assert torch.equal(bg, bw), f"{backend}, step {step + 1}, layer {i}: tiles differ"
+                # Compaction is the reference's arithmetic on every backend (Triton: the fallback).
+                assert torch.equal(vg, vw), f"{backend}, step {step + 1}, layer {i}: values differ"
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+
+def _save(model, opt) -> bytes:
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "cls,kw",
+    [
+        (pk.DropBack, {"momentum": 0.9, "weight_decay": 1e-3}),
+        (pk.Procrustes, {"momentum": 0.9, "scope": "layer"}),
+    ],
+)
+def test_checkpoint_resume_is_bit_identical(cls, kw):
+    n_steps, m_steps = 6, 5
+    kw = {**kw, "granularity": "tile", "tile": TILES["cnn"]}
+    data = batches("cnn", n_steps + m_steps)
+    straight = make("cnn")
+    opt = cls(straight, lr=0.05, budget=0.2, **kw)
+    train(straight, opt, data, n_steps + m_steps)
+
+    first = make("cnn")
+    opt1 = cls(first, lr=0.05, budget=0.2, **kw)
+    train(first, opt1, data, n_steps)
+    blob = _save(first, opt1)
+    extra = opt1.state_dict()["dropback"]
+    assert extra["granularity"] == "tile" and tuple(extra["tile"]) == TILES["cnn"]
+
+    resumed = make("cnn", seed=99)  # different init: everything must come from the checkpoint
+    opt2 = cls(resumed, lr=0.05, budget=0.2, **kw)
+    ckpt = torch.load(io.BytesIO(blob))
+    resumed.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    train(resumed, opt2, data, m_steps, start=n_steps)
+
+    for a, b in zip(sparse_weights(straight), sparse_weights(resumed)):
+        assert torch.equal(a, b)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert opt.state_dict()["dropback"] == opt2.state_dict()["dropback"]
+
+
+def _snapshot(model, opt):
+    return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+
+
+def _assert_same_state(a, b):
+    (ma, oa), (mb, ob) = a, b
+    assert ma.keys() == mb.keys()
+    assert all(torch.equal(ma[key], mb[key]) for key in ma)
+    assert oa["dropback"] == ob["dropback"]
+    assert oa["param_groups"] == ob["param_groups"]
+    assert oa["state"].keys() == ob["state"].keys()
+    for i in oa["state"]:
+        for key, value in oa["state"][i].items():
+            assert torch.equal(value, ob["state"][i][key])
+
+
+def test_load_state_dict_checks_granularity_and_tile():
+    data = batches("mlp", 3)
+    model = make("mlp")
+    element = pk.DropBack(model, lr=0.1, budget=0.2, momentum=0.9)
+    train(model, element, data, 3)
+    saved_element = element.state_dict()
+    assert saved_element["dropback"]["granularity"] == "element"
+
+    tiled_model = make("mlp")
+    tiled = pk.DropBack(tiled_model, lr=0.1, budget=0.2, granularity="tile", tile=(4, 8))
+    train(tiled_model, tiled, data, 3)
+    saved_tile = tiled.state_dict()
+
+    fresh_model = make("mlp")
+    fresh = pk.DropBack(fresh_model, lr=0.1, budget=0.2, granularity="tile", tile=(4, 8))
+    before = _snapshot(fresh_model, fresh)
+    with pytest.raises(ValueError, match="granularity"):
+        fresh.load_state_dict(saved_element)
+    other_tile = pk.DropBack(make("mlp"), lr=0.1, budget=0.2, granularity="tile", tile=(8, 4))
+    with pytest.raises(ValueError, match="tile"):
+        other_tile.load_state_dict(saved_tile)
+    # A checkpoint from before the granularity existed is element-granular.
+    old = copy.deepcopy(saved_element)
+    del old["dropback"]["granularity"], old["dropback"]["tile"]
+    with pytest.raises(ValueError, match="granularity"):
+        fresh.load_state_dict(old)
+    _assert_same_state(before, _snapshot(fresh_model, fresh))
+    assert fresh.step_count == 0
+
+    plain_model = make("mlp")
+    plain = pk.DropBack(plain_model, lr=0.1, budget=0.2, momentum=0.9)
+    plain_model.load_state_dict(model.state_dict())
+    plain.load_state_dict(old)
+    assert plain.step_count == 3
+    # The tile of an element-granular optimizer is not used, so it is not compared.
+    other_model = make("mlp")
+    other_model.load_state_dict(model.state_dict())
+    other = pk.DropBack(other_model, lr=0.1, budget=0.2, momentum=0.9, tile=(2, 2))
+    other.load_state_dict(saved_element)
+    assert other.step_count == 3
+    # The tile may come back as a list (e.g. through JSON).
+    listed = copy.deepcopy(saved_tile)
+    listed["dropback"]["tile"] = list(listed["dropback"]["tile"])
+    same = pk.DropBack(make("mlp"), lr=0.1, budget=0.2, granularity="tile", tile=(4, 8))
+    same.load_state_dict(listed)
+    assert same.step_count == 3
+
+
+# ------------------------------------------------------------------------------------ arguments
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"granularity": "block"}, "granularity"),
+        ({"granularity": None}, "granularity"),
+        ({"granularity": ["tile"]}, "granularity"),
+        ({"granularity": "tile", "tile": (0, 4)}, "tile"),
+        ({"granularity": "tile", "tile": (4, -1)}, "tile"),
+        ({"granularity": "tile", "tile": (4,)}, "tile"),
+        ({"granularity": "tile", "tile": (4, 4, 4)}, "tile"),
+        ({"granularity": "tile", "tile": 4}, "tile"),
+        ({"granularity": "tile", "tile": (4.0, 4)}, "tile"),
+        ({"granularity": "tile", "tile": (True, 4)}, "tile"),
+        ({"granularity": "tile", "tile": "32x32"}, "tile"),
+        ({"granularity": "tile", "tile": None}, "tile"),
+        ({"tile": (0, 0)}, "tile"),
+    ],
+)
+def test_bad_arguments_raise_and_leave_model_unchanged(kw, match):
+    model = make("mlp")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=match) as err:
+        pk.DropBack(model, lr=0.1, budget=0.1, **kw)
+    assert "expected" in str(err.value)
+    with pytest.raises(ValueError, match=match):
+        pk.Procrustes(model, lr=0.1, budget=0.1, **kw)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(
+        layer.dense_grad is None for layer in model.modules() if isinstance(layer, pk.SparseLayer)
+    )
+
+
+def test_repr_shows_granularity():
+    model = make("mlp")
+    assert "granularity='element'" in repr(pk.DropBack(model, lr=0.1, budget=0.1))
+    assert "tile=" not in repr(pk.DropBack(model, lr=0.1, budget=0.1))
+    r = repr(pk.Procrustes(model, lr=0.1, budget=0.1, granularity="tile", tile=[8, 4]))
+    assert "granularity='tile', tile=(8, 4)" in r
+
+
+@pytest.mark.parametrize("selection", ["topk", "quantile"])
+def test_element_granularity_is_unchanged(selection):
+    data = batches("cnn", 6)
+    a, b = make("cnn"), make("cnn")
+    opt_a = pk.DropBack(a, lr=0.1, budget=0.1, momentum=0.9, selection=selection)
+    opt_b = pk.DropBack(
+        b, lr=0.1, budget=0.1, momentum=0.9, selection=selection, granularity="element", tile=(3, 2)
+    )
+    train(a, opt_a, data, 6)
+    train(b, opt_b, data, 6)
+    for la, lb in zip(opt_a.layers, opt_b.layers):
+        assert torch.equal(la.mask_bits, lb.mask_bits)
+        assert torch.equal(la.values, lb.values)
+    extra_a, extra_b = opt_a.state_dict()["dropback"], opt_b.state_dict()["dropback"]
+    assert extra_a.pop("tile") == (32, 32) and extra_b.pop("tile") == (3, 2)
+    assert extra_a == extra_b and extra_a["granularity"] == "element"
