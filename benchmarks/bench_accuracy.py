@@ -8,6 +8,9 @@ For each model, budget (fraction of the conv/linear weights kept) and seed, this
 * ``procrustes_rel``: Procrustes with a decay tied to the length of training (untracked weights
   reach exactly zero half way: ``decay_for_steps(total_steps // 2)``), the library's recommendation
   for short runs;
+* ``dropback_tile`` / ``procrustes_rel_tile``: the same with the GPU-shaped granularity: whole
+  ``--tile`` tiles (output x input features / channels, whole kernels) tracked or regenerated, the
+  unit the sparse compute kernels skip;
 * ``static``: a random tracked set chosen at initialisation and never changed, untracked weights
   zero (the same number of stored weights, no reselection);
 * ``gmp``: gradual magnitude pruning (Zhu & Gupta 2017): dense training with the cubic sparsity
@@ -50,7 +53,17 @@ from _common import RESULTS, machine_info, print_table  # noqa: E402
 import procrustes_kernels as pk  # noqa: E402
 from procrustes_kernels import BlockStorage  # noqa: E402
 
-METHODS = ("dense", "dropback", "procrustes", "procrustes_rel", "static", "gmp")
+METHODS = (
+    "dense",
+    "dropback",
+    "procrustes",
+    "procrustes_rel",
+    "dropback_tile",
+    "procrustes_rel_tile",
+    "static",
+    "gmp",
+)
+SPARSE_METHODS = ("dropback", "procrustes", "procrustes_rel", "dropback_tile", "procrustes_rel_tile")
 # Sparse methods may carry a budget scope: "procrustes_rel@layer" keeps each layer's share.
 DEFAULT_METHODS = (
     "dense",
@@ -58,6 +71,8 @@ DEFAULT_METHODS = (
     "procrustes",
     "procrustes_rel",
     "procrustes_rel@layer",
+    "dropback_tile",
+    "procrustes_rel_tile",
     "static",
     "gmp",
 )
@@ -271,14 +286,16 @@ def run_one(
     steps_per_epoch = math.ceil(len(data.y_train) / args.batch_size)
     total_steps = args.epochs * steps_per_epoch
     method, _, scope = method.partition("@")
-    if method in ("dropback", "procrustes", "procrustes_rel"):
+    if method in SPARSE_METHODS:
         model = copy.deepcopy(sparse_init)
+        granularity = "tile" if method.endswith("_tile") else "element"
+        base = method.removesuffix("_tile")
         decay = {
             "dropback": 1.0,
             "procrustes": 0.9,
             "procrustes_rel": pk.decay_for_steps(max(1, total_steps // 2)),
-        }[method]
-        selection = "topk" if method == "dropback" else "quantile"
+        }[base]
+        selection = "topk" if base == "dropback" else "quantile"
         opt = pk.DropBack(
             model,
             args.lr,
@@ -287,6 +304,8 @@ def run_one(
             init_decay=decay,
             selection=selection,
             scope=scope or "global",
+            granularity=granularity,
+            tile=args.tile,
         )
     else:
         model = pk.densify(copy.deepcopy(sparse_init))
@@ -426,6 +445,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help=f"names from {METHODS}, sparse ones optionally @layer",
     )
     p.add_argument("--budgets", default=",".join(f"{b:g}" for b in BUDGETS))
+    p.add_argument("--tile", default="16,16", help="rows,cols of a tile for the *_tile methods")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=64)
@@ -456,6 +476,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ):
             p.error(f"--methods: expected names from {METHODS}, got {m!r}")
     budgets = [float(b) for b in args.budgets.split(",")]
+    try:
+        args.tile = tuple(int(v) for v in args.tile.split(","))
+        assert len(args.tile) == 2 and min(args.tile) > 0
+    except (ValueError, AssertionError):
+        p.error(f"--tile: expected two positive ints 'rows,cols', got {args.tile!r}")
     command = shlex.join(
         ["python", "benchmarks/bench_accuracy.py", *(argv if argv is not None else sys.argv[1:])]
     )

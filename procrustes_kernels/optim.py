@@ -143,7 +143,8 @@ class DropBack(Optimizer):
             whole kernel (all ``kh * kw`` positions); cut per group, the last tiles of a layer are
             partial where the sizes do not divide (the tiles of ``ops.sparse_index.tile_mask``
             with ``block_n, block_c = tile``). Positive ints; ignored with
-            ``granularity="element"``.
+            ``granularity="element"``. When both are powers of two >= 16, the layers'
+            ``compute_tile`` is set to ``tile``, so the sparse kernels skip exactly the dropped tiles.
 
     The dense gradient of each sparse layer's effective weight is kept in ``layer.dense_grad``
     between ``backward()`` and ``step()`` (for data parallel training, all-reduce
@@ -233,6 +234,10 @@ class DropBack(Optimizer):
             if granularity == "tile"
             else None
         )
+        if granularity == "tile" and all(v >= 16 and v & (v - 1) == 0 for v in tile):
+            # The sparse compute kernels then skip exactly the tiles the selection dropped.
+            for layer in self.layers:
+                layer.compute_tile = tile
         self.tracked_count = sum(layer.nnz for layer in self.layers)
 
     # -- configuration -----------------------------------------------------------------------------

@@ -188,3 +188,41 @@ def test_procrustes_training_on_sparse_path_tracks_dense_path():
     assert "sparse" in paths
     for a, b in zip(sparse, dense):
         assert_close_verbose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_tile_granularity_makes_empty_kernel_tiles(monkeypatch):
+    """With tile granularity the optimizer aligns the kernels' tiles with its own, so after the
+    decay every dropped tile is skipped and auto takes the sparse kernels."""
+    monkeypatch.setattr(compute, "AUTO_MIN_WEIGHTS", 1)
+
+    def run(backend):
+        torch.manual_seed(0)
+        model = pk.sparsify(
+            torch.nn.Sequential(torch.nn.Linear(96, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)),
+            seed=5,
+        )
+        opt = pk.Procrustes(
+            model, lr=0.05, budget=0.25, init_decay=0.3, granularity="tile", tile=(16, 16)
+        )
+        assert all(m.compute_tile == (16, 16) for m in (model[0], model[2]))
+        x, y = torch.randn(24, 96), torch.randint(0, 10, (24,))
+        paths = []
+        with use_backend(backend):
+            for _ in range(20):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                paths.append(model[0].last_path)
+                opt.step()
+        index = compute.tile_index(model[0])
+        selected = index.tile_nnz > 0
+        assert int(index.tile_nnz[selected].min()) == 16 * 16  # whole tiles only
+        return model, paths, index
+
+    dense_model, dense_paths, _ = run("cpp")
+    sparse_model, sparse_paths, index = run("triton")
+    assert set(dense_paths) == {"dense"}
+    assert sparse_paths[0] == "dense" and sparse_paths[-1] == "sparse"
+    assert index.tile_density <= 0.3
+    for a, b in zip(sparse_model, dense_model):
+        if isinstance(a, pk.SparseLayer):
+            assert_close_verbose(a.effective_weight(), b.effective_weight(), rtol=1e-3, atol=1e-4)
