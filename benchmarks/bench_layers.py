@@ -64,7 +64,10 @@ from procrustes_kernels.storage import BlockStorage, pack_bits  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROVIDERS = ("nn", "materialise", "sparse")
-TILE = (32, 32)
+# Weight tile (kernel tile and selection tile): 32 x 32 weights for linear layers, 16 x 16 channel
+# pairs with their 3x3 kernels (2304 weights) for convolutions, so that a 64-channel layer has 16.
+TILES = {"linear": (32, 32), "conv": (16, 16)}
+TILE = TILES["linear"]
 
 
 def cases(device: torch.device, quick: bool, kinds: list[str]) -> list[dict]:
@@ -104,7 +107,7 @@ def cases(device: torch.device, quick: bool, kinds: list[str]) -> list[dict]:
 
 
 def make_layer(case: dict, dtype: torch.dtype, device: torch.device) -> pk.SparseLayer:
-    kw = {"seed": 1, "device": device, "dtype": dtype, "compute_tile": TILE}
+    kw = {"seed": 1, "device": device, "dtype": dtype, "compute_tile": TILES[case["kind"]]}
     if case["kind"] == "linear":
         return pk.SparseLinear(*case["args"], **kw)
     return pk.SparseConv2d(*case["args"], padding=1, **kw)
@@ -113,22 +116,20 @@ def make_layer(case: dict, dtype: torch.dtype, device: torch.device) -> pk.Spars
 def set_density(
     layer: pk.SparseLayer, density: float, granularity: str, gen: torch.Generator
 ) -> None:
-    """Track ``density`` of the weights (single elements or whole tiles); untracked become zeros."""
+    """Track ``density`` of the weights (random single elements, or that fraction of the tiles,
+    rounded, at random); untracked weights become zeros."""
     rows, cols, ksize, groups = layer.matrix_geometry
     device = layer.values.device
     if granularity == "element":
         mask = torch.rand(layer.numel, generator=gen, device=device) < density
     else:
-        index = build_tile_index(
-            pack_bits(torch.zeros(layer.numel, dtype=torch.bool, device=device)),
-            rows,
-            cols,
-            ksize,
-            groups,
-            *TILE,
-        )
-        tiles = torch.rand(index.tile_nnz.shape, generator=gen, device=device) < density
-        mask = tile_mask(tiles, rows, cols, ksize, groups, *TILE)
+        tile = layer.compute_tile
+        shape = (groups * -(-(rows // groups) // tile[0]), -(-cols // tile[1]))
+        count = shape[0] * shape[1]
+        pick = torch.randperm(count, generator=gen, device=device)[: round(density * count)]
+        tiles = torch.zeros(count, dtype=torch.bool, device=device)
+        tiles[pick] = True
+        mask = tile_mask(tiles.view(shape), rows, cols, ksize, groups, *tile)
     w = pk.init_values(layer.seed_value, layer.numel, layer.bound, device=device).to(
         layer.values.dtype
     )
@@ -156,7 +157,7 @@ def layer_bytes(module: torch.nn.Module) -> int:
 def optimizer_for(module: torch.nn.Module, provider: str, density: float, granularity: str):
     if provider == "nn":
         return torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
-    kw = {"granularity": "tile", "tile": TILE} if granularity == "tile" else {}
+    kw = {"granularity": "tile", "tile": module.compute_tile} if granularity == "tile" else {}
     # Start past the decay (d_n = 0 from the next step on): untracked weights stay zeros.
     opt = pk.Procrustes(module, lr=1e-3, budget=float(density), momentum=0.9, init_decay=1e-9, **kw)
     opt.step_count = 1
