@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     if "nn" not in args.providers:
         args.providers.insert(0, "nn")
     if args.repeats is None:
-        args.repeats = 10 if gpu else 3
+        args.repeats = 5 if gpu else 3
     for name, values, allowed in (
         ("--dtypes", args.dtypes, DTYPES),
         ("--providers", args.providers, PROVIDERS),

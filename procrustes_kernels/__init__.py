@@ -13,7 +13,7 @@ Quick use::
 
 from .data import Dataset, load_cifar10, load_dataset, load_digits, load_mnist
 from .layers import SparseConv2d, SparseLayer, SparseLinear, densify, set_compute, sparsify
-from .optim import DropBack, Procrustes, decay_factor, decay_for_steps
+from .optim import DropBack, Procrustes, decay_factor, decay_for_steps, linear_decay_factor
 from .philox import derive_seed, init_values, philox_uniform
 from .storage import BlockStorage
 
@@ -32,6 +32,7 @@ __all__ = [
     "densify",
     "derive_seed",
     "init_values",
+    "linear_decay_factor",
     "load_cifar10",
     "load_dataset",
     "load_digits",

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from .data import Dataset, load_cifar10, load_digits, load_mnist
 from .layers import SparseLayer, densify, sparsify
-from .optim import DropBack, Procrustes, decay_for_steps
+from .optim import DropBack, Procrustes
 
 CSV_COLUMNS = ("method", "test_acc_pct", "tracked_weights", "compression_x", "stored_bytes",
                "wall_time_s", "command")  # fmt: skip
@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
         "--init-decay",
         type=float,
         default=None,
-        help="Procrustes per-step decay (default: zero at half of training)",
+        help="Procrustes per-step decay as in the paper, e.g. 0.9 (default: linear decay "
+        "reaching zero at half of training, decay_steps)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -251,11 +252,11 @@ def main(argv: list[str] | None = None) -> None:
     total_steps = args.epochs * math.ceil(len(data.y_train) / args.batch_size)
     if args.init_decay is None:
         half = max(total_steps // 2, 1)
-        decay = decay_for_steps(half)
-        decay_txt = f"init_decay={decay:.4f} (decay_for_steps: zero at step {half}/{total_steps})"
+        decay_kw = {"decay_steps": half}
+        decay_txt = f"decay_steps={half} (linear decay, zero at step {half + 1}/{total_steps})"
     else:
-        decay = args.init_decay
-        decay_txt = f"init_decay={decay:g}"
+        decay_kw = {"init_decay": args.init_decay}
+        decay_txt = f"init_decay={args.init_decay:g}"
     print(f"{data!r}, {args.epochs} epochs x {total_steps // args.epochs} steps")
 
     torch.manual_seed(args.seed)
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         ("DropBack", db, DropBack(db, args.lr, budget=args.budget, momentum=mom,
                                   init_decay=1.0, selection="topk")),
         ("Procrustes", pc, Procrustes(pc, args.lr, budget=args.budget, momentum=mom,
-                                      init_decay=decay, selection="quantile")),
+                                      selection="quantile", **decay_kw)),
     ]  # fmt: skip
 
     results = [

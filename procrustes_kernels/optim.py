@@ -32,7 +32,7 @@ from .selection import PaperQuantileSelector, QuantileSelector
 from .storage import BlockStorage
 from .tiles import check_tile, select_tiles, tile_element_mask, tile_scores, tile_sizes
 
-__all__ = ["DropBack", "Procrustes", "decay_factor", "decay_for_steps"]
+__all__ = ["DropBack", "Procrustes", "decay_factor", "decay_for_steps", "linear_decay_factor"]
 
 SELECTIONS = ("topk", "quantile", "quantile_paper")
 SCOPES = ("global", "layer")
@@ -45,6 +45,14 @@ def decay_factor(step: int, init_decay: float, zero_cutoff: float = 1e-8) -> flo
         return 1.0
     d = init_decay ** (step - 1)
     return 0.0 if d < zero_cutoff else d
+
+
+def linear_decay_factor(step: int, decay_steps: int) -> float:
+    """``d_n`` of the linear decay: 1 for ``n <= 1``, then ``1 - (n - 1) / decay_steps``, exactly 0
+    from step ``decay_steps + 1`` on (the ``decay_steps`` argument of :class:`DropBack`)."""
+    if step <= 1:
+        return 1.0
+    return max(0.0, 1.0 - (step - 1) / decay_steps)
 
 
 def decay_for_steps(steps: int, zero_cutoff: float = 1e-8) -> float:
@@ -122,7 +130,12 @@ class DropBack(Optimizer):
         momentum: SGD momentum; kept for tracked weights only.
         weight_decay: L2 penalty added to the gradient.
         init_decay: per-step decay of the initial values of untracked weights, in (0, 1]
-            (1: DropBack; 0.9: Procrustes).
+            (1: DropBack; 0.9: Procrustes): ``d_n = init_decay ** (n - 1)``.
+        decay_steps: instead of ``init_decay``, a linear decay relative to the length of training:
+            ``d_n = 1 - (n - 1) / decay_steps``, exactly 0 from step ``decay_steps + 1`` on
+            (:func:`linear_decay_factor`). Keeps the initial values useful for longer than an
+            exponential decay reaching zero at the same step; the recommended Procrustes setting
+            for runs of a few thousand steps is ``decay_steps`` = half of the training steps.
         selection: ``"topk"`` (exact), ``"quantile"`` (order-independent estimator carrying a
             threshold across steps) or ``"quantile_paper"`` (the authors' sequential walk).
         scope: ``"global"`` (one budget over all layers) or ``"layer"`` (each layer keeps its share).
@@ -167,6 +180,7 @@ class DropBack(Optimizer):
         quantile_warmup: int = 10,
         granularity: str = "element",
         tile: tuple[int, int] = (32, 32),
+        decay_steps: int | None = None,
     ) -> None:
         name = type(self).__name__ + "()"
         if not isinstance(model, nn.Module):
@@ -181,6 +195,16 @@ class DropBack(Optimizer):
             raise ValueError(f"{name}: expected weight_decay >= 0, got {weight_decay!r}")
         if not _is_number(init_decay) or not 0 < init_decay <= 1:
             raise ValueError(f"{name}: expected init_decay in (0, 1], got {init_decay!r}")
+        if decay_steps is not None:
+            if isinstance(decay_steps, bool) or not isinstance(decay_steps, int) or decay_steps < 1:
+                raise ValueError(
+                    f"{name}: expected decay_steps to be a positive int or None, got {decay_steps!r}"
+                )
+            if init_decay != 1.0:
+                raise ValueError(
+                    f"{name}: expected either init_decay or decay_steps, got init_decay="
+                    f"{init_decay!r} and decay_steps={decay_steps!r}"
+                )
         if selection not in SELECTIONS:
             raise ValueError(f"{name}: expected selection in {SELECTIONS}, got {selection!r}")
         if scope not in SCOPES:
@@ -207,6 +231,7 @@ class DropBack(Optimizer):
         self.total_weights = sum(layer.numel for layer in self.layers)
         self.budget = self._budget_count(budget, name)
         self.init_decay = float(init_decay)
+        self.decay_steps = decay_steps
         self.selection = selection
         self.scope = scope
         self.zero_cutoff = float(zero_cutoff)
@@ -320,7 +345,7 @@ class DropBack(Optimizer):
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
         grads = self._checked_grads()
         n = self.step_count + 1
-        d_n = decay_factor(n, self.init_decay, self.zero_cutoff)
+        d_n = self.decay_at(n)
         params = StepParams(lr=lr, momentum=mu, weight_decay=wd, scale=d_n)
         segments = [
             Segment(
@@ -452,6 +477,12 @@ class DropBack(Optimizer):
                     d_p = buf
                 p.add_(d_p, alpha=-lr)
 
+    def decay_at(self, step: int) -> float:
+        """``d_n``, the factor of the initial values of untracked weights after step ``step``."""
+        if self.decay_steps is not None:
+            return linear_decay_factor(step, self.decay_steps)
+        return decay_factor(step, self.init_decay, self.zero_cutoff)
+
     # -- state -------------------------------------------------------------------------------------
     @property
     def layer_counts(self) -> list[int]:
@@ -466,6 +497,7 @@ class DropBack(Optimizer):
             "scope": self.scope,
             "budget": self.budget,
             "init_decay": self.init_decay,
+            "decay_steps": self.decay_steps,
             "granularity": self.granularity,
             "tile": self.tile,
             "tracked_count": self.tracked_count,
@@ -515,7 +547,7 @@ class DropBack(Optimizer):
         return (
             f"{type(self).__name__}(lr={g['lr']}, budget={self.budget}/{self.total_weights}, "
             f"momentum={g['momentum']}, weight_decay={g['weight_decay']}, "
-            f"init_decay={self.init_decay}, selection={self.selection!r}, scope={self.scope!r}, "
+            f"init_decay={self.init_decay}, decay_steps={self.decay_steps}, selection={self.selection!r}, scope={self.scope!r}, "
             f"granularity={self.granularity!r}{tile}, "
             f"step={self.step_count}, tracked={self.tracked_count})"
         )
@@ -526,8 +558,9 @@ class Procrustes(DropBack):
 
     Same arguments as :class:`DropBack` (``granularity`` and ``tile`` through the keywords);
     defaults ``init_decay=0.9`` (per step, as in the paper) and ``selection="quantile"`` (which
-    ``granularity="tile"`` does not use). For short runs :func:`decay_for_steps` gives a decay that
-    reaches zero at a chosen step instead.
+    ``granularity="tile"`` does not use). For short runs pass ``decay_steps`` (a linear decay to
+    zero at that step; half the training steps is the recommended setting) instead of
+    ``init_decay``; :func:`decay_for_steps` gives an exponential decay reaching zero at a chosen step.
     """
 
     def __init__(
@@ -537,11 +570,13 @@ class Procrustes(DropBack):
         budget: float | int,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
-        init_decay: float = 0.9,
+        init_decay: float | None = None,
         selection: str = "quantile",
         scope: str = "global",
         **kw: Any,
     ) -> None:
+        if init_decay is None:  # the paper's 0.9, unless a linear decay is asked for
+            init_decay = 1.0 if kw.get("decay_steps") is not None else 0.9
         super().__init__(
             model, lr, budget, momentum, weight_decay, init_decay, selection, scope, **kw
         )

@@ -226,3 +226,13 @@ def test_tile_granularity_makes_empty_kernel_tiles(monkeypatch):
     for a, b in zip(sparse_model, dense_model):
         if isinstance(a, pk.SparseLayer):
             assert_close_verbose(a.effective_weight(), b.effective_weight(), rtol=1e-3, atol=1e-4)
+
+
+def test_sparse_ops_dispatch():
+    from procrustes_kernels.ops.sparse import SPARSE_FUNCTIONS, get_sparse_ops, sparse_backend
+
+    for forced, expected in (("reference", "reference"), ("cpp", "reference"), ("triton", "triton")):
+        with use_backend(forced):
+            ops = get_sparse_ops("cpu")
+            assert sparse_backend("cpu") == ops.name == expected
+            assert all(callable(getattr(ops, f)) for f in SPARSE_FUNCTIONS)

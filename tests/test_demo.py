@@ -8,7 +8,7 @@ from procrustes_kernels import demo
 def test_demo_quick_writes_table_and_plot(tmp_path, capsys):
     demo.main(["--quick", "--epochs", "1", "--max-train", "256", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "Procrustes init_decay=" in out  # the decay used is always printed
+    assert "Procrustes decay_steps=" in out  # the decay used is always printed
     with (tmp_path / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["dense", "DropBack", "Procrustes"]

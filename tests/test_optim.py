@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import procrustes_kernels as pk
-from procrustes_kernels.optim import decay_factor
+from procrustes_kernels.optim import decay_factor, linear_decay_factor
 
 
 def mlp() -> nn.Module:
@@ -68,7 +68,8 @@ def emulate(sparse_model, data, steps, lr, budget, momentum, wd, init_decay, sco
         x, y = data[n - 1]
         model.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        d = torch.tensor(decay_factor(n, init_decay), dtype=torch.float32)
+        d_n = init_decay(n) if callable(init_decay) else decay_factor(n, init_decay)
+        d = torch.tensor(d_n, dtype=torch.float32)
         cands, moms, scores = [], [], []
         with torch.no_grad():
             for i, w in enumerate(weights):
@@ -155,6 +156,29 @@ def test_matches_dense_emulation_for_50_steps(kind, init_decay, momentum, wd):
     for got, want in zip(got_biases, ref_biases):
         torch.testing.assert_close(got.detach(), want.detach(), rtol=0, atol=0)
     assert opt.tracked_count == round(budget * opt.total_weights)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_linear_decay_matches_dense_emulation(kind):
+    """``decay_steps``: d_n falls linearly to exactly 0 at step decay_steps + 1 and stays there."""
+    steps, lr, budget, decay_steps = 40, 0.1, 0.1, 25
+    model = make(kind)
+    data = batches(kind, steps)
+    ref, _ = emulate(
+        model, data, steps, lr, budget, 0.9, 1e-3, lambda n: linear_decay_factor(n, decay_steps)
+    )
+    opt = pk.Procrustes(
+        model, lr=lr, budget=budget, momentum=0.9, weight_decay=1e-3, selection="topk",
+        decay_steps=decay_steps,
+    )  # fmt: skip
+    assert opt.init_decay == 1.0 and opt.decay_steps == decay_steps
+    scales = []
+    train(model, opt, data, steps, on_step=lambda n: scales.append(float(opt.layers[0].init_scale)))
+    assert scales[0] == 1.0 and scales[1] == pytest.approx(1 - 1 / 25)
+    assert scales[24] == pytest.approx(1 / 25) and scales[25] == 0.0 and scales[-1] == 0.0
+    ref_weights = [m.weight for m in ref.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    for got, want in zip(sparse_weights(model), ref_weights):
+        torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
 
 
 def test_matches_dense_emulation_per_layer_scope():
@@ -360,6 +384,10 @@ def test_non_finite_gradient_raises_and_changes_nothing(where, value):
         ({"momentum": 1.0}, "momentum"),
         ({"weight_decay": -1e-4}, "weight_decay"),
         ({"zero_cutoff": 2.0}, "zero_cutoff"),
+        ({"decay_steps": 0}, "decay_steps"),
+        ({"decay_steps": 2.5}, "decay_steps"),
+        ({"decay_steps": True}, "decay_steps"),
+        ({"decay_steps": 10, "init_decay": 0.9}, "either init_decay or decay_steps"),
     ],
 )
 def test_bad_arguments_raise_and_leave_model_unchanged(kw, match):
@@ -406,3 +434,4 @@ def test_decay_helpers():
     assert decay_factor(1000, d) > 0 and decay_factor(1002, d) == 0.0
     with pytest.raises(ValueError, match="steps"):
         pk.decay_for_steps(0)
+    assert [linear_decay_factor(n, 4) for n in range(7)] == [1.0, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
