@@ -6,8 +6,8 @@ For each model, budget (fraction of the conv/linear weights kept) and seed, this
 * ``dropback``: DropBack, exact top-k, initial values kept (init_decay 1);
 * ``procrustes``: Procrustes as in the paper, init_decay 0.9 per step, quantile selection;
 * ``procrustes_rel``: Procrustes with a decay tied to the length of training: linear, untracked
-  weights reach exactly zero half way (``decay_steps=total_steps // 2``), the library's
-  recommendation for short runs;
+  weights reach exactly zero half way (``decay_steps`` = half the training steps,
+  ``--decay-frac``), the library's recommendation for short runs;
 * ``dropback_tile`` / ``procrustes_rel_tile``: the same with the GPU-shaped granularity: whole
   ``--tile`` tiles (output x input features / channels, whole kernels) tracked or regenerated, the
   unit the sparse compute kernels skip;
@@ -64,7 +64,13 @@ METHODS = (
     "static",
     "gmp",
 )
-SPARSE_METHODS = ("dropback", "procrustes", "procrustes_rel", "dropback_tile", "procrustes_rel_tile")
+SPARSE_METHODS = (
+    "dropback",
+    "procrustes",
+    "procrustes_rel",
+    "dropback_tile",
+    "procrustes_rel_tile",
+)
 # Sparse methods may carry a budget scope: "procrustes_rel@layer" keeps each layer's share.
 DEFAULT_METHODS = (
     "dense",
@@ -304,7 +310,7 @@ def run_one(
         decay = {
             "dropback": {"init_decay": 1.0},
             "procrustes": {"init_decay": 0.9},
-            "procrustes_rel": {"decay_steps": max(1, total_steps // 2)},
+            "procrustes_rel": {"decay_steps": max(1, round(total_steps * args.decay_frac))},
         }[base]
         selection = "topk" if base == "dropback" else "quantile"
         opt = pk.DropBack(
@@ -336,14 +342,25 @@ def run_one(
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     model.train()
+    diverged = False
     for _ in range(args.epochs):
         perm = torch.randperm(len(data.y_train), generator=gen)
         for i in range(0, len(perm), args.batch_size):
             idx = perm[i : i + args.batch_size]
             opt.zero_grad()
-            F.cross_entropy(model(data.x_train[idx]), data.y_train[idx]).backward()
-            opt.step()
+            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+            if not math.isfinite(float(loss)):
+                diverged = True
+                break
+            loss.backward()
+            try:
+                opt.step()
+            except FloatingPointError:
+                diverged = True
+                break
             sched.step()
+        if diverged:
+            break
     wall = time.perf_counter() - start
     model.eval()
     with torch.no_grad():
@@ -358,8 +375,14 @@ def run_one(
         stored = total_weights
     elif stored is None:
         stored = sum(m.nnz for m in model.modules() if isinstance(m, pk.SparseLayer))
+    if diverged:
+        print(
+            f"  {method}{'@' + scope if scope else ''} budget {budget:g} seed {seed}: diverged",
+            flush=True,
+        )
     return {
-        "acc": 100.0 * correct / len(data.y_test),
+        "acc": float("nan") if diverged else 100.0 * correct / len(data.y_test),
+        "diverged": diverged,
         "stored_weights": stored,
         "stored_bytes": stored_model_bytes(model),
         "diffusion": diffusion,
@@ -457,6 +480,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help=f"names from {METHODS}, sparse ones optionally @layer",
     )
     p.add_argument("--budgets", default=",".join(f"{b:g}" for b in BUDGETS))
+    p.add_argument(
+        "--decay-frac",
+        type=float,
+        default=0.5,
+        help="procrustes_rel: fraction of training after which untracked weights are zero",
+    )
     p.add_argument("--tile", default="16,16", help="rows,cols of a tile for the *_tile methods")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=20)
@@ -488,6 +517,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ):
             p.error(f"--methods: expected names from {METHODS}, got {m!r}")
     budgets = [float(b) for b in args.budgets.split(",")]
+    if not 0 < args.decay_frac <= 1:
+        p.error(f"--decay-frac: expected a fraction in (0, 1], got {args.decay_frac}")
     try:
         args.tile = tuple(int(v) for v in args.tile.split(","))
         assert len(args.tile) == 2 and min(args.tile) > 0
@@ -524,7 +555,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     rows = []
     for (model_name, method, budget), runs in by_config.items():
-        accs = [r["acc"] for r in runs]
+        # A diverged run (non-finite loss or gradient) counts in "diverged", not in the mean.
+        accs = [r["acc"] for r in runs if not r["diverged"]] or [float("nan")]
         row = {
             "dataset": data.name,
             "model": model_name,
@@ -536,6 +568,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "acc_mean": round(statistics.mean(accs), 2),
             "acc_std": round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0,
             "seeds": len(runs),
+            "diverged": sum(r["diverged"] for r in runs),
             "stored_weights": round(statistics.mean(r["stored_weights"] for r in runs)),
             "total_weights": runs[0]["total_weights"],
             "stored_bytes": round(statistics.mean(r["stored_bytes"] for r in runs)),
@@ -571,6 +604,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "compression",
         "acc_mean",
         "acc_std",
+        "diverged",
         "stored_weights",
         "stored_bytes",
         "diffusion",
