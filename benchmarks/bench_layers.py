@@ -29,8 +29,10 @@ schedule's makespan (longest program / mean program, in weight tiles), which nee
     python benchmarks/bench_layers.py --quick       # small shapes, two densities
     python benchmarks/bench_layers.py --densities 0.1,0.01 --dtypes bf16 --kinds linear
 
-Rows go to ``benchmarks/results/bench_layers_<device>.csv`` (``--out``) with the machine
-description; a plot of step time against density goes beside it.
+Rows are appended to ``benchmarks/results/bench_layers_<device>.csv`` (``--out``) with the machine
+description as each cell is measured (the load-balancing table first, in ``*_schedules.csv``), so
+an interrupted run keeps what it measured; a cell that fails records its error and the grid goes
+on. A plot of step time against density goes beside the CSV.
 """
 
 from __future__ import annotations
@@ -194,7 +196,9 @@ def measure(module, x, grad_out, opt, device, repeats) -> dict:
     return {"fwd_ms": t_fwd, "bwd_ms": max(0.0, t_fb - t_fwd), "step_ms": t_step, "peak_mb": peak}
 
 
-def run_layers(args, device, info) -> list[dict]:
+def run_layers(args, device, info, out: Path) -> list[dict]:
+    """Every cell of the grid; each row is appended to ``out`` as soon as it is measured, so an
+    interrupted run keeps what it did."""
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
     for case in cases(device, args.quick, args.kinds):
@@ -217,15 +221,13 @@ def run_layers(args, device, info) -> list[dict]:
                             set_density(layer, density, granularity, gen)
                             layer.compute = "dense" if provider == "materialise" else "sparse"
                         opt = optimizer_for(module, provider, density, granularity)
+                        error = ""
                         try:
                             m = measure(module, x, grad_out, opt, device, args.repeats)
-                        except torch.cuda.OutOfMemoryError:
-                            m = {
-                                "fwd_ms": float("nan"),
-                                "bwd_ms": float("nan"),
-                                "step_ms": float("nan"),
-                                "peak_mb": "oom",
-                            }
+                        except Exception as err:  # recorded in the row; the grid goes on
+                            error = f"{type(err).__name__}: {str(err)[:200]}"
+                            nan = float("nan")
+                            m = {"fwd_ms": nan, "bwd_ms": nan, "step_ms": nan, "peak_mb": ""}
                         if provider == "nn":
                             nn_time = m
                         row = {
@@ -244,13 +246,19 @@ def run_layers(args, device, info) -> list[dict]:
                             "x_nn_step": "",
                             "peak_mb": m["peak_mb"],
                             "bytes": layer_bytes(module),
+                            "error": error,
                         }
                         if nn_time is not None:
                             row["x_nn_fwd"] = round(m["fwd_ms"] / nn_time["fwd_ms"], 3)
                             row["x_nn_step"] = round(m["step_ms"] / nn_time["step_ms"], 3)
                         rows.append({**row, **info})
-                        if args.verbose:
-                            print_table([row], list(row)[:15])
+                        write_csv([rows[-1]], out)
+                        print(
+                            f"{row['case']:>26} {dname} {granularity:>7} {density:<5} "
+                            f"{provider:>11}: step {row['step_ms']} ms (x_nn {row['x_nn_step']}) "
+                            f"{error}",
+                            flush=True,
+                        )
                         del module, opt
                         gc.collect()
                     del layer
@@ -361,13 +369,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kinds", default="linear,conv")
     ap.add_argument("--densities", default=None, help="comma list (default 1,.5,.25,.1,.05,.01)")
     ap.add_argument("--granularities", default="element,tile")
-    ap.add_argument("--dtypes", default=None, help="fp32,bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--dtypes", default=None, help="bf16,fp32 on CUDA, fp32 on CPU")
     ap.add_argument("--providers", default=",".join(PROVIDERS))
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument(
         "--out", default=None, help="CSV path (default results/bench_layers_<device>.csv)"
     )
-    ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -376,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
         args.densities = "1,0.1" if args.quick else "1,0.5,0.25,0.1,0.05,0.01"
     args.densities = [float(d) for d in args.densities.split(",")]
     args.granularities = args.granularities.split(",")
-    args.dtypes = (args.dtypes or ("fp32,bf16" if gpu else "fp32")).split(",")
+    args.dtypes = (args.dtypes or ("bf16,fp32" if gpu else "fp32")).split(",")
     args.providers = args.providers.split(",")
     if "nn" not in args.providers:
         args.providers.insert(0, "nn")
@@ -396,7 +403,13 @@ def main(argv: list[str] | None = None) -> None:
 
     info = machine_info(device)
     out = Path(args.out) if args.out else RESULTS / f"bench_layers_{device.type}.csv"
-    rows = run_layers(args, device, info)
+    sched = run_schedules(args, device, info)
+    print("\nload balancing on a skewed mask:")
+    print_table(
+        sched, ["case", "dtype", "schedule", "programs", "makespan_ratio", "fwd_ms", "x_grid"]
+    )
+    write_csv(sched, out.with_name(out.stem + "_schedules.csv"))
+    rows = run_layers(args, device, info, out)
     cols = [
         "case",
         "dtype",
@@ -417,13 +430,6 @@ def main(argv: list[str] | None = None) -> None:
         f"\nlayers ({info['device']}, torch {info['torch']}, sparse backend {sparse_backend(device)}):"
     )
     print_table(rows, cols)
-    write_csv(rows, out)
-    sched = run_schedules(args, device, info)
-    print("\nload balancing on a skewed mask:")
-    print_table(
-        sched, ["case", "dtype", "schedule", "programs", "makespan_ratio", "fwd_ms", "x_grid"]
-    )
-    write_csv(sched, out.with_name(out.stem + "_schedules.csv"))
     plot(rows, out.with_suffix(".png"))
     print(f"rows appended to {out}")
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session's worth of checks, in under 5 minutes, on a CUDA machine with torch and triton
+# One GPU session's worth of checks, in under 10 minutes, on a CUDA machine with torch and triton
 # already installed (no internet, nothing installed here: the repo is put on PYTHONPATH):
 #   1. the CUDA-relevant tests, with PROCRUSTES_BACKEND unset so CUDA tensors take the Triton path;
 #   2. per-kernel timings of the Triton ops at 16M weights (both log-histogram variants);

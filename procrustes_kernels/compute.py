@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .ops.sparse import get_sparse_ops, sparse_backend
 from .ops.sparse_index import TileIndex, build_tile_index
@@ -36,6 +37,7 @@ __all__ = [
     "AUTO_MAX_TILE_DENSITY",
     "AUTO_MIN_WEIGHTS",
     "DEFAULT_COMPUTE_TILE",
+    "COMPUTE_TILE_SIZES",
     "check_compute",
     "check_compute_tile",
     "choose_path",
@@ -49,8 +51,10 @@ COMPUTE_MODES = ("auto", "dense", "sparse")
 AUTO_MAX_TILE_DENSITY = 0.3
 # ... for layers with at least this many weights (below it, launches dominate either path).
 AUTO_MIN_WEIGHTS = 1 << 16
-# Rows x columns of a weight tile of the sparse kernels (and of the tile index).
+# Rows x columns of a weight tile of the sparse kernels (and of the tile index). Larger tiles make
+# the kernels spill registers (checked by compiling for sm_90).
 DEFAULT_COMPUTE_TILE = (32, 32)
+COMPUTE_TILE_SIZES = (16, 32, 64)
 
 _SPARSE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -66,22 +70,32 @@ def check_compute_tile(value: Any, where: str) -> tuple[int, int]:
         isinstance(value, (tuple, list))
         and len(value) == 2
         and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        and all(v >= 16 and v & (v - 1) == 0 for v in value)
+        and all(v in COMPUTE_TILE_SIZES for v in value)
     )
     if not ok:
         raise ValueError(
-            f"{where}: expected compute_tile to be two powers of two >= 16 (rows, columns), "
-            f"got {value!r}"
+            f"{where}: expected compute_tile to be two sizes from {COMPUTE_TILE_SIZES} "
+            f"(rows, columns), got {value!r}"
         )
     return int(value[0]), int(value[1])
 
 
 def tile_index(layer: SparseLayer) -> TileIndex:
-    """The layer's :class:`TileIndex` for its ``compute_tile``, cached until the tracked set changes."""
+    """The layer's :class:`TileIndex` for its ``compute_tile``, cached until the tracked set changes.
+
+    The cache key is the bits tensor itself (the optimizer installs a new one every step), the
+    layer's own count of tracked-set changes and, outside inference mode, the bits' version counter
+    (in-place writes such as ``load_state_dict``). Bits made in inference mode have no version
+    counter; their index is rebuilt on every call.
+    """
     bits = layer.mask_bits
-    key = (bits._version, layer.compute_tile)
+    if bits.is_inference():
+        version = None
+    else:
+        version = bits._version
+    key = (layer._tracked_version, version, layer.compute_tile)
     cached = layer._tile_index_cache
-    if cached is not None and cached[0] is bits and cached[1] == key:
+    if version is not None and cached is not None and cached[0] is bits and cached[1] == key:
         return cached[2]
     rows, cols, ksize, groups = layer.matrix_geometry
     bn, bc = layer.compute_tile
@@ -130,11 +144,36 @@ def _no_autocast(t: Tensor) -> torch.autocast:
     return torch.autocast(t.device.type, enabled=False)
 
 
+class _WeightGrad(torch.autograd.Function):
+    """The weight's own autograd node: its output stands for the effective weight (a zero-stride
+    view, no memory) and its backward hands the dense weight gradient to the layer.
+
+    Keeping this separate from the compute nodes means the gradient reaches ``layer.dense_grad``
+    only when the engine actually needs the weight's gradient (not for ``autograd.grad(y, x)``),
+    exactly as on the materialise path.
+    """
+
+    @staticmethod
+    def forward(ctx, values, layer):  # type: ignore[override]
+        ctx.layer = layer
+        return values.new_zeros(()).expand(layer.weight_shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        ctx.layer._accumulate_dense_grad(grad.to(ctx.layer.values.dtype))
+        return None, None
+
+
+def _weight_handle(layer: SparseLayer) -> Tensor:
+    return _WeightGrad.apply(layer.values, layer)
+
+
 class _SparseLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2d, values, bias, layer, index, ops):  # type: ignore[override]
+    def forward(ctx, x2d, weight, bias, layer, index, ops):  # type: ignore[override]
         bits = layer.mask_bits
-        vals = values.detach()
+        vals = layer.values.detach()
         with _no_autocast(x2d):
             out = ops.sparse_linear(x2d, vals, bits, index, None if bias is None else bias.detach())
         ctx.save_for_backward(x2d, vals, bits)
@@ -142,25 +181,26 @@ class _SparseLinearFn(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):  # type: ignore[override]
         x2d, vals, bits = ctx.saved_tensors
         dy = dy.contiguous()
-        dx = dbias = None
+        dx = dw = dbias = None
         with _no_autocast(dy):
             if ctx.needs_input_grad[0]:
                 dx = ctx.ops.sparse_linear_t(dy, vals, bits, ctx.index)
             if ctx.needs_input_grad[1]:
-                ctx.layer._accumulate_dense_grad(dy.t().mm(x2d).to(ctx.layer.values.dtype))
+                dw = dy.t().mm(x2d)
             if ctx.needs_input_grad[2]:
                 dbias = dy.sum(0).to(ctx.layer.bias.dtype)
-        return dx, None, dbias, None, None, None
+        return dx, dw, dbias, None, None, None
 
 
 class _SparseConv2dFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, values, bias, layer, index, ops, padding):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, layer, index, ops, padding):  # type: ignore[override]
         bits = layer.mask_bits
-        vals = values.detach()
+        vals = layer.values.detach()
         geo = (layer.kernel_size, layer.stride, padding, layer.dilation)
         with _no_autocast(x):
             out = ops.sparse_conv2d(
@@ -171,12 +211,13 @@ class _SparseConv2dFn(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):  # type: ignore[override]
         x, vals, bits = ctx.saved_tensors
         layer = ctx.layer
         kernel_size, stride, padding, dilation = ctx.geo
         dy = dy.contiguous()
-        dx = dbias = None
+        dx = dw = dbias = None
         with _no_autocast(dy):
             if ctx.needs_input_grad[0]:
                 hw = tuple(x.shape[-2:])
@@ -184,13 +225,12 @@ class _SparseConv2dFn(torch.autograd.Function):
                     dy, vals, bits, ctx.index, hw, kernel_size, stride, padding, dilation
                 )
             if ctx.needs_input_grad[1]:
-                gw = torch.nn.grad.conv2d_weight(
+                dw = torch.nn.grad.conv2d_weight(
                     x, layer.weight_shape, dy, stride, padding, dilation, layer.groups
                 )
-                layer._accumulate_dense_grad(gw.to(layer.values.dtype))
             if ctx.needs_input_grad[2]:
                 dbias = dy.sum((0, 2, 3)).to(layer.bias.dtype)
-        return dx, None, dbias, None, None, None, None
+        return dx, dw, dbias, None, None, None, None
 
 
 def _cast_for_autocast(layer: SparseLayer, x: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -209,7 +249,7 @@ def sparse_linear_forward(layer: Any, x: Tensor) -> Tensor:
     lead = x.shape[:-1]
     x2d = x.reshape(-1, layer.in_features).contiguous()
     ops = get_sparse_ops(x.device)
-    out = _SparseLinearFn.apply(x2d, layer.values, bias, layer, tile_index(layer), ops)
+    out = _SparseLinearFn.apply(x2d, _weight_handle(layer), bias, layer, tile_index(layer), ops)
     return out.view(*lead, layer.out_features)
 
 
@@ -228,5 +268,6 @@ def sparse_conv2d_forward(layer: Any, x: Tensor) -> Tensor:
     else:
         padding = (pads[2], pads[0])
     ops = get_sparse_ops(x.device)
-    out = _SparseConv2dFn.apply(x, layer.values, bias, layer, tile_index(layer), ops, padding)
+    index = tile_index(layer)
+    out = _SparseConv2dFn.apply(x, _weight_handle(layer), bias, layer, index, ops, padding)
     return out.squeeze(0) if unbatched else out

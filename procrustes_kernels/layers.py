@@ -5,10 +5,11 @@ one bit per element, group pointers). Every other weight is ``init_scale * w0`` 
 regenerated from the layer seed (:mod:`procrustes_kernels.philox`) and ``init_scale`` is the decay
 factor the optimizer advances (1 for DropBack; it reaches exactly 0 under Procrustes).
 
-The forward pass materialises the effective weight and calls ``F.linear`` / ``F.conv2d``. Its
-backward produces the dense gradient of the effective weight, which the layer keeps in
-``dense_grad`` until the optimizer's next ``step()`` consumes it (the scores of *untracked* weights
-need it). The ``values`` parameter itself gets no ``.grad``: clip or all-reduce ``dense_grad``.
+The forward pass materialises the effective weight and calls ``F.linear`` / ``F.conv2d``, or, once
+untracked weights are zeros, runs the sparse kernels on the compressed weight (``compute``, see
+:mod:`procrustes_kernels.compute`). Either way the backward produces the dense gradient of the
+effective weight, which the layer keeps in ``dense_grad`` until the optimizer's next ``step()``
+consumes it (the scores of *untracked* weights need it). The ``values`` parameter itself gets no ``.grad``: clip or all-reduce ``dense_grad``.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ class SparseLayer(nn.Module):
         self.compute = check_compute(compute, f"{name}()")
         self.compute_tile = check_compute_tile(compute_tile, f"{name}()")
         self._tile_index_cache = None
+        self._tracked_version = 0  # bumped whenever the tracked set is replaced
         self.last_path: str | None = None
         if dtype is None:
             dtype = torch.get_default_dtype()
@@ -139,17 +141,12 @@ class SparseLayer(nn.Module):
 
     @property
     def compute_tile(self) -> tuple[int, int]:
-        """``(rows, columns)`` of the sparse kernels' weight tile (powers of two >= 16)."""
+        """``(rows, columns)`` of the sparse kernels' weight tile (each 16, 32 or 64)."""
         return self._compute_tile
 
     @compute_tile.setter
     def compute_tile(self, value: tuple[int, int]) -> None:
         self._compute_tile = check_compute_tile(value, f"{type(self).__name__}.compute_tile")
-
-    def _path(self, input: torch.Tensor) -> str:
-        path = choose_path(self, input)
-        self.last_path = path
-        return path
 
     # -- tracked set ---------------------------------------------------------------------------
     @property
@@ -196,6 +193,7 @@ class SparseLayer(nn.Module):
         self.values.data = storage.values.to(self.values.dtype)
         self.mask_bits = storage.bits
         self.group_ptr = storage.group_ptr
+        self._tracked_version += 1
 
     @property
     def seed_value(self) -> int:
@@ -283,6 +281,7 @@ class SparseLayer(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         self.dense_grad = None
+        self._tracked_version += 1
 
     def _sparse_repr(self) -> str:
         return (
@@ -345,9 +344,13 @@ class SparseLinear(SparseLayer):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input(input, -1, self.in_features, tuple(range(1, 9)))
-        if self._path(input) == "sparse":
-            return sparse_linear_forward(self, input)
-        return F.linear(input, self._weight(), self.bias)
+        path = choose_path(self, input)
+        if path == "sparse":
+            out = sparse_linear_forward(self, input)
+        else:
+            out = F.linear(input, self._weight(), self.bias)
+        self.last_path = path
+        return out
 
     def to_dense(self) -> nn.Linear:
         """The equivalent :class:`torch.nn.Linear` holding the current effective weight."""
@@ -486,15 +489,26 @@ class SparseConv2d(SparseLayer):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input(input, -3, self.in_channels, (3, 4))
-        if self._path(input) == "sparse":
-            return sparse_conv2d_forward(self, input)
-        weight = self._weight()
-        if self.padding_mode != "zeros":
+        path = choose_path(self, input)
+        if path == "sparse":
+            out = sparse_conv2d_forward(self, input)
+        elif self.padding_mode != "zeros":
             padded = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return F.conv2d(padded, weight, self.bias, self.stride, 0, self.dilation, self.groups)
-        return F.conv2d(
-            input, weight, self.bias, self.stride, self.padding, self.dilation, self.groups
-        )
+            out = F.conv2d(
+                padded, self._weight(), self.bias, self.stride, 0, self.dilation, self.groups
+            )
+        else:
+            out = F.conv2d(
+                input,
+                self._weight(),
+                self.bias,
+                self.stride,
+                self.padding,
+                self.dilation,
+                self.groups,
+            )
+        self.last_path = path
+        return out
 
     def to_dense(self) -> nn.Conv2d:
         """The equivalent :class:`torch.nn.Conv2d` holding the current effective weight."""

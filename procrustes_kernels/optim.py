@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from .compute import COMPUTE_TILE_SIZES
 from .layers import SparseLayer
 from .ops import Compacted, Segment, StepParams, get_ops, reference
 from .selection import PaperQuantileSelector, QuantileSelector
@@ -156,7 +157,7 @@ class DropBack(Optimizer):
             whole kernel (all ``kh * kw`` positions); cut per group, the last tiles of a layer are
             partial where the sizes do not divide (the tiles of ``ops.sparse_index.tile_mask``
             with ``block_n, block_c = tile``). Positive ints; ignored with
-            ``granularity="element"``. When both are powers of two >= 16, the layers'
+            ``granularity="element"``. When both are kernel tile sizes (16, 32 or 64), the layers'
             ``compute_tile`` is set to ``tile``, so the sparse kernels skip exactly the dropped tiles.
 
     The dense gradient of each sparse layer's effective weight is kept in ``layer.dense_grad``
@@ -259,7 +260,7 @@ class DropBack(Optimizer):
             if granularity == "tile"
             else None
         )
-        if granularity == "tile" and all(v >= 16 and v & (v - 1) == 0 for v in tile):
+        if granularity == "tile" and all(v in COMPUTE_TILE_SIZES for v in tile):
             # The sparse compute kernels then skip exactly the tiles the selection dropped.
             for layer in self.layers:
                 layer.compute_tile = tile
@@ -514,7 +515,9 @@ class DropBack(Optimizer):
         extra = state_dict["dropback"]
         # Checkpoints from before the tile granularity were element-granular.
         saved = {**extra, "granularity": extra.get("granularity", "element")}
-        keys = ["selection", "scope", "granularity"]
+        # ... and decayed exponentially (no decay_steps).
+        saved["decay_steps"] = extra.get("decay_steps")
+        keys = ["selection", "scope", "granularity", "init_decay", "decay_steps"]
         if self.granularity == "tile" and saved["granularity"] == "tile":
             saved["tile"] = tuple(extra.get("tile", ()))
             keys.append("tile")

@@ -9,11 +9,28 @@ from procrustes_kernels import compute
 from procrustes_kernels.ops import use_backend
 from procrustes_kernels.storage import BlockStorage
 
+# Where the Triton kernels run: the GPU when there is one, else the interpreter on CPU tensors.
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# cuBLAS / cuDNN may use other summation orders (and TF32 for convolutions) than the kernels.
+TOL = 1e-5 if DEV.type == "cpu" else 2e-3
 
-def _zero_untracked(layer, density, generator=None):
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """On a GPU, compare float32 paths without TF32 (cuBLAS / cuDNN and the kernels alike)."""
+    if DEV.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _zero_untracked(layer, density):
     """Track a random ``density`` of the layer's weights and make the rest exact zeros."""
     w = layer.effective_weight()
-    mask = torch.rand(w.shape, generator=generator) < density
+    mask = torch.rand(w.shape).to(w.device) < density
     layer.set_tracked(BlockStorage.from_mask(w, mask, layer.block_size))
     layer.init_scale.fill_(0.0)
     return layer
@@ -26,7 +43,7 @@ def _run(layer, x, mode):
         layer.bias.grad = None
     xx = x.clone().requires_grad_()
     y = layer(xx)
-    (y.float() * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+    (y.float() * torch.linspace(-1, 1, y.numel(), device=y.device).view(y.shape)).sum().backward()
     bias_grad = None if layer.bias is None else layer.bias.grad.clone()
     return y.detach(), xx.grad, layer.dense_grad.clone(), bias_grad, layer.last_path
 
@@ -52,8 +69,8 @@ LAYERS = [
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("name,make,shape", LAYERS, ids=[entry[0] for entry in LAYERS])
 def test_sparse_path_matches_dense(backend, name, make, shape):
-    layer = _zero_untracked(make(), 0.3)
-    x = torch.randn(shape)
+    layer = _zero_untracked(make().to(DEV), 0.3)
+    x = torch.randn(shape).to(DEV)
     dense = _run(layer, x, "dense")
     with use_backend(backend):
         sparse = _run(layer, x, "sparse")
@@ -62,18 +79,122 @@ def test_sparse_path_matches_dense(backend, name, make, shape):
         if b is None:
             assert a is None
         else:
-            assert_close_verbose(a, b, rtol=1e-5, atol=1e-5)
+            assert_close_verbose(a, b, rtol=TOL, atol=TOL)
 
 
-@pytest.mark.parametrize("density", [0.0, 1.0])
-def test_sparse_path_extremes(density):
-    layer = _zero_untracked(pk.SparseLinear(20, 18, seed=7), density)
-    x = torch.randn(4, 20)
+PADDED = [
+    ("zeros-asymmetric-same", dict(padding="same"), (2, 4, 7, 6)),
+    ("circular", dict(padding=(1, 2), padding_mode="circular"), (2, 4, 7, 6)),
+    ("replicate-same", dict(padding="same", padding_mode="replicate"), (4, 7, 6)),
+    ("valid", dict(padding="valid", stride=(2, 1)), (2, 4, 7, 6)),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@pytest.mark.parametrize("name,kw,shape", PADDED, ids=[entry[0] for entry in PADDED])
+def test_sparse_conv_padding_modes(name, kw, shape):
+    """Asymmetric zero padding and the other padding modes go through F.pad, then the kernel."""
+    layer = _zero_untracked(pk.SparseConv2d(4, 6, (2, 4), seed=11, **kw).to(DEV), 0.4)
+    x = torch.randn(shape).to(DEV)
     dense = _run(layer, x, "dense")
     with use_backend("triton"):
         sparse = _run(layer, x, "sparse")
     for a, b in zip(sparse[:4], dense[:4]):
-        assert_close_verbose(a, b, rtol=1e-5, atol=1e-5)
+        assert_close_verbose(a, b, rtol=TOL, atol=TOL)
+
+
+def test_channels_last_input():
+    layer = _zero_untracked(pk.SparseConv2d(5, 7, 3, padding=1, seed=12).to(DEV), 0.3)
+    x = torch.randn(2, 5, 6, 6).to(DEV).contiguous(memory_format=torch.channels_last)
+    dense = _run(layer, x, "dense")
+    with use_backend("triton"):
+        sparse = _run(layer, x, "sparse")
+    for a, b in zip(sparse[:4], dense[:4]):
+        assert_close_verbose(a, b, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("density", [0.0, 1.0])
+def test_sparse_path_extremes(density):
+    layer = _zero_untracked(pk.SparseLinear(20, 18, seed=7).to(DEV), density)
+    x = torch.randn(4, 20).to(DEV)
+    dense = _run(layer, x, "dense")
+    with use_backend("triton"):
+        sparse = _run(layer, x, "sparse")
+    for a, b in zip(sparse[:4], dense[:4]):
+        assert_close_verbose(a, b, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_input_gradient_alone_leaves_dense_grad_alone(backend, kind):
+    """``autograd.grad(y, x)`` must not feed the optimizer a weight gradient (as on the
+    materialise path); ``backward()`` afterwards still does."""
+    if kind == "linear":
+        layer, x = pk.SparseLinear(30, 20, seed=13), torch.randn(4, 30)
+    else:
+        layer, x = pk.SparseConv2d(3, 4, 3, seed=13), torch.randn(2, 3, 6, 6)
+    layer = _zero_untracked(layer.to(DEV), 0.3)
+    x = x.to(DEV).requires_grad_()
+    for mode in ("dense", "sparse"):
+        layer.compute = mode
+        layer.dense_grad = None
+        with use_backend(backend):
+            (gx,) = torch.autograd.grad(layer(x).square().sum(), x)
+            assert layer.dense_grad is None, mode
+            layer(x).square().sum().backward(inputs=[x])
+            assert layer.dense_grad is None, mode
+            layer(x).square().sum().backward()
+        assert layer.dense_grad is not None and gx.shape == x.shape
+
+
+def test_frozen_weights_and_no_bias_on_sparse_path():
+    layer = _zero_untracked(pk.SparseLinear(16, 8, bias=False, seed=14).to(DEV), 0.5)
+    layer.values.requires_grad_(False)
+    x = torch.randn(3, 16).to(DEV).requires_grad_()
+    with use_backend("triton"):
+        layer.compute = "sparse"
+        layer(x).sum().backward()
+    assert layer.dense_grad is None and x.grad is not None
+
+
+def test_second_order_gradient_is_refused():
+    """The sparse kernels' backward is not differentiable: say so instead of a silent zero."""
+    layer = _zero_untracked(pk.SparseLinear(12, 6, seed=15).to(DEV), 0.5)
+    layer.compute = "sparse"
+    x = torch.randn(3, 12).to(DEV).requires_grad_()
+    with use_backend("triton"):
+        (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="twice"):
+            gx.square().sum().backward()
+
+
+def test_autocast_bf16_on_sparse_path():
+    layer = _zero_untracked(pk.SparseLinear(32, 16, seed=16).to(DEV), 0.3)
+    x = torch.randn(5, 32).to(DEV)
+    outs = []
+    for mode in ("dense", "sparse"):
+        layer.compute = mode
+        layer.dense_grad = None
+        with use_backend("triton"), torch.autocast(DEV.type, dtype=torch.bfloat16):
+            y = layer(x)
+            y.float().sum().backward()
+        outs.append((y.float(), layer.dense_grad.float()))
+        assert y.dtype == torch.bfloat16 and layer.dense_grad.dtype == torch.float32
+    for a, b in zip(*outs):
+        assert_close_verbose(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_inference_mode_layers_use_the_sparse_path():
+    with torch.inference_mode():
+        layer = _zero_untracked(pk.SparseLinear(24, 12, seed=17, compute="sparse").to(DEV), 0.3)
+        x = torch.randn(4, 24).to(DEV)
+        with use_backend("triton"):
+            y = layer(x)
+            y_again = layer(x)
+        want = torch.nn.functional.linear(x, layer.effective_weight(), layer.bias)
+    assert layer.last_path == "sparse"
+    assert_close_verbose(y, want, rtol=TOL, atol=TOL)
+    assert torch.equal(y, y_again)
 
 
 def test_bf16_sparse_path():
@@ -103,6 +224,8 @@ def test_bad_compute_arguments():
         pk.SparseLinear(4, 4, compute="fast")
     with pytest.raises(ValueError, match="compute_tile"):
         pk.SparseConv2d(4, 4, 3, compute_tile=(16, 24))
+    with pytest.raises(ValueError, match="compute_tile"):
+        pk.SparseLinear(4, 4, compute_tile=(128, 32))
     layer = pk.SparseLinear(4, 4)
     with pytest.raises(ValueError, match="expected compute in"):
         layer.compute = "gpu"
@@ -116,11 +239,14 @@ def test_bad_compute_arguments():
 
 
 def test_auto_choice(monkeypatch):
-    layer = _zero_untracked(pk.SparseLinear(300, 260, seed=9), 0.0)
-    x = torch.randn(3, 300)
+    cpu_layer = _zero_untracked(pk.SparseLinear(300, 260, seed=9), 0.0)
     # The CPU backends have no fast sparse compute: auto materialises.
-    layer(x)
-    assert layer.last_path == "dense"
+    for backend in ("cpp", "reference"):
+        with use_backend(backend):
+            cpu_layer(torch.randn(3, 300))
+        assert cpu_layer.last_path == "dense"
+    layer = _zero_untracked(pk.SparseLinear(300, 260, seed=9).to(DEV), 0.0)
+    x = torch.randn(3, 300).to(DEV)
     with use_backend("triton"):
         layer(x)  # 78k weights, no tile holds a tracked weight
         assert layer.last_path == "sparse"
@@ -133,12 +259,29 @@ def test_auto_choice(monkeypatch):
         layer(x)
         assert layer.last_path == "dense"
         # Small layers stay on the materialise path.
-        small = _zero_untracked(pk.SparseLinear(20, 20, seed=1), 0.0)
-        small(torch.randn(2, 20))
+        small = _zero_untracked(pk.SparseLinear(20, 20, seed=1).to(DEV), 0.0)
+        small(torch.randn(2, 20).to(DEV))
         assert small.last_path == "dense"
         monkeypatch.setattr(compute, "AUTO_MIN_WEIGHTS", 1)
-        small(torch.randn(2, 20))
+        small(torch.randn(2, 20).to(DEV))
         assert small.last_path == "sparse"
+
+
+def test_failed_forward_does_not_record_a_path(monkeypatch):
+    import procrustes_kernels.layers as layers
+
+    layer = _zero_untracked(pk.SparseLinear(8, 4, seed=2), 0.5)
+    layer(torch.randn(2, 8))
+    assert layer.last_path == "dense"
+
+    def broken(*args):
+        raise RuntimeError("kernel failed")
+
+    monkeypatch.setattr(layers, "sparse_linear_forward", broken)
+    layer.compute = "sparse"
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        layer(torch.randn(2, 8))
+    assert layer.last_path == "dense"
 
 
 def test_tile_index_cache_follows_tracked_set():
@@ -149,10 +292,17 @@ def test_tile_index_cache_follows_tracked_set():
     _zero_untracked(layer, 0.6)  # set_tracked: new bits
     second = compute.tile_index(layer)
     assert second is not first and second.nnz == layer.nnz
-    state = {k: v.clone() for k, v in layer.state_dict().items()}
-    _zero_untracked(layer, 0.1)
-    layer.load_state_dict(state)  # copies into the buffers in place
-    assert compute.tile_index(layer).nnz == layer.nnz
+    # In-place change of the very same bits tensor (same nnz, other positions): rebuilt.
+    bits = layer.mask_bits
+    other = _zero_untracked(pk.SparseLinear(50, 40, seed=11), 0.0)
+    mask = layer.storage.mask().flip(0)
+    other.set_tracked(BlockStorage.from_mask(other.effective_weight(), mask.view(40, 50), 16))
+    layer.load_state_dict(other.state_dict())  # copies into the buffers in place
+    assert layer.mask_bits is bits
+    third = compute.tile_index(layer)
+    assert third is not second
+    assert torch.equal(third.tile_nnz, compute.tile_index(other).tile_nnz)
+    assert not torch.equal(third.tile_nnz, second.tile_nnz)
     layer.compute_tile = (16, 64)
     assert compute.tile_index(layer).block_n == 16
 
@@ -171,8 +321,9 @@ def test_procrustes_training_on_sparse_path_tracks_dense_path():
             ),
             seed=3,
         )
+        model = model.to(DEV)
         opt = pk.Procrustes(model, lr=0.05, budget=0.2, init_decay=0.5, selection="topk")
-        x, y = torch.randn(16, 1, 6, 6), torch.randint(0, 10, (16,))
+        x, y = torch.randn(16, 1, 6, 6).to(DEV), torch.randint(0, 10, (16,)).to(DEV)
         paths = []
         for _ in range(40):
             pk.set_compute(model, mode if float(model[0].init_scale) == 0 else "dense")
@@ -195,17 +346,17 @@ def test_tile_granularity_makes_empty_kernel_tiles(monkeypatch):
     decay every dropped tile is skipped and auto takes the sparse kernels."""
     monkeypatch.setattr(compute, "AUTO_MIN_WEIGHTS", 1)
 
-    def run(backend):
+    def run(backend, device):
         torch.manual_seed(0)
         model = pk.sparsify(
             torch.nn.Sequential(torch.nn.Linear(96, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)),
             seed=5,
-        )
+        ).to(device)
         opt = pk.Procrustes(
             model, lr=0.05, budget=0.25, init_decay=0.3, granularity="tile", tile=(16, 16)
         )
         assert all(m.compute_tile == (16, 16) for m in (model[0], model[2]))
-        x, y = torch.randn(24, 96), torch.randint(0, 10, (24,))
+        x, y = torch.randn(24, 96).to(device), torch.randint(0, 10, (24,)).to(device)
         paths = []
         with use_backend(backend):
             for _ in range(20):
@@ -218,21 +369,52 @@ def test_tile_granularity_makes_empty_kernel_tiles(monkeypatch):
         assert int(index.tile_nnz[selected].min()) == 16 * 16  # whole tiles only
         return model, paths, index
 
-    dense_model, dense_paths, _ = run("cpp")
-    sparse_model, sparse_paths, index = run("triton")
+    dense_model, dense_paths, _ = run("cpp", "cpu")
+    sparse_model, sparse_paths, index = run("triton", DEV)
     assert set(dense_paths) == {"dense"}
     assert sparse_paths[0] == "dense" and sparse_paths[-1] == "sparse"
     assert index.tile_density <= 0.3
     for a, b in zip(sparse_model, dense_model):
         if isinstance(a, pk.SparseLayer):
-            assert_close_verbose(a.effective_weight(), b.effective_weight(), rtol=1e-3, atol=1e-4)
+            got = a.effective_weight().cpu()
+            assert_close_verbose(got, b.effective_weight(), rtol=1e-3, atol=1e-4)
 
 
 def test_sparse_ops_dispatch():
     from procrustes_kernels.ops.sparse import SPARSE_FUNCTIONS, get_sparse_ops, sparse_backend
 
-    for forced, expected in (("reference", "reference"), ("cpp", "reference"), ("triton", "triton")):
+    for forced, expected in (
+        ("reference", "reference"),
+        ("cpp", "reference"),
+        ("triton", "triton"),
+    ):
         with use_backend(forced):
             ops = get_sparse_ops("cpu")
             assert sparse_backend("cpu") == ops.name == expected
             assert all(callable(getattr(ops, f)) for f in SPARSE_FUNCTIONS)
+
+
+def test_tf32_setting_read_through_either_api():
+    """The kernels follow PyTorch's TF32 settings, new API or legacy flags; reading them never
+    raises (in a subprocess: the new API, once used, changes process-wide state)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from procrustes_kernels.ops.triton_sparse_common import allows_tf32\n"
+        "assert allows_tf32('matmul') == torch.backends.cuda.matmul.allow_tf32\n"
+        "torch.backends.cuda.matmul.allow_tf32 = True\n"
+        "assert allows_tf32('matmul')\n"
+        "torch.backends.fp32_precision = 'tf32'\n"
+        "assert allows_tf32('matmul')\n"
+        "torch.backends.cuda.matmul.fp32_precision = 'ieee'\n"
+        "assert not allows_tf32('matmul')\n"
+        "torch.backends.cudnn.conv.fp32_precision = 'ieee'\n"
+        "assert not allows_tf32('conv')\n"
+        "torch.backends.cudnn.conv.fp32_precision = 'tf32'\n"
+        "assert allows_tf32('conv')\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -435,3 +435,23 @@ def test_decay_helpers():
     with pytest.raises(ValueError, match="steps"):
         pk.decay_for_steps(0)
     assert [linear_decay_factor(n, 4) for n in range(7)] == [1.0, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+
+
+def test_load_state_dict_rejects_another_decay_schedule():
+    model = make("mlp")
+    opt = pk.Procrustes(model, lr=0.1, budget=0.1, selection="topk", decay_steps=10)
+    train(model, opt, batches("mlp", 2), 2)
+    saved = opt.state_dict()
+    for kw, key in (({"init_decay": 0.9}, "init_decay"), ({"decay_steps": 20}, "decay_steps")):
+        other = pk.Procrustes(model, lr=0.1, budget=0.1, selection="topk", **kw)
+        with pytest.raises(ValueError, match=key):
+            other.load_state_dict(saved)
+        assert other.step_count == 0
+    paper = pk.Procrustes(model, lr=0.1, budget=0.1, selection="topk").state_dict()
+    with pytest.raises(ValueError, match="init_decay"):
+        pk.Procrustes(model, lr=0.1, budget=0.1, selection="topk", init_decay=0.95).load_state_dict(
+            paper
+        )
+    same = pk.Procrustes(model, lr=0.1, budget=0.1, selection="topk", decay_steps=10)
+    same.load_state_dict(saved)
+    assert same.step_count == 2 and same.decay_at(3) == pytest.approx(0.8)

@@ -519,9 +519,9 @@ def test_tile_granularity_ignores_selection():
 # ------------------------------------------------------------------------------------ backends
 
 
-def backend_run(kind, backend, scope, steps=3):
-    model = make(kind)
-    data = batches(kind, steps, seed=7)
+def backend_run(kind, backend, scope, device="cpu", steps=3):
+    model = make(kind).to(device)
+    data = [(x.to(device), y.to(device)) for x, y in batches(kind, steps, seed=7)]
     opt = pk.DropBack(
         model,
         lr=0.1,
@@ -540,7 +540,7 @@ def backend_run(kind, backend, scope, steps=3):
             data,
             steps,
             on_step=lambda n: history.append(
-                [(layer.mask_bits.clone(), layer.values.detach().clone()) for layer in opt.layers]
+                [(layer.mask_bits.cpu(), layer.values.detach().cpu()) for layer in opt.layers]
             ),
         )
     return history
@@ -550,11 +550,13 @@ def backend_run(kind, backend, scope, steps=3):
 def test_backends_choose_the_same_tiles(kind, scope):
     available = ops.available_backends()
     assert available["reference"] and available["triton"], available
-    want = backend_run(kind, "reference", scope)
-    for backend in ("cpp", "triton"):
+    # Each backend against the reference on its own device (Triton on the GPU when there is one).
+    triton_device = "cuda" if torch.cuda.is_available() else "cpu"
+    for backend, device in (("cpp", "cpu"), ("triton", triton_device)):
         if not available[backend]:
             pytest.fail(f"backend {backend} is not available: {ops.backend_error(backend)}")
-        got = backend_run(kind, backend, scope)
+        want = backend_run(kind, "reference", scope, device)
+        got = backend_run(kind, backend, scope, device)
         for step, (g, w) in enumerate(zip(got, want)):
             for i, ((bg, vg), (bw, vw)) in enumerate(zip(g, w)):
                 assert torch.equal(bg, bw), f"{backend}, step {step + 1}, layer {i}: tiles differ"

@@ -418,6 +418,9 @@ def test_kernels_compile_for_sm90(tmp_path):
                                                    HAS_BIAS=False)), 4, 3),
             (*bwd("*fp32", "*fp32", flags("ieee", False, 5, 3, bm=64)), 8, 2),
             (*bwd("*fp16", "*bf16", flags("ieee", True, 3, 3, 128, 32, 64)), 4, 3),
+            # The layers' default compute tile (32 x 32) and the benchmark's conv tile (16 x 16).
+            (*fwd("*bf16", "*bf16", "*bf16", flags("ieee", False, bn=32, bc=32, HAS_BIAS=True)), 8, 2),
+            (*bwd("*bf16", "*bf16", flags("ieee", False, bm=64, bn=16, bc=16)), 8, 2),
         ]
         for fn, sig, consts, warps, stages in jobs:
             src = ASTSource(fn, {**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
@@ -433,4 +436,4 @@ def test_kernels_compile_for_sm90(tmp_path):
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("compiled") == 4
+    assert out.stdout.count("compiled") == 6

@@ -328,6 +328,27 @@ def test_schedule_cache_reuses_and_never_goes_stale(poison):
     assert len(tsl._SCHEDULES) <= tsl._SCHEDULE_CACHE_SIZE
 
 
+def test_schedule_cache_evicts_least_recently_used(monkeypatch):
+    """Many layers cycling through the cache: the entries in use survive, the stale ones go."""
+    monkeypatch.setattr(tsl, "_SCHEDULE_CACHE_SIZE", 4)
+    tsl.clear_schedule_cache()
+    bits = pack_bits(torch.rand(33 * 45) < 0.3)
+    hot = build_tile_index(bits, 33, 45, 1, 1, 16, 16)
+    first = tsl._schedule(hot, False, 1, 2, True)
+    cold = []
+    for _ in range(10):
+        cold.append(build_tile_index(bits, 33, 45, 1, 1, 16, 16))
+        tsl._schedule(cold[-1], False, 1, 2, True)
+        assert tsl._schedule(hot, False, 1, 2, True) is first  # touched every time: kept
+        assert len(tsl._SCHEDULES) <= 4
+    assert (
+        tsl._schedule(cold[-1], False, 1, 2, True)
+        is tsl._SCHEDULES[(id(cold[-1]), False, 1, 2, True)][1]
+    )
+    assert (id(cold[0]), False, 1, 2, True) not in tsl._SCHEDULES
+    tsl.clear_schedule_cache()
+
+
 # ------------------------------------------------------------------------------------ arguments
 
 
@@ -433,6 +454,10 @@ def test_kernels_compile_for_sm90(tmp_path):
             # The interpreter's loop form compiles too (T._WHILE_LOOPS is a module constant).
             (T._linear_kernel, fwd("*fp16", "*fp16"),
              {"HAS_BIAS": True, **flags(True, "ieee", False, 64, 32, 32, True)}, 4),
+            # The layers' default compute tile (32 x 32) at the GPU's BLOCK_M, bfloat16.
+            (T._linear_kernel, fwd("*bf16", "*bf16"),
+             {"HAS_BIAS": True, **flags(True, "ieee", False, 128, 32, 32)}, 4),
+            (T._linear_t_kernel, bwd("*bf16", "*bf16"), flags(True, "ieee", False, 128, 32, 32), 4),
         ]
         for fn, sig, consts, warps in jobs:
             src = ASTSource(fn, {**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
@@ -449,7 +474,7 @@ def test_kernels_compile_for_sm90(tmp_path):
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("compiled") == 5
+    assert out.stdout.count("compiled") == 7
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on the GPU)")

@@ -142,7 +142,7 @@ def build_tile_index(
     cols: int,
     ksize: int = 1,
     groups: int = 1,
-    block_n: int = 64,
+    block_n: int = 32,
     block_c: int = 32,
 ) -> TileIndex:
     """The :class:`TileIndex` of a weight ``[rows, cols * ksize]`` whose tracked bits are ``bits``.
@@ -207,8 +207,8 @@ def tile_mask(
     cols: int,
     ksize: int = 1,
     groups: int = 1,
-    block_n: int = 16,
-    block_c: int = 16,
+    block_n: int = 32,
+    block_c: int = 32,
 ) -> Tensor:
     """Expand a boolean tile mask ``[groups * tiles_n, tiles_c]`` to the flat element mask."""
     fn = "tile_mask()"

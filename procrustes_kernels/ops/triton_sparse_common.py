@@ -15,10 +15,45 @@ transposes the loaded tile.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-__all__ = ["tile_start", "tile_at", "tile_bits"]
+__all__ = ["tile_start", "tile_at", "tile_bits", "allows_tf32"]
+
+
+def allows_tf32(kind: str) -> bool:
+    """Whether PyTorch's settings let float32 products of ``kind`` (``"matmul"`` or ``"conv"``)
+    run in TF32, as cuBLAS / cuDNN would for the dense layer.
+
+    Reads the ``fp32_precision`` settings where this PyTorch has them (reading the legacy
+    ``allow_tf32`` flags raises once the new ones are in use), the legacy flags otherwise.
+    """
+    if kind == "matmul":
+        new, legacy = (
+            lambda: torch.backends.cuda.matmul.fp32_precision,
+            lambda: torch.backends.cuda.matmul.allow_tf32,
+        )
+    else:
+        new, legacy = (
+            lambda: torch.backends.cudnn.conv.fp32_precision,
+            lambda: torch.backends.cudnn.allow_tf32,
+        )
+    try:
+        precision = new()
+    except AttributeError:
+        precision = "none"
+    if precision == "none":  # not set for this op: the global setting, then the legacy flag
+        try:
+            precision = torch.backends.fp32_precision
+        except AttributeError:
+            precision = "none"
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    try:
+        return bool(legacy())
+    except RuntimeError:
+        return False
 
 
 @triton.jit

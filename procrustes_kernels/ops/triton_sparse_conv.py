@@ -55,8 +55,8 @@ the bias).
 Launch parameters: ``block_m`` (power of two >= 16), ``num_warps``, ``num_stages``; the tile's
 ``BLOCK_N`` / ``BLOCK_C`` are the index's ``block_n`` / ``block_c`` (powers of two >= 16, the
 smallest ``tl.dot`` shape). GPU defaults: 8 warps and 2 stages, ``BLOCK_M = 128`` forward and 64
-backward. With the index's default 64 x 32 tiles, ptxas (sm_90; kernels 3x3 and 1x1, float32 and
-bfloat16) allocates these without register spills under both triton 3.6 (<= 206 registers) and
+backward. With 64 x 32 tiles (the layers default to 32 x 32), ptxas (sm_90; kernels 3x3 and 1x1,
+float32 and bfloat16) allocates these without register spills under both triton 3.6 (<= 206 registers) and
 3.9 (<= 255); under 3.9, 4 warps spill, as do the backward pass at ``BLOCK_M = 128`` and tiles of
 64 x 64 or larger (the decode's int64 value indices and the gathers' per-element addresses live in
 registers beside the accumulator). Not yet timed on a GPU. Under the interpreter, whose cost is
@@ -73,7 +73,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .sparse_index import TileIndex
-from .triton_sparse_common import tile_at, tile_start
+from .triton_sparse_common import allows_tf32, tile_at, tile_start
 
 __all__ = ["sparse_conv2d", "sparse_conv2d_t"]
 
@@ -560,7 +560,7 @@ def _span(t: Tensor) -> int:
 
 def _precision(dtype: torch.dtype, device: torch.device) -> str:
     if dtype == torch.float32 and device.type == "cuda" and not _INTERPRETED:
-        return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+        return "tf32" if allows_tf32("conv") else "ieee"
     return "ieee"
 
 

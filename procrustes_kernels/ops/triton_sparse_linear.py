@@ -38,7 +38,7 @@ Schedules (``schedule=``):
   programs, balanced)``, so that a training step (one index per optimizer step, many forward and
   backward calls) builds each one once. An entry holds a weak reference to its index and is used
   only while that reference still points at the very same index (an id can be reused once an index
-  is freed); the dict is cleared when it would exceed :data:`_SCHEDULE_CACHE_SIZE` entries.
+  is freed); beyond :data:`_SCHEDULE_CACHE_SIZE` entries the least recently used one goes.
   :func:`clear_schedule_cache` empties it.
 
 Arithmetic contract (that of :mod:`.sparse_reference`): each weight is rounded to the input's
@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import functools
 import weakref
+from collections import OrderedDict
 
 import torch
 import triton
@@ -75,7 +76,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .sparse_index import Schedule, TileIndex, build_schedule
-from .triton_sparse_common import tile_at, tile_start
+from .triton_sparse_common import allows_tf32, tile_at, tile_start
 
 __all__ = ["sparse_linear", "sparse_linear_t", "clear_schedule_cache"]
 
@@ -94,8 +95,8 @@ _GPU_PROGRAMS_PER_SM = 2
 _INTERPRETER_BLOCK_M = 128
 _INTERPRETER_PROGRAMS = 4
 
-_SCHEDULE_CACHE_SIZE = 64
-_SCHEDULES: dict[tuple, tuple[weakref.ref, Schedule]] = {}
+_SCHEDULE_CACHE_SIZE = 512
+_SCHEDULES: OrderedDict[tuple, tuple[weakref.ref, Schedule]] = OrderedDict()
 
 
 # ---------------------------------------------------------------------------------- device helpers
@@ -476,12 +477,14 @@ def _schedule(
     key = (id(index), backward, m_tiles, programs, balanced)
     hit = _SCHEDULES.get(key)
     if hit is not None and hit[0]() is index:
+        _SCHEDULES.move_to_end(key)
         return hit[1]
     work = index.col_tile_work() if backward else index.row_tile_work()
     sched = build_schedule(work, m_tiles, programs, balanced=balanced)
-    if len(_SCHEDULES) >= _SCHEDULE_CACHE_SIZE:
-        _SCHEDULES.clear()
     _SCHEDULES[key] = (weakref.ref(index), sched)
+    _SCHEDULES.move_to_end(key)
+    while len(_SCHEDULES) > _SCHEDULE_CACHE_SIZE:
+        _SCHEDULES.popitem(last=False)  # least recently used
     return sched
 
 
@@ -602,7 +605,7 @@ def _launch_config(
 def _dot_config(dtype: torch.dtype) -> tuple[bool, str]:
     """``(DOT_F32, PRECISION)``: whether the dot's operands are upcast to float32 (under the
     interpreter), and the float32 dot precision."""
-    tf32 = dtype == torch.float32 and not _INTERPRETED and torch.backends.cuda.matmul.allow_tf32
+    tf32 = dtype == torch.float32 and not _INTERPRETED and allows_tf32("matmul")
     return _INTERPRETED, "tf32" if tf32 else "ieee"
 
 
