@@ -349,7 +349,7 @@ def run_one(
             idx = perm[i : i + args.batch_size]
             opt.zero_grad()
             loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-            if not math.isfinite(float(loss)):
+            if not math.isfinite(float(loss.detach())):
                 diverged = True
                 break
             loss.backward()
