@@ -116,7 +116,7 @@ def choose_path(layer: SparseLayer, x: Tensor) -> str:
     if mode == "dense":
         return "dense"
     name = type(layer).__name__
-    scale = float(layer.init_scale)
+    scale = layer.init_scale_value
     dtype = _input_dtype(layer, x)
     valid = scale == 0.0 and dtype in _SPARSE_DTYPES and layer.values.dtype in _SPARSE_DTYPES
     if mode == "sparse":

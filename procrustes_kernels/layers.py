@@ -195,9 +195,28 @@ class SparseLayer(nn.Module):
         self.group_ptr = storage.group_ptr
         self._tracked_version += 1
 
+    def _host_value(self, name: str) -> float | int:
+        """The Python value of a scalar buffer, read from the device only when the buffer changed
+        (new tensor or in-place write), so a forward pass on a GPU does not synchronise for it."""
+        t = getattr(self, name)
+        if t.is_inference():  # no version counter to trust
+            return t.item()
+        cache = self.__dict__.setdefault("_host_values", {})
+        hit = cache.get(name)
+        if hit is not None and hit[0] is t and hit[1] == t._version:
+            return hit[2]
+        value = t.item()
+        cache[name] = (t, t._version, value)
+        return value
+
     @property
     def seed_value(self) -> int:
-        return int(self.seed)
+        return int(self._host_value("seed"))
+
+    @property
+    def init_scale_value(self) -> float:
+        """``init_scale`` as a Python float (the current decay factor of untracked weights)."""
+        return float(self._host_value("init_scale"))
 
     def initial_weight(self) -> torch.Tensor:
         """``w0`` regenerated from the seed: float32, shaped like the nn weight."""
@@ -209,7 +228,7 @@ class SparseLayer(nn.Module):
         flat = ops.materialize(
             self.seed_value,
             self.bound,
-            float(self.init_scale),
+            self.init_scale_value,
             values,
             self.mask_bits,
             self.group_ptr,
@@ -286,7 +305,7 @@ class SparseLayer(nn.Module):
     def _sparse_repr(self) -> str:
         return (
             f"block_size={self.block_size}, seed={self.seed_value}, nnz={self.nnz}/{self.numel}, "
-            f"init_scale={float(self.init_scale):.3g}"
+            f"init_scale={self.init_scale_value:.3g}"
         )
 
 

@@ -358,7 +358,7 @@ class DropBack(Optimizer):
                 group_ptr=layer.group_ptr,
                 grad=g.reshape(-1).contiguous(),
                 momentum=self.state[layer.values].get("momentum_buffer") if mu != 0 else None,
-                scale_prev=float(layer.init_scale),
+                scale_prev=layer.init_scale_value,
             )
             for layer, g in zip(self.layers, grads)
         ]

@@ -885,3 +885,21 @@ def test_repr_mentions_sparse_state():
     assert "seed=5" in r and f"nnz={layer.nnz}/{layer.numel}" in r and "groups=3" in r
     assert "padding_mode='reflect'" in r
     assert "seed=5" in repr(SparseLinear(3, 2, seed=5))
+
+
+def test_host_scalars_follow_their_buffers():
+    """seed / init_scale are read from the device once per change, never stale."""
+    layer = SparseLinear(6, 4, seed=5)
+    assert layer.seed_value == 5 and layer.init_scale_value == 1.0
+    layer.init_scale.fill_(0.25)  # in place
+    assert layer.init_scale_value == 0.25
+    layer.load_state_dict(
+        {**layer.state_dict(), "seed": torch.tensor(9), "init_scale": torch.tensor(0.5)}
+    )
+    assert layer.seed_value == 9 and layer.init_scale_value == 0.5
+    layer.init_scale = torch.tensor(0.125)  # a new tensor
+    assert layer.init_scale_value == 0.125
+    with torch.inference_mode():
+        fresh = SparseLinear(6, 4, seed=7)
+        fresh.init_scale.fill_(0.5)
+        assert fresh.seed_value == 7 and fresh.init_scale_value == 0.5
