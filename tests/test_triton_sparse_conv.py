@@ -315,7 +315,7 @@ def test_bad_arguments_are_rejected():
         (ValueError, "index.nnz", dict(values=values[:-1])),
         (TypeError, "values of dtype", dict(values=values.double())),
         (ValueError, "bits", dict(bits=bits[:-1])),
-        (ValueError, "bits", dict(bits=bits.to(torch.int32))),
+        (TypeError, "bits to be a uint8", dict(bits=bits.to(torch.int32))),
         (ValueError, "kernel_size with 9 positions", dict(kernel_size=(3, 2))),
         (TypeError, "kernel_size", dict(kernel_size=(3, 3, 1))),
         (ValueError, "stride entries >= 1", dict(stride=(0, 1))),

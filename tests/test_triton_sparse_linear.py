@@ -392,10 +392,10 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="index with ksize == 1 and groups == 1"):
         lin(x, torch.zeros(conv.nnz), pack_bits(torch.ones(5 * 7 * 9, dtype=torch.bool)), conv)
     small = build_tile_index(bits, 5, 7, 1, 1, 8, 16)
-    with pytest.raises(ValueError, match="index.block_n a power of two >= 16"):
+    with pytest.raises(ValueError, match="index.block_n to be a power of two >= 16"):
         lin(x, values, bits, small)
     odd = build_tile_index(bits, 5, 7, 1, 1, 16, 48)
-    with pytest.raises(ValueError, match="index.block_c a power of two >= 16"):
+    with pytest.raises(ValueError, match="index.block_c to be a power of two >= 16"):
         lin_t(dy, values, bits, odd)
 
 

@@ -1,4 +1,5 @@
-"""Device helpers shared by the sparse compute kernels: decoding a weight tile from the storage.
+"""Helpers shared by the sparse compute kernels: decoding a weight tile from the storage (device),
+rounding, and the host-side checks of their arguments.
 
 A tile is ``[BN, BC]`` (rows ``n`` x columns ``c``) at one kernel position ``k`` of ``KS``
 (:mod:`.sparse_index`). Element ``(n, c, k)`` sits at flat index ``f = n * KROW + c * KS + k``
@@ -18,8 +19,23 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-__all__ = ["tile_start", "tile_at", "tile_bits", "allows_tf32"]
+from .sparse_index import TileIndex
+
+__all__ = [
+    "tile_start",
+    "tile_at",
+    "tile_bits",
+    "round_to",
+    "allows_tf32",
+    "INPUT_DTYPES",
+    "nonempty",
+    "is_pow2_at_least",
+    "check_index_tiles",
+    "check_storage",
+    "check_launch",
+]
 
 
 def allows_tf32(kind: str) -> bool:
@@ -83,3 +99,105 @@ def tile_at(values_ptr, bits_ptr, index, n, c, k, valid, KROW, KS):
     bit = tile_bits(bits_ptr, n, c, k, valid, KROW, KS)
     w = tl.load(values_ptr + index, mask=valid & (bit != 0), other=0.0)
     return w, index + bit
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """``x`` rounded to ``dtype`` (float32 / float16 / bfloat16), to nearest even on the GPU and in
+    the interpreter alike.
+
+    The interpreter truncates float32 -> bfloat16 (the GPU rounds to nearest even); integer
+    rounding on the bit pattern gives torch's result on both. Conversions between the two 16-bit
+    types go through float32 (exact), as torch's do.
+    """
+    if x.dtype == dtype:
+        y = x
+    elif dtype == tl.bfloat16:
+        xf = x.to(tl.float32)
+        b = xf.to(tl.int32, bitcast=True)
+        r = (b + (0x7FFF + ((b >> 16) & 1))) >> 16
+        r = tl.where(xf != xf, 0x7FC0, r)
+        y = r.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        y = x.to(tl.float32).to(dtype)
+    return y
+
+
+# ------------------------------------------------------------------------- host-side argument checks
+
+INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MIN_DOT = 16  # the smallest tl.dot operand side
+
+
+def nonempty(t: Tensor) -> Tensor:
+    """``t``, or a one-element stand-in when it is empty: a kernel argument is never null."""
+    return t if t.numel() else torch.empty(1, dtype=t.dtype, device=t.device)
+
+
+def is_pow2_at_least(v: object, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low and not v & (v - 1)
+
+
+def check_index_tiles(fn: str, index: object) -> TileIndex:
+    """``index`` is a :class:`TileIndex` whose tile sides can be ``tl.dot`` operands."""
+    if not isinstance(index, TileIndex):
+        raise TypeError(f"{fn}: expected index to be a TileIndex, got {type(index).__name__}")
+    for name in ("block_n", "block_c"):
+        v = getattr(index, name)
+        if not is_pow2_at_least(v, MIN_DOT):
+            raise ValueError(
+                f"{fn}: expected index.{name} to be a power of two >= {MIN_DOT} (the tile is a "
+                f"tl.dot operand), got {v}; rebuild the index with build_tile_index(..., "
+                f"{name}=...)"
+            )
+    return index
+
+
+def check_storage(
+    fn: str, values: object, bits: object, index: TileIndex, input_name: str, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Values and bits of the compressed weight described by ``index``, on the input's device;
+    returns them ready for a launch (contiguous, ``values`` never empty)."""
+    if not isinstance(values, Tensor):
+        raise TypeError(f"{fn}: expected values to be a Tensor, got {type(values).__name__}")
+    if values.dtype not in INPUT_DTYPES:
+        raise TypeError(
+            f"{fn}: expected values of dtype float32, float16 or bfloat16, got {values.dtype}"
+        )
+    if values.numel() != index.nnz:
+        raise ValueError(
+            f"{fn}: expected values with index.nnz = {index.nnz} entries, got {values.numel()}"
+        )
+    if not isinstance(bits, Tensor) or bits.dtype != torch.uint8:
+        raise TypeError(f"{fn}: expected bits to be a uint8 tensor, got {bits!r:.80}")
+    numel = index.rows * index.cols * index.ksize
+    nbytes = (numel + 7) // 8
+    if bits.dim() != 1 or bits.numel() != nbytes:
+        raise ValueError(
+            f"{fn}: expected bits with {nbytes} bytes (one bit per weight, {numel} weights), "
+            f"got shape {tuple(bits.shape)}"
+        )
+    named = [("values", values), ("bits", bits)]
+    named += [(f"index.{k}", getattr(index, k)) for k in ("row_off", "row_ptr", "row_tiles")]
+    named += [(f"index.{k}", getattr(index, k)) for k in ("col_ptr", "col_tiles")]
+    for name, t in named:
+        if t.device != device:
+            raise ValueError(
+                f"{fn}: expected {name} on {input_name}'s device {device}, got {t.device}"
+            )
+    return nonempty(values.reshape(-1).contiguous()), bits.contiguous()
+
+
+def check_launch(
+    fn: str, block_m: int | None, num_warps: int | None, num_stages: int | None
+) -> None:
+    """Launch overrides, when given: ``block_m`` a power of two >= 16, ``num_warps`` a power of
+    two up to 32, ``num_stages`` a positive int."""
+    if block_m is not None and not is_pow2_at_least(block_m, MIN_DOT):
+        raise ValueError(f"{fn}: expected block_m a power of two >= {MIN_DOT}, got {block_m!r}")
+    if num_warps is not None and not (is_pow2_at_least(num_warps, 1) and num_warps <= 32):
+        raise ValueError(f"{fn}: expected num_warps a power of two <= 32, got {num_warps!r}")
+    if num_stages is not None and (
+        not isinstance(num_stages, int) or isinstance(num_stages, bool) or num_stages < 1
+    ):
+        raise ValueError(f"{fn}: expected num_stages a positive int, got {num_stages!r}")

@@ -73,11 +73,21 @@ import triton.language as tl
 from torch import Tensor
 
 from .sparse_index import TileIndex
-from .triton_sparse_common import allows_tf32, tile_at, tile_start
+from .triton_sparse_common import (
+    INPUT_DTYPES,
+    MIN_DOT,
+    allows_tf32,
+    check_index_tiles,
+    check_launch,
+    check_storage,
+    nonempty,
+    round_to,
+    tile_at,
+    tile_start,
+)
 
 __all__ = ["sparse_conv2d", "sparse_conv2d_t"]
 
-_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BIAS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 # Tensors spanning this many elements get int64 offsets (a module constant so that tests can force
@@ -91,33 +101,9 @@ _GPU_BLOCK_M_T = 64
 _GPU_WARPS = 8
 _GPU_STAGES = 2
 _INTERPRETER_BLOCK_M = 256
-_MIN_DOT = 16
 
 
 # ---------------------------------------------------------------------------------- device helpers
-
-
-@triton.jit
-def _round(x, dtype: tl.constexpr):
-    """``x`` rounded to ``dtype``, to nearest even on the GPU and in the interpreter alike.
-
-    The interpreter truncates float32 -> bfloat16 (the GPU rounds to nearest even); integer
-    rounding on the bit pattern gives torch's result on both. Conversions between the two 16-bit
-    types go through float32 (exact), as torch's do.
-    """
-    if x.dtype == dtype:
-        y = x
-    elif dtype == tl.bfloat16:
-        xf = x.to(tl.float32)
-        b = xf.to(tl.int32, bitcast=True)
-        r = (b + (0x7FFF + ((b >> 16) & 1))) >> 16
-        r = tl.where(xf != xf, 0x7FC0, r)
-        y = r.to(tl.int16).to(tl.bfloat16, bitcast=True)
-    elif dtype == tl.float16:
-        y = x.to(tl.float32).to(tl.float16)
-    else:
-        y = x.to(dtype)
-    return y
 
 
 @triton.jit
@@ -165,7 +151,7 @@ def _conv_tile(
         x_c = (c_first + c) * sxc
     for k in range(KS):
         w, idx = tile_at(values_ptr, bits_ptr, idx, n, c, k, valid, KROW, KS)
-        w = _round(w, xdt)
+        w = round_to(w, xdt)
         r = k // KW
         s = k % KW
         ih = ih0 + r * DH
@@ -204,7 +190,7 @@ def _conv_t_tile(
         dy_n = n * sdc
     for k in range(KS):
         w, idx = tile_at(values_ptr, bits_ptr, idx, n, c, k, valid, KROW, KS)
-        w = _round(w, ddt)
+        w = round_to(w, ddt)
         r = k // KW
         s = k % KW
         th = th0 - r * DH
@@ -322,7 +308,7 @@ def _sparse_conv2d_kernel(
     o_m = b * sob + oh * soh + ow * sow
     tl.store(
         out_ptr + (o_m[:, None] + o_n[None, :]),
-        _round(acc, out_ptr.dtype.element_ty),
+        round_to(acc, out_ptr.dtype.element_ty),
         mask=m_ok[:, None] & n_ok[None, :],
     )
 
@@ -413,7 +399,7 @@ def _sparse_conv2d_t_kernel(
     x_m = b * sxb + ih * sxh + iw * sxw
     tl.store(
         dx_ptr + (x_m[:, None] + x_c[None, :]),
-        _round(acc, dx_ptr.dtype.element_ty),
+        round_to(acc, dx_ptr.dtype.element_ty),
         mask=m_ok[:, None] & c_ok[None, :],
     )
 
@@ -425,35 +411,12 @@ def _sparse_conv2d_t_kernel(
 _INTERPRETED = not isinstance(_sparse_conv2d_kernel, triton.runtime.jit.JITFunction)
 
 
-def _is_pow2(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0 and v & (v - 1) == 0
-
-
-def _nonempty(t: Tensor) -> Tensor:
-    """``t``, or a one-element stand-in when it is empty: a kernel argument is never null."""
-    return t if t.numel() else torch.empty(1, dtype=t.dtype, device=t.device)
-
-
 def _check_device(fn: str, t: Tensor) -> None:
     if t.device.type == "cpu" and not _INTERPRETED:
         raise RuntimeError(
             f"{fn}: expected CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, "
             f"for CPU tensors), got a tensor on {t.device}"
         )
-
-
-def _check_index(fn: str, index: object) -> TileIndex:
-    if not isinstance(index, TileIndex):
-        raise TypeError(f"{fn}: expected index to be a TileIndex, got {type(index).__name__}")
-    for name in ("block_n", "block_c"):
-        v = getattr(index, name)
-        if not _is_pow2(v) or v < _MIN_DOT:
-            raise ValueError(
-                f"{fn}: expected index.{name} to be a power of two >= {_MIN_DOT} (the tile is a "
-                f"tl.dot operand), got {v}; rebuild the index with build_tile_index(..., "
-                f"{name}=...)"
-            )
-    return index
 
 
 def _check_activation(fn: str, name: str, t: object, channels: int) -> Tensor:
@@ -467,7 +430,7 @@ def _check_activation(fn: str, name: str, t: object, channels: int) -> Tensor:
         raise ValueError(
             f"{fn}: expected {name}.shape[1] == {channels}, got shape {tuple(t.shape)}"
         )
-    if t.dtype not in _INPUT_DTYPES:
+    if t.dtype not in INPUT_DTYPES:
         raise TypeError(
             f"{fn}: expected {name} of dtype float32, float16 or bfloat16, got {t.dtype}"
         )
@@ -494,38 +457,6 @@ def _check_kernel_size(fn: str, kernel_size: object, index: TileIndex) -> tuple[
             f"got {(kh, kw)}"
         )
     return kh, kw
-
-
-def _check_weight(
-    fn: str, values: object, bits: object, index: TileIndex, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    if not isinstance(values, Tensor):
-        raise TypeError(f"{fn}: expected values to be a Tensor, got {type(values).__name__}")
-    if values.dtype not in _INPUT_DTYPES:
-        raise TypeError(
-            f"{fn}: expected values of dtype float32, float16 or bfloat16, got {values.dtype}"
-        )
-    if values.numel() != index.nnz:
-        raise ValueError(
-            f"{fn}: expected values with index.nnz = {index.nnz} entries, got {values.numel()}"
-        )
-    if not isinstance(bits, Tensor):
-        raise TypeError(f"{fn}: expected bits to be a Tensor, got {type(bits).__name__}")
-    nbytes = (index.rows * index.cols * index.ksize + 7) // 8
-    if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != nbytes:
-        raise ValueError(
-            f"{fn}: expected bits to be a 1-D uint8 tensor of {nbytes} bytes (ceil(rows * cols * "
-            f"ksize / 8)), got {bits.dtype} of shape {tuple(bits.shape)}"
-        )
-    named = [("values", values), ("bits", bits)]
-    named += [(f"index.{k}", getattr(index, k)) for k in ("row_off", "row_ptr", "row_tiles")]
-    named += [(f"index.{k}", getattr(index, k)) for k in ("col_ptr", "col_tiles")]
-    for name, t in named:
-        if t.device != device:
-            raise ValueError(
-                f"{fn}: expected {name} on {device} (the input's device), got {t.device}"
-            )
-    return _nonempty(values.reshape(-1).contiguous()), bits.contiguous()
 
 
 def _check_bias(fn: str, bias: object, rows: int, device: torch.device) -> Tensor | None:
@@ -573,21 +504,16 @@ def _launch_config(
     num_warps: int | None,
     num_stages: int | None,
 ) -> tuple[int, int, int]:
+    check_launch(fn, block_m, num_warps, num_stages)
     if block_m is None:
         if device.type == "cpu":
-            block_m = min(_INTERPRETER_BLOCK_M, max(_MIN_DOT, triton.next_power_of_2(m)))
+            block_m = min(_INTERPRETER_BLOCK_M, max(MIN_DOT, triton.next_power_of_2(m)))
         else:
             block_m = gpu_block_m
-    elif not _is_pow2(block_m) or block_m < _MIN_DOT:
-        raise ValueError(f"{fn}: expected block_m a power of two >= {_MIN_DOT}, got {block_m!r}")
     if num_warps is None:
         num_warps = _GPU_WARPS
-    elif not _is_pow2(num_warps) or num_warps > 32:
-        raise ValueError(f"{fn}: expected num_warps a power of two <= 32, got {num_warps!r}")
     if num_stages is None:
         num_stages = _GPU_STAGES
-    elif not isinstance(num_stages, int) or isinstance(num_stages, bool) or num_stages < 1:
-        raise ValueError(f"{fn}: expected num_stages a positive int, got {num_stages!r}")
     return block_m, num_warps, num_stages
 
 
@@ -621,13 +547,13 @@ def sparse_conv2d(
         ``[B, index.rows, OH, OW]`` of ``x.dtype``, in ``x``'s memory format.
     """
     fn = "sparse_conv2d()"
-    index = _check_index(fn, index)
+    index = check_index_tiles(fn, index)
     x = _check_activation(fn, "x", x, index.cols * index.groups)
     kh, kw = _check_kernel_size(fn, kernel_size, index)
     sh, sw = _pair(fn, "stride", stride, 1)
     ph, pw = _pair(fn, "padding", padding, 0)
     dh, dw = _pair(fn, "dilation", dilation, 1)
-    values, bits = _check_weight(fn, values, bits, index, x.device)
+    values, bits = check_storage(fn, values, bits, index, "x", x.device)
     bias = _check_bias(fn, bias, index.rows, x.device)
     nb, _, h, w = x.shape
     oh, ow = _out_size(h, kh, sh, ph, dh), _out_size(w, kw, sw, pw, dw)
@@ -654,7 +580,7 @@ def sparse_conv2d(
         bits,
         index.row_off,
         index.row_ptr,
-        _nonempty(index.row_tiles),
+        nonempty(index.row_tiles),
         values if bias is None else bias,
         m,
         h,
@@ -719,14 +645,14 @@ def sparse_conv2d_t(
         ``[B, index.cols * index.groups, H, W]`` of ``dy.dtype``, in ``dy``'s memory format.
     """
     fn = "sparse_conv2d_t()"
-    index = _check_index(fn, index)
+    index = check_index_tiles(fn, index)
     dy = _check_activation(fn, "dy", dy, index.rows)
     h, w = _pair(fn, "input_hw", input_hw, 1)
     kh, kw = _check_kernel_size(fn, kernel_size, index)
     sh, sw = _pair(fn, "stride", stride, 1)
     ph, pw = _pair(fn, "padding", padding, 0)
     dh, dw = _pair(fn, "dilation", dilation, 1)
-    values, bits = _check_weight(fn, values, bits, index, dy.device)
+    values, bits = check_storage(fn, values, bits, index, "dy", dy.device)
     oh, ow = _out_size(h, kh, sh, ph, dh), _out_size(w, kw, sw, pw, dw)
     if oh <= 0 or ow <= 0:
         raise ValueError(
@@ -760,7 +686,7 @@ def sparse_conv2d_t(
         bits,
         index.row_off,
         index.col_ptr,
-        _nonempty(index.col_tiles),
+        nonempty(index.col_tiles),
         m,
         h,
         w,

@@ -76,11 +76,20 @@ import triton.language as tl
 from torch import Tensor
 
 from .sparse_index import Schedule, TileIndex, build_schedule
-from .triton_sparse_common import allows_tf32, tile_at, tile_start
+from .triton_sparse_common import (
+    INPUT_DTYPES,
+    allows_tf32,
+    check_index_tiles,
+    check_launch,
+    check_storage,
+    nonempty,
+    round_to,
+    tile_at,
+    tile_start,
+)
 
 __all__ = ["sparse_linear", "sparse_linear_t", "clear_schedule_cache"]
 
-_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SCHEDULES_KINDS = ("grid", "balanced", "unbalanced")
 
 # Offsets into x / the output reach this many elements: int64 (a module constant so that tests can
@@ -103,28 +112,6 @@ _SCHEDULES: OrderedDict[tuple, tuple[weakref.ref, Schedule]] = OrderedDict()
 
 
 @triton.jit
-def _round_to(x, dtype: tl.constexpr):
-    """``x`` rounded to ``dtype`` (float32 / float16 / bfloat16) to nearest even.
-
-    Everything goes through float32 (exact from float16 / bfloat16), so there is one rounding. The
-    float32 -> bfloat16 step is integer rounding on the bit pattern: the interpreter truncates the
-    plain conversion, the GPU rounds it to nearest even; this gives the GPU's (and torch's) result
-    on both.
-    """
-    if x.dtype == dtype:
-        y = x
-    elif dtype == tl.bfloat16:
-        x32 = x.to(tl.float32)
-        b = x32.to(tl.int32, bitcast=True)
-        r = (b + (0x7FFF + ((b >> 16) & 1))) >> 16
-        r = tl.where(x32 != x32, 0x7FC0, r)
-        y = r.to(tl.int16).to(tl.bfloat16, bitcast=True)
-    else:
-        y = x.to(tl.float32).to(dtype)
-    return y
-
-
-@triton.jit
 def _weight_tile(
     values_ptr,
     bits_ptr,
@@ -143,7 +130,7 @@ def _weight_tile(
     valid = (n < N)[:, None] & (c < K)[None, :]
     idx = tile_start(bits_ptr, row_off_ptr, n, c, ct, valid, K, 1, TILES_C)
     w, _ = tile_at(values_ptr, bits_ptr, idx, n, c, 0, valid, K, 1)
-    w = _round_to(w, W_DT)
+    w = round_to(w, W_DT)
     if DOT_F32:
         w = w.to(tl.float32)
     return w
@@ -243,7 +230,7 @@ def _linear_unit(
             )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out = _round_to(acc, y_ptr.dtype.element_ty)
+    out = round_to(acc, y_ptr.dtype.element_ty)
     tl.store(y_rows + rn[None, :], out, mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -338,7 +325,7 @@ def _linear_t_unit(
                 i, acc, dy_rows, m_ok, c, ct, values_ptr, bits_ptr, row_off_ptr, col_tiles_ptr, N,
                 K, TILES_C, dy_dt, DOT_F32, PRECISION, BLOCK_N,
             )  # fmt: skip
-    out = _round_to(acc, dx_ptr.dtype.element_ty)
+    out = round_to(acc, dx_ptr.dtype.element_ty)
     tl.store(dx_rows + c[None, :], out, mask=m_ok[:, None] & c_ok[None, :])
 
 
@@ -488,29 +475,17 @@ def _schedule(
     return sched
 
 
-def _nonempty(t: Tensor) -> Tensor:
-    """``t``, or a one-element stand-in when it is empty: a kernel argument is never null."""
-    return t if t.numel() else torch.empty(1, dtype=t.dtype, device=t.device)
-
-
-def _is_pow2_at_least(v: object, low: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low and not v & (v - 1)
-
-
 def _check_args(
     fn: str, name: str, inp: object, dim: str, values: object, bits: object, index: object
-) -> Tensor:
-    """Validate the input (``[M, index.<dim>]``), the storage and the index; return the input."""
-    if not isinstance(index, TileIndex):
-        raise TypeError(f"{fn}: expected index to be a TileIndex, got {type(index).__name__}")
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Validate the input (``[M, index.<dim>]``), the storage and the index; return the input and
+    the storage ready for a launch."""
+    index = check_index_tiles(fn, index)
     if index.ksize != 1 or index.groups != 1:
         raise ValueError(
             f"{fn}: expected index with ksize == 1 and groups == 1 (a linear layer), "
             f"got ksize={index.ksize}, groups={index.groups}"
         )
-    for bname, b in (("block_n", index.block_n), ("block_c", index.block_c)):
-        if not _is_pow2_at_least(b, 16):
-            raise ValueError(f"{fn}: expected index.{bname} a power of two >= 16, got {b}")
     k = getattr(index, dim)
     if not isinstance(inp, Tensor):
         raise TypeError(f"{fn}: expected {name} to be a Tensor, got {type(inp).__name__}")
@@ -518,7 +493,7 @@ def _check_args(
         raise ValueError(
             f"{fn}: expected {name} of shape [M, {k}] (index.{dim} = {k}), got {tuple(inp.shape)}"
         )
-    if inp.dtype not in _INPUT_DTYPES:
+    if inp.dtype not in INPUT_DTYPES:
         raise TypeError(
             f"{fn}: expected {name} of dtype float32, float16 or bfloat16, got {inp.dtype}"
         )
@@ -528,34 +503,8 @@ def _check_args(
             f"{fn}: expected CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, "
             f"for CPU tensors), got {name} on {device}"
         )
-    if not isinstance(values, Tensor):
-        raise TypeError(f"{fn}: expected values to be a Tensor, got {type(values).__name__}")
-    if values.dtype not in _INPUT_DTYPES:
-        raise TypeError(
-            f"{fn}: expected values of dtype float32, float16 or bfloat16, got {values.dtype}"
-        )
-    if values.numel() != index.nnz:
-        raise ValueError(
-            f"{fn}: expected values with index.nnz = {index.nnz} entries, got {values.numel()}"
-        )
-    if not isinstance(bits, Tensor) or bits.dtype != torch.uint8:
-        raise TypeError(f"{fn}: expected bits to be a uint8 tensor, got {bits!r:.80}")
-    nbytes = (index.rows * index.cols + 7) // 8
-    if bits.numel() != nbytes:
-        raise ValueError(
-            f"{fn}: expected bits with {nbytes} bytes (rows * cols = {index.rows * index.cols} "
-            f"bits), got {bits.numel()}"
-        )
-    for tname, t in (
-        ("values", values),
-        ("bits", bits),
-        ("index.row_off", index.row_off),
-        ("index.row_ptr", index.row_ptr),
-        ("index.col_ptr", index.col_ptr),
-    ):
-        if t.device != device:
-            raise ValueError(f"{fn}: expected {tname} on {name}'s device {device}, got {t.device}")
-    return inp
+    values, bits = check_storage(fn, values, bits, index, name, device)
+    return inp, values, bits
 
 
 @functools.cache
@@ -579,19 +528,14 @@ def _launch_config(
         raise ValueError(
             f"{fn}: expected schedule one of {', '.join(map(repr, _SCHEDULES_KINDS))}, got {schedule!r}"
         )
+    check_launch(fn, block_m, num_warps, num_stages)
     if block_m is None:
         cap = _INTERPRETER_BLOCK_M if _INTERPRETED else _GPU_BLOCK_M
         block_m = min(cap, max(16, triton.next_power_of_2(m)))
-    elif not _is_pow2_at_least(block_m, 16):
-        raise ValueError(f"{fn}: expected block_m a power of two >= 16, got {block_m!r}")
     if num_warps is None:
         num_warps = 8 if block_m * out_cols >= 128 * 128 else 4
-    elif not _is_pow2_at_least(num_warps, 1):
-        raise ValueError(f"{fn}: expected num_warps a power of two >= 1, got {num_warps!r}")
     if num_stages is None:
         num_stages = _GPU_STAGES
-    elif not isinstance(num_stages, int) or isinstance(num_stages, bool) or num_stages < 1:
-        raise ValueError(f"{fn}: expected num_stages a positive int, got {num_stages!r}")
     if programs is None:
         if _INTERPRETED:
             programs = _INTERPRETER_PROGRAMS
@@ -645,7 +589,7 @@ def sparse_linear(
         block_m, num_warps, num_stages, programs: launch overrides (module docstring).
     """
     fn = "sparse_linear()"
-    x = _check_args(fn, "x", x, "cols", values, bits, index)
+    x, values, bits = _check_args(fn, "x", x, "cols", values, bits, index)
     device = x.device
     m, n, k = x.shape[0], index.rows, index.cols
     if bias is not None:
@@ -674,11 +618,11 @@ def sparse_linear(
     _linear_kernel[grid](
         y,
         x.contiguous(),
-        _nonempty(values.contiguous()),
-        bits.contiguous(),
+        values,
+        bits,
         index.row_off,
         index.row_ptr,
-        _nonempty(index.row_tiles),
+        nonempty(index.row_tiles),
         x if bias is None else bias.contiguous(),
         dummy if sched_ptr is None else sched_ptr,
         dummy if sched_units is None else sched_units,
@@ -719,7 +663,7 @@ def sparse_linear_t(
     :func:`sparse_linear`, from the same storage. Arguments as in :func:`sparse_linear`, with
     ``dy`` of shape ``[M, index.rows]``."""
     fn = "sparse_linear_t()"
-    dy = _check_args(fn, "dy", dy, "rows", values, bits, index)
+    dy, values, bits = _check_args(fn, "dy", dy, "rows", values, bits, index)
     device = dy.device
     m, n, k = dy.shape[0], index.rows, index.cols
     block_m, num_warps, num_stages, programs = _launch_config(
@@ -737,11 +681,11 @@ def sparse_linear_t(
     _linear_t_kernel[grid](
         dx,
         dy.contiguous(),
-        _nonempty(values.contiguous()),
-        bits.contiguous(),
+        values,
+        bits,
         index.row_off,
         index.col_ptr,
-        _nonempty(index.col_tiles),
+        nonempty(index.col_tiles),
         dummy if sched_ptr is None else sched_ptr,
         dummy if sched_units is None else sched_units,
         m,
