@@ -7,31 +7,34 @@ estimate instead of a sort, and keeps weights in a block format that serves W an
 Quick use::
 
     import procrustes_kernels as pk
-    model = pk.sparsify(model, seed=0)           # nn.Linear / nn.Conv2d -> sparse layers
-    opt = pk.DropBack(model, lr=0.1, budget=0.1)  # or pk.Procrustes(...)
+    pk.sparsify(model, seed=0)  # nn.Linear / nn.Conv2d / attention weights become budgeted
+    opt = pk.DropBack(model.parameters(), lr=0.1, budget=0.1)  # or pk.Procrustes(...)
 """
 
 from .data import Dataset, load_cifar10, load_dataset, load_digits, load_mnist
-from .layers import SparseConv2d, SparseLayer, SparseLinear, densify, set_compute, sparsify
+from .layers import SparseConv2d, SparseLinear, densify, set_compute, sparsify
 from .optim import DropBack, Procrustes, decay_factor, decay_for_steps, linear_decay_factor
 from .philox import derive_seed, init_values, philox_uniform
 from .storage import BlockStorage
+from .weight import BudgetedWeight, budgeted_weights, is_budgeted
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BlockStorage",
+    "BudgetedWeight",
     "Dataset",
     "DropBack",
     "Procrustes",
     "SparseConv2d",
-    "SparseLayer",
     "SparseLinear",
+    "budgeted_weights",
     "decay_factor",
     "decay_for_steps",
     "densify",
     "derive_seed",
     "init_values",
+    "is_budgeted",
     "linear_decay_factor",
     "load_cifar10",
     "load_dataset",

@@ -30,8 +30,9 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import Dataset, load_cifar10, load_digits, load_mnist
-from .layers import SparseLayer, densify, sparsify
+from .layers import densify, sparsify
 from .optim import DropBack, Procrustes
+from .weight import is_budgeted
 
 CSV_COLUMNS = ("method", "test_acc_pct", "tracked_weights", "compression_x", "stored_bytes",
                "wall_time_s", "command")  # fmt: skip
@@ -71,23 +72,15 @@ def make_model(input_shape: tuple[int, int, int], num_classes: int) -> nn.Module
 
 def weight_count(model: nn.Module) -> int:
     """Weights of the conv / linear layers (biases excluded), dense or sparse."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, SparseLayer):
-            n += m.numel
-        elif isinstance(m, (nn.Linear, nn.Conv2d)):
-            n += m.weight.numel()
-    return n
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
 
 
 def tracked_count(model: nn.Module) -> int:
     """Stored weights: the tracked sets of sparse layers, every weight of dense ones."""
     n = 0
     for m in model.modules():
-        if isinstance(m, SparseLayer):
-            n += m.nnz
-        elif isinstance(m, (nn.Linear, nn.Conv2d)):
-            n += m.weight.numel()
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            n += m.weight.nnz if is_budgeted(m.weight) else m.weight.numel()
     return n
 
 
@@ -265,9 +258,9 @@ def main(argv: list[str] | None = None) -> None:
     dense, db, pc = densify(copy.deepcopy(sparse)), copy.deepcopy(sparse), copy.deepcopy(sparse)
     runs: list[tuple[str, nn.Module, torch.optim.Optimizer]] = [
         ("dense", dense, torch.optim.SGD(dense.parameters(), args.lr, momentum=mom)),
-        ("DropBack", db, DropBack(db, args.lr, budget=args.budget, momentum=mom,
+        ("DropBack", db, DropBack(db.parameters(), args.lr, budget=args.budget, momentum=mom,
                                   init_decay=1.0, selection="topk")),
-        ("Procrustes", pc, Procrustes(pc, args.lr, budget=args.budget, momentum=mom,
+        ("Procrustes", pc, Procrustes(pc.parameters(), args.lr, budget=args.budget, momentum=mom,
                                       selection="quantile", **decay_kw)),
     ]  # fmt: skip
 

@@ -1,41 +1,32 @@
-"""``SparseLinear`` / ``SparseConv2d``: drop-in nn layers whose weight lives on a budget.
+"""Putting weights on a budget: ``sparsify`` / ``densify`` and the ``SparseLinear`` / ``SparseConv2d``
+constructors.
 
-Only the tracked set is stored (a :class:`~procrustes_kernels.storage.BlockStorage`: packed values,
-one bit per element, group pointers). Every other weight is ``init_scale * w0`` where ``w0`` is
-regenerated from the layer seed (:mod:`procrustes_kernels.philox`) and ``init_scale`` is the decay
-factor the optimizer advances (1 for DropBack; it reaches exactly 0 under Procrustes).
+A budgeted weight is a :class:`~procrustes_kernels.weight.BudgetedWeight` parameter in place of a
+module's dense weight; the module keeps its class, its forward and everything else.
+:func:`sparsify` converts the weights of a model in place; :class:`SparseLinear` /
+:class:`SparseConv2d` are ``nn.Linear`` / ``nn.Conv2d`` built with a budgeted weight (the same
+arguments, plus ``seed``).
 
-The forward pass materialises the effective weight and calls ``F.linear`` / ``F.conv2d``, or, once
-untracked weights are zeros, runs the sparse kernels on the compressed weight (``compute``, see
-:mod:`procrustes_kernels.compute`). Either way the backward produces the dense gradient of the
-effective weight, which the layer keeps in ``dense_grad`` until the optimizer's next ``step()``
-consumes it (the scores of *untracked* weights need it). The ``values`` parameter itself gets no ``.grad``: clip or all-reduce ``dense_grad``.
+DropBack regenerates untracked weights from their initial value, so that value must be a pure
+function of a seed: a budgeted weight (and the bias of its module) is re-initialised from
+``derive_seed(model seed, position)``, with the distribution PyTorch's own init uses for it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.utils import _pair
 
-from .compute import (
-    DEFAULT_COMPUTE_TILE,
-    check_compute,
-    check_compute_tile,
-    choose_path,
-    sparse_conv2d_forward,
-    sparse_linear_forward,
-)
-from .ops import get_ops
-from .philox import derive_seed, init_bound, init_values
+from .compute import DEFAULT_COMPUTE_TILE, check_compute, check_compute_tile
+from .philox import derive_seed, init_values
 from .storage import BlockStorage
+from .weight import BudgetedWeight, check_seed, is_budgeted
 
-__all__ = ["SparseLayer", "SparseLinear", "SparseConv2d", "sparsify", "densify", "set_compute"]
+__all__ = ["SparseLinear", "SparseConv2d", "sparsify", "densify", "set_compute"]
 
 LINEAR_BLOCK = 16
 
@@ -45,217 +36,148 @@ def _random_seed() -> int:
     return int(torch.randint(0, 2**62, (), dtype=torch.int64))
 
 
-def _check_seed(seed: Any, fn: str) -> int:
-    if isinstance(seed, torch.Tensor):
-        seed = int(seed)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"{fn}: expected seed to be an int, got {type(seed).__name__}")
-    if not 0 <= seed < 2**63:
-        raise ValueError(f"{fn}: expected seed in [0, 2**63), got {seed}")
-    return seed
+def _float32(x: float) -> float:
+    return float(torch.tensor(x, dtype=torch.float32))
 
 
-class _MaterializeWeight(torch.autograd.Function):
-    """Dense effective weight from the tracked values; backward hands the dense gradient to the layer.
-
-    ``values`` is an input only so that autograd runs the backward whenever the layer's weight
-    requires grad; no gradient flows into it (its size changes with every step, and the optimizer
-    needs the gradient of *all* weights anyway, which it finds in ``layer.dense_grad``).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, values: torch.Tensor, layer: SparseLayer) -> torch.Tensor:
-        ctx.layer = layer
-        return layer._materialize(values.detach())
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None]:
-        ctx.layer._accumulate_dense_grad(grad)
-        return None, None
+def _xavier_bound(fan_in: int, fan_out: int) -> float:
+    """The U(-b, b) bound of ``nn.init.xavier_uniform_`` (what ``nn.MultiheadAttention`` uses)."""
+    return _float32(math.sqrt(6.0 / (fan_in + fan_out)))
 
 
-class SparseLayer(nn.Module):
-    """Common machinery of the budgeted layers: seed, decay factor, compressed tracked set.
+def _new_weight(
+    like: torch.Tensor,
+    *,
+    seed: int,
+    block_size: int,
+    groups: int = 1,
+    bound: float | None = None,
+    device: Any = None,
+    compute: str = "auto",
+    compute_tile: tuple[int, int] = DEFAULT_COMPUTE_TILE,
+) -> nn.Parameter:
+    """A budgeted parameter at its initial state, shaped like the dense ``like``."""
+    w = BudgetedWeight.initial(
+        tuple(like.shape),
+        seed=seed,
+        bound=bound,
+        block_size=block_size,
+        groups=groups,
+        dtype=like.dtype,
+        device=like.device if device is None else device,
+        compute=compute,
+        compute_tile=compute_tile,
+    )
+    return nn.Parameter(w, requires_grad=like.requires_grad)
 
-    State (all in ``state_dict``): ``values`` (parameter, tracked values in flat order), buffers
-    ``mask_bits`` / ``group_ptr`` (the rest of the compressed storage), ``seed`` and ``init_scale``
-    (the current decay factor ``d`` of untracked weights).
-    """
 
-    weight_shape: tuple[int, ...]
-    block_size: int
-    fan_in: int
+def _seeded_bias(weight: BudgetedWeight, old: nn.Parameter, device: Any) -> nn.Parameter:
+    """The bias of a budgeted weight's module: continues the weight's random stream after it."""
+    b = init_values(
+        weight.seed, old.numel(), weight.bound, start=weight.weight_numel, device=device
+    )
+    return nn.Parameter(b.to(old.dtype), requires_grad=old.requires_grad)
 
-    def _init_sparse(
-        self,
-        weight_shape: tuple[int, ...],
-        fan_in: int,
-        block_size: int,
-        seed: int | None,
-        bias: bool,
-        device: Any,
-        dtype: torch.dtype | None,
-        compute: str = "auto",
-        compute_tile: tuple[int, int] = DEFAULT_COMPUTE_TILE,
-    ) -> None:
-        name = type(self).__name__
-        self.compute = check_compute(compute, f"{name}()")
-        self.compute_tile = check_compute_tile(compute_tile, f"{name}()")
-        self._tile_index_cache = None
-        self._tracked_version = 0  # bumped whenever the tracked set is replaced
-        self.last_path: str | None = None
-        if dtype is None:
-            dtype = torch.get_default_dtype()
-        if not dtype.is_floating_point:
-            raise TypeError(f"{name}(): expected a floating dtype, got {dtype}")
-        seed = _random_seed() if seed is None else _check_seed(seed, f"{name}()")
-        self.weight_shape = tuple(int(s) for s in weight_shape)
-        self.block_size = int(block_size)
-        self.fan_in = int(fan_in)
-        self.bound = init_bound(fan_in)
-        empty = BlockStorage.empty(self.weight_shape, self.block_size, dtype=dtype, device=device)
-        self.values = nn.Parameter(empty.values)
-        self.register_buffer("mask_bits", empty.bits)
-        self.register_buffer("group_ptr", empty.group_ptr)
-        self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64, device=device))
-        self.register_buffer("init_scale", torch.ones((), dtype=torch.float32, device=device))
-        out = self.weight_shape[0]
-        if bias:
-            # The bias continues the layer's random stream after the weights.
-            b = init_values(seed, out, self.bound, start=self.numel, device=device)
-            self.bias = nn.Parameter(b.to(dtype))
-        else:
-            self.register_parameter("bias", None)
-        self.dense_grad: torch.Tensor | None = None
 
-    # -- compute path ----------------------------------------------------------------------------
+def _zero_param(old: nn.Parameter, device: Any) -> nn.Parameter:
+    return nn.Parameter(
+        torch.zeros(old.shape, dtype=old.dtype, device=device), requires_grad=old.requires_grad
+    )
+
+
+def _load_old_layout(module: nn.Module, state_dict: dict, prefix: str, *rest: Any) -> None:
+    """Read checkpoints of the layer-based layout (``values`` / ``mask_bits`` / ``group_ptr`` /
+    ``seed`` / ``init_scale`` of a sparse layer) into the budgeted ``weight``."""
+    old = [prefix + k for k in ("values", "mask_bits", "group_ptr", "seed", "init_scale")]
+    w = module._parameters.get("weight")
+    if old[0] not in state_dict or prefix + "weight" in state_dict or not is_budgeted(w):
+        return
+    if not all(k in state_dict for k in old):
+        return  # incomplete: load_state_dict reports the missing and unexpected keys
+    values, bits, group_ptr, seed, scale = (state_dict.pop(k) for k in old)
+    state_dict[prefix + "weight"] = BudgetedWeight(
+        values.detach(),
+        bits,
+        group_ptr,
+        scale.detach().to(torch.float32),
+        shape=w._shape,
+        seed=int(seed),
+        bound=w.bound,
+        block_size=w.block_size,
+        groups=w.groups,
+        scale_value=float(scale),
+    )
+
+
+def _watch_old_layout(module: nn.Module) -> None:
+    if not module.__dict__.get("_pk_old_layout_hook"):
+        module.register_load_state_dict_pre_hook(_load_old_layout)
+        module._pk_old_layout_hook = True
+
+
+class _BudgetedLayer:
+    """What SparseLinear and SparseConv2d add to their nn class: views of the budgeted weight."""
+
+    weight: BudgetedWeight
+
     @property
     def compute(self) -> str:
-        """``"auto"``, ``"dense"`` or ``"sparse"``: how forward/backward compute (see
-        :mod:`procrustes_kernels.compute`)."""
-        return self._compute
+        """``"auto"``, ``"dense"`` or ``"sparse"`` of the weight (:mod:`procrustes_kernels.compute`)."""
+        return self.weight.compute
 
     @compute.setter
     def compute(self, value: str) -> None:
-        self._compute = check_compute(value, f"{type(self).__name__}.compute")
+        self.weight.compute = value
 
     @property
     def compute_tile(self) -> tuple[int, int]:
         """``(rows, columns)`` of the sparse kernels' weight tile (each 16, 32 or 64)."""
-        return self._compute_tile
+        return self.weight.compute_tile
 
     @compute_tile.setter
     def compute_tile(self, value: tuple[int, int]) -> None:
-        self._compute_tile = check_compute_tile(value, f"{type(self).__name__}.compute_tile")
-
-    # -- tracked set ---------------------------------------------------------------------------
-    @property
-    def numel(self) -> int:
-        return math.prod(self.weight_shape)
+        self.weight.compute_tile = value
 
     @property
-    def matrix_geometry(self) -> tuple[int, int, int, int]:
-        """``(rows, cols, ksize, groups)``: the weight as the compute kernels and tiles see it.
+    def last_path(self) -> str | None:
+        """``"dense"`` or ``"sparse"``: the path the last forward took."""
+        return self.weight.last_path
 
-        ``rows`` output features / channels, ``cols`` input features / channels per group,
-        ``ksize`` kernel positions per (row, column) pair (1 for a linear layer); see
-        :mod:`procrustes_kernels.ops.sparse_index`.
-        """
-        rows = self.weight_shape[0]
-        cols = self.weight_shape[1] if len(self.weight_shape) > 1 else 1
-        ksize = math.prod(self.weight_shape[2:])
-        return rows, cols, ksize, getattr(self, "groups", 1)
+    @property
+    def block_size(self) -> int:
+        return self.weight.block_size
 
     @property
     def nnz(self) -> int:
         """Number of tracked (stored) weights."""
-        return self.values.numel()
+        return self.weight.nnz
 
     @property
     def storage(self) -> BlockStorage:
-        """The compressed tracked set (a view on this layer's tensors)."""
-        return BlockStorage(
-            self.weight_shape,
-            self.block_size,
-            self.values.detach(),
-            self.mask_bits,
-            self.group_ptr,
-            validate=False,
-        )
-
-    def set_tracked(self, storage: BlockStorage) -> None:
-        """Replace the tracked set (keeps the ``values`` parameter object, so optimizers hold on)."""
-        if tuple(storage.shape) != self.weight_shape or storage.block_size != self.block_size:
-            raise ValueError(
-                f"{type(self).__name__}.set_tracked(): expected storage of shape {self.weight_shape} "
-                f"and block_size {self.block_size}, got {tuple(storage.shape)} / {storage.block_size}"
-            )
-        self.values.data = storage.values.to(self.values.dtype)
-        self.mask_bits = storage.bits
-        self.group_ptr = storage.group_ptr
-        self._tracked_version += 1
-
-    def _host_value(self, name: str) -> float | int:
-        """The Python value of a scalar buffer, read from the device only when the buffer changed
-        (new tensor or in-place write), so a forward pass on a GPU does not synchronise for it."""
-        t = getattr(self, name)
-        if t.is_inference():  # no version counter to trust
-            return t.item()
-        cache = self.__dict__.setdefault("_host_values", {})
-        hit = cache.get(name)
-        if hit is not None and hit[0] is t and hit[1] == t._version:
-            return hit[2]
-        value = t.item()
-        cache[name] = (t, t._version, value)
-        return value
-
-    @property
-    def seed_value(self) -> int:
-        return int(self._host_value("seed"))
-
-    @property
-    def init_scale_value(self) -> float:
-        """``init_scale`` as a Python float (the current decay factor of untracked weights)."""
-        return float(self._host_value("init_scale"))
-
-    def initial_weight(self) -> torch.Tensor:
-        """``w0`` regenerated from the seed: float32, shaped like the nn weight."""
-        w0 = init_values(self.seed_value, self.numel, self.bound, device=self.mask_bits.device)
-        return w0.view(self.weight_shape)
-
-    def _materialize(self, values: torch.Tensor) -> torch.Tensor:
-        ops = get_ops(values.device)
-        flat = ops.materialize(
-            self.seed_value,
-            self.bound,
-            self.init_scale_value,
-            values,
-            self.mask_bits,
-            self.group_ptr,
-            self.numel,
-            values.dtype,
-        )
-        return flat.view(self.weight_shape)
+        """The compressed tracked set (a view on the weight's tensors)."""
+        return self.weight.storage
 
     def effective_weight(self) -> torch.Tensor:
         """The dense weight the forward pass uses (a plain tensor shaped like the nn weight)."""
-        with torch.no_grad():
-            return self._materialize(self.values.detach())
+        return self.weight.effective()
 
-    def _weight(self) -> torch.Tensor:
-        return _MaterializeWeight.apply(self.values, self)
+    def initial_weight(self) -> torch.Tensor:
+        """``w0`` regenerated from the seed: float32, shaped like the nn weight."""
+        return self.weight.initial_values()
 
-    def _accumulate_dense_grad(self, grad: torch.Tensor) -> None:
-        grad = grad.detach()
-        if self.dense_grad is None:
-            self.dense_grad = grad.clone(memory_format=torch.contiguous_format)
-        else:
-            self.dense_grad.add_(grad)
+    def _reset_budgeted(self) -> bool:
+        """Back to the initial state (nothing tracked, bias from the seed); False when the weight
+        is not budgeted yet (during the nn constructor)."""
+        w = self._parameters.get("weight")
+        if not is_budgeted(w):
+            return False
+        w.reset_tracked()
+        if self.bias is not None:
+            with torch.no_grad():
+                self.bias.copy_(_seeded_bias(w, self.bias, self.bias.device))
+        return True
 
-    # -- checks and state ------------------------------------------------------------------------
-    def _check_input(
-        self, input: torch.Tensor, feature_dim: int, expected: int, ndims: tuple
-    ) -> None:
+    def _check_input(self, input: Any, feature_dim: int, expected: int, ndims: tuple) -> None:
         name = type(self).__name__
         if not isinstance(input, torch.Tensor):
             raise TypeError(
@@ -273,44 +195,32 @@ class SparseLayer(nn.Module):
             )
         if not input.is_floating_point():
             raise TypeError(f"{name}.forward(): expected a floating-point input, got {input.dtype}")
-        if input.dtype != self.values.dtype and not torch.is_autocast_enabled(input.device.type):
+        dtype = self.weight.values.dtype
+        if input.dtype != dtype and not torch.is_autocast_enabled(input.device.type):
             raise TypeError(
-                f"{name}.forward(): expected input of dtype {self.values.dtype}, got {input.dtype}"
+                f"{name}.forward(): expected input of dtype {dtype}, got {input.dtype}"
             )
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
-        # The tracked count varies: size the values parameter to the checkpoint's before copying.
-        # Checked before anything is copied, so a bad checkpoint leaves the layer as it was.
-        keys = [prefix + k for k in ("values", "mask_bits", "group_ptr")]
-        if all(k in state_dict for k in keys):
-            saved = [state_dict[k] for k in keys]
-            try:
-                BlockStorage(self.weight_shape, self.block_size, *(t.detach() for t in saved))
-            except (ValueError, TypeError) as err:
-                error_msgs.append(
-                    f"{prefix or 'layer '}tracked set in checkpoint is inconsistent: {err}"
-                )
-                return
-            self.values.data = torch.empty(
-                saved[0].numel(), dtype=self.values.dtype, device=self.values.device
-            )
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        self.dense_grad = None
-        self._tracked_version += 1
 
     def _sparse_repr(self) -> str:
+        w = self.weight
+        if not is_budgeted(w):
+            return "dense weight"
         return (
-            f"block_size={self.block_size}, seed={self.seed_value}, nnz={self.nnz}/{self.numel}, "
-            f"init_scale={self.init_scale_value:.3g}"
+            f"block_size={w.block_size}, seed={w.seed}, nnz={w.nnz}/{w.weight_numel}, "
+            f"init_scale={w.scale_value:.3g}"
         )
 
 
-class SparseLinear(SparseLayer):
-    """Budgeted drop-in for :class:`torch.nn.Linear` (same arguments, plus ``seed``).
+def _check_common(name: str, dtype: Any, seed: Any, compute: Any, tile: Any) -> int:
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"{name}: expected a floating dtype, got {dtype}")
+    check_compute(compute, name)
+    check_compute_tile(tile, name)
+    return _random_seed() if seed is None else check_seed(seed, name)
+
+
+class SparseLinear(_BudgetedLayer, nn.Linear):
+    """``nn.Linear`` whose weight is budgeted (same arguments, plus ``seed``).
 
     Args:
         in_features, out_features, bias, device, dtype: as :class:`torch.nn.Linear`.
@@ -322,8 +232,10 @@ class SparseLinear(SparseLayer):
             weights are zeros); see :mod:`procrustes_kernels.compute`.
         compute_tile: ``(rows, columns)`` weight tile of the sparse kernels.
 
-    The initial weight is U(-1/sqrt(in_features), 1/sqrt(in_features)) like ``nn.Linear``'s, but
-    generated from ``seed`` so it can be regenerated instead of stored.
+    ``isinstance(layer, nn.Linear)`` holds and ``layer.weight`` is a
+    :class:`~procrustes_kernels.weight.BudgetedWeight` parameter. The initial weight is
+    U(-1/sqrt(in_features), 1/sqrt(in_features)) like ``nn.Linear``'s, but generated from ``seed``
+    so it can be regenerated instead of stored; ``reset_parameters()`` returns to it.
     """
 
     def __init__(
@@ -339,37 +251,36 @@ class SparseLinear(SparseLayer):
         compute: str = "auto",
         compute_tile: tuple[int, int] = DEFAULT_COMPUTE_TILE,
     ) -> None:
-        super().__init__()
+        name = "SparseLinear()"
         for arg, v in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"SparseLinear(): expected {arg} to be a positive int, got {v!r}")
-        if not isinstance(block_size, int) or block_size <= 0:
-            raise ValueError(
-                f"SparseLinear(): expected block_size to be a positive int, got {block_size!r}"
-            )
-        self.in_features = in_features
-        self.out_features = out_features
-        self._init_sparse(
-            (out_features, in_features),
-            in_features,
-            block_size,
-            seed,
-            bias,
-            device,
-            dtype,
-            compute,
-            compute_tile,
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name}: expected {arg} to be a positive int, got {v!r}")
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size <= 0:
+            raise ValueError(f"{name}: expected block_size to be a positive int, got {block_size!r}")
+        seed = _check_common(name, dtype, seed, compute, compute_tile)
+        # The nn constructor's dense weight lives on the meta device: nothing is allocated.
+        super().__init__(in_features, out_features, bias, device="meta", dtype=dtype)
+        device = torch.empty(0, device=device).device if device is not None else None
+        self.weight = _new_weight(
+            self.weight,
+            seed=seed,
+            block_size=block_size,
+            device=device or torch.device("cpu"),
+            compute=compute,
+            compute_tile=compute_tile,
         )
+        if self.bias is not None:
+            self.bias = _seeded_bias(self.weight, self.bias, self.weight.values.device)
+        _watch_old_layout(self)
+
+    def reset_parameters(self) -> None:
+        """Back to the initial state: nothing tracked, weight ``w0`` and bias from the seed."""
+        if not self._reset_budgeted():
+            super().reset_parameters()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input(input, -1, self.in_features, tuple(range(1, 9)))
-        path = choose_path(self, input)
-        if path == "sparse":
-            out = sparse_linear_forward(self, input)
-        else:
-            out = F.linear(input, self._weight(), self.bias)
-        self.last_path = path
-        return out
+        return super().forward(input)
 
     def to_dense(self) -> nn.Linear:
         """The equivalent :class:`torch.nn.Linear` holding the current effective weight."""
@@ -377,13 +288,12 @@ class SparseLinear(SparseLayer):
             self.in_features,
             self.out_features,
             bias=self.bias is not None,
-            device=self.values.device,
-            dtype=self.values.dtype,
+            device="meta",
+            dtype=self.weight.dtype,
         )
-        with torch.no_grad():
-            layer.weight.copy_(self.effective_weight())
-            if self.bias is not None:
-                layer.bias.copy_(self.bias)
+        layer.weight = nn.Parameter(self.effective_weight(), self.weight.requires_grad)
+        if self.bias is not None:
+            layer.bias = nn.Parameter(self.bias.detach().clone(), self.bias.requires_grad)
         return layer
 
     @classmethod
@@ -409,14 +319,14 @@ class SparseLinear(SparseLayer):
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
-class SparseConv2d(SparseLayer):
-    """Budgeted drop-in for :class:`torch.nn.Conv2d` (same arguments, plus ``seed``).
+class SparseConv2d(_BudgetedLayer, nn.Conv2d):
+    """``nn.Conv2d`` whose weight is budgeted (same arguments, plus ``seed``).
 
     One storage block is the ``kH x kW`` kernel of one (output channel, input channel) pair, as in
     the Procrustes accelerator, so the same blocks serve W (forward) and W^T (backward data).
 
-    ``compute`` / ``compute_tile`` as for :class:`SparseLinear` (the tile is output channels x
-    input channels, each with its whole kernel).
+    ``seed``, ``compute`` and ``compute_tile`` as for :class:`SparseLinear` (the tile is output
+    channels x input channels, each with its whole kernel).
     """
 
     def __init__(
@@ -437,14 +347,15 @@ class SparseConv2d(SparseLayer):
         compute: str = "auto",
         compute_tile: tuple[int, int] = DEFAULT_COMPUTE_TILE,
     ) -> None:
-        super().__init__()
+        from torch.nn.modules.utils import _pair
+
         name = "SparseConv2d()"
         for arg, v in (
             ("in_channels", in_channels),
             ("out_channels", out_channels),
             ("groups", groups),
         ):
-            if not isinstance(v, int) or v <= 0:
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name}: expected {arg} to be a positive int, got {v!r}")
         if in_channels % groups:
             raise ValueError(
@@ -454,80 +365,62 @@ class SparseConv2d(SparseLayer):
             raise ValueError(
                 f"{name}: expected out_channels divisible by groups, got {out_channels} and {groups}"
             )
-        kernel_size, stride, dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
         for arg, v in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation)):
-            if any(not isinstance(x, int) or x <= 0 for x in v):
-                raise ValueError(f"{name}: expected {arg} of positive ints, got {v!r}")
+            if any(not isinstance(x, int) or x <= 0 for x in _pair(v)):
+                raise ValueError(f"{name}: expected {arg} of positive ints, got {_pair(v)!r}")
         if isinstance(padding, str):
             if padding not in ("same", "valid"):
                 raise ValueError(
                     f"{name}: expected padding 'same', 'valid' or ints, got {padding!r}"
                 )
-            if padding == "same" and any(s != 1 for s in stride):
-                raise ValueError(f"{name}: padding='same' expects stride 1, got stride {stride}")
-        else:
-            padding = _pair(padding)
-            if any(not isinstance(x, int) or x < 0 for x in padding):
-                raise ValueError(f"{name}: expected padding of non-negative ints, got {padding!r}")
+            if padding == "same" and any(s != 1 for s in _pair(stride)):
+                raise ValueError(
+                    f"{name}: padding='same' expects stride 1, got stride {_pair(stride)}"
+                )
+        elif any(not isinstance(x, int) or x < 0 for x in _pair(padding)):
+            raise ValueError(
+                f"{name}: expected padding of non-negative ints, got {_pair(padding)!r}"
+            )
         if padding_mode not in _PADDING_MODES:
             raise ValueError(
                 f"{name}: expected padding_mode in {_PADDING_MODES}, got {padding_mode!r}"
             )
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = kernel_size
-        self.stride = stride
-        self.padding = padding
-        self.dilation = dilation
-        self.groups = groups
-        self.padding_mode = padding_mode
-        # F.pad amounts (last dim first) when padding is done outside the convolution.
-        if padding == "valid":
-            pads = [0, 0, 0, 0]
-        elif padding == "same":
-            pads = []
-            for d, k in zip(reversed(dilation), reversed(kernel_size)):
-                total = d * (k - 1)
-                pads += [total // 2, total - total // 2]
-        else:
-            pads = [p for p in reversed(padding) for _ in range(2)]
-        self._reversed_padding_repeated_twice = pads
-        cin = in_channels // groups
-        kh, kw = kernel_size
-        self._init_sparse(
-            (out_channels, cin, kh, kw),
-            cin * kh * kw,
-            kh * kw,
-            seed,
+        seed = _check_common(name, dtype, seed, compute, compute_tile)
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
             bias,
-            device,
-            dtype,
-            compute,
-            compute_tile,
+            padding_mode,
+            device="meta",
+            dtype=dtype,
         )
+        device = torch.empty(0, device=device).device if device is not None else None
+        self.weight = _new_weight(
+            self.weight,
+            seed=seed,
+            block_size=self.kernel_size[0] * self.kernel_size[1],
+            groups=groups,
+            device=device or torch.device("cpu"),
+            compute=compute,
+            compute_tile=compute_tile,
+        )
+        if self.bias is not None:
+            self.bias = _seeded_bias(self.weight, self.bias, self.weight.values.device)
+        _watch_old_layout(self)
+
+    def reset_parameters(self) -> None:
+        """Back to the initial state: nothing tracked, weight ``w0`` and bias from the seed."""
+        if not self._reset_budgeted():
+            super().reset_parameters()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input(input, -3, self.in_channels, (3, 4))
-        path = choose_path(self, input)
-        if path == "sparse":
-            out = sparse_conv2d_forward(self, input)
-        elif self.padding_mode != "zeros":
-            padded = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            out = F.conv2d(
-                padded, self._weight(), self.bias, self.stride, 0, self.dilation, self.groups
-            )
-        else:
-            out = F.conv2d(
-                input,
-                self._weight(),
-                self.bias,
-                self.stride,
-                self.padding,
-                self.dilation,
-                self.groups,
-            )
-        self.last_path = path
-        return out
+        return super().forward(input)
 
     def to_dense(self) -> nn.Conv2d:
         """The equivalent :class:`torch.nn.Conv2d` holding the current effective weight."""
@@ -541,13 +434,12 @@ class SparseConv2d(SparseLayer):
             groups=self.groups,
             bias=self.bias is not None,
             padding_mode=self.padding_mode,
-            device=self.values.device,
-            dtype=self.values.dtype,
+            device="meta",
+            dtype=self.weight.dtype,
         )
-        with torch.no_grad():
-            layer.weight.copy_(self.effective_weight())
-            if self.bias is not None:
-                layer.bias.copy_(self.bias)
+        layer.weight = nn.Parameter(self.effective_weight(), self.weight.requires_grad)
+        if self.bias is not None:
+            layer.bias = nn.Parameter(self.bias.detach().clone(), self.bias.requires_grad)
         return layer
 
     @classmethod
@@ -570,44 +462,45 @@ class SparseConv2d(SparseLayer):
         )
 
     def extra_repr(self) -> str:
-        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
-        if self.padding != (0, 0):
-            s += f", padding={self.padding!r}"
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.bias is None:
-            s += ", bias=False"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode!r}"
-        return f"{s}, {self._sparse_repr()}"
+        return f"{super().extra_repr()}, {self._sparse_repr()}"
 
 
-_SPARSE_OF = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
+# ------------------------------------------------------------------------------------ sparsify
 
 
-def _replace(model: nn.Module, convert: Callable[[str, nn.Module], nn.Module | None]) -> nn.Module:
-    """Replace submodules (in ``named_modules`` order) by ``convert(name, module)`` when not None.
+def _targets(module: nn.Module) -> list[tuple[str, float | None]]:
+    """``(parameter name, init bound)`` of the weights ``sparsify`` budgets in ``module``
+    (bound None: ``1 / sqrt(fan_in)``, the default of ``nn.Linear`` / ``nn.Conv2d``)."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        return [("weight", None)]
+    if isinstance(module, nn.MultiheadAttention):
+        if module._qkv_same_embed_dim:
+            e = module.embed_dim
+            return [("in_proj_weight", _xavier_bound(e, 3 * e))]
+        return [
+            (n, _xavier_bound(module._parameters[n].shape[1], module.embed_dim))
+            for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+        ]
+    return []
 
-    A module registered at several places (weight tying) is converted once and the one new module
-    is put at every place, so the tie survives.
-    """
-    targets = []
-    converted: dict[int, nn.Module | None] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if id(module) not in converted:
-            converted[id(module)] = convert(name, module)
-        new = converted[id(module)]
-        if new is not None:
-            targets.append((name, new))
-    if targets and targets[0][0] == "":
-        return targets[0][1]  # the model itself was converted
-    for name, new in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
-    return model
+
+def _holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Every place (module, name) that holds each parameter: a tied weight has several."""
+    out: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                out.setdefault(id(p), []).append((module, name))
+    return out
+
+
+def _device_of(device: Any, fn: str) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        return torch.empty(0, device=device).device if str(device) != "meta" else None
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{fn}: expected device to be a torch device, got {device!r}") from err
 
 
 def sparsify(
@@ -616,68 +509,188 @@ def sparsify(
     *,
     filter: Callable[[str, nn.Module], bool] | None = None,
     linear_block_size: int = LINEAR_BLOCK,
+    device: Any = None,
 ) -> nn.Module:
-    """Swap every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` for its sparse version, in place.
+    """Put the weights of ``model`` on a budget, in place: modules keep their class.
+
+    Converted: the ``weight`` of every ``nn.Linear`` (subclasses included, e.g.
+    ``MultiheadAttention.out_proj``) and ``nn.Conv2d``, and the input projections of every
+    ``nn.MultiheadAttention`` (``in_proj_weight``, or ``q/k/v_proj_weight``). Each becomes a
+    :class:`~procrustes_kernels.weight.BudgetedWeight` parameter (see
+    :func:`~procrustes_kernels.is_budgeted`).
 
     DropBack regenerates untracked weights from their initial value, so that value must be a pure
-    function of a seed: **the swapped layers' weights and biases are re-initialised** from
-    ``derive_seed(seed, position)`` (position = order among the swapped layers in
-    ``model.named_modules()``), with the same distribution as PyTorch's default init. Trained
-    weights of the original layers are not kept.
+    function of a seed: **the converted weights and their modules' biases are re-initialised**
+    from ``derive_seed(seed, position)`` (position = order of the converted weights in
+    ``model.named_modules()``), with PyTorch's default distribution for each: U(-1/sqrt(fan_in),
+    1/sqrt(fan_in)) for linear and conv weights (the bias continues the weight's stream),
+    ``xavier_uniform_``'s bound and zero biases for attention projections. Trained weights of the
+    original modules are not kept. Weights that are budgeted already are left alone.
+
+    A weight tied between modules (an embedding and an output head) stays one shared parameter,
+    budgeted wherever it is used (the embedding then reads the effective weight).
 
     Args:
-        model: the model to convert (modified in place; returned for convenience, or the new layer
-            when ``model`` itself is an ``nn.Linear`` / ``nn.Conv2d``).
+        model: the model to convert (modified in place and returned).
         seed: model seed; the same seed gives the same network on every backend and machine.
-        filter: optional ``filter(qualified_name, module) -> bool``; layers for which it returns
-            False stay dense.
-        linear_block_size: storage block length of the SparseLinear layers.
+        filter: optional ``filter(qualified_name, module) -> bool``; modules for which it returns
+            False keep dense weights.
+        linear_block_size: storage block length of linear and attention weights.
+        device: where the budgeted weights (and the converted modules' biases) live; default:
+            where each original weight is. Required for a model built on the meta device: its
+            dense weights are then never allocated (other modules on the meta device are moved
+            with ``to_empty`` and ``reset_parameters()`` where they define it).
     """
-    seed = _check_seed(seed, "sparsify()")
-    position = 0
+    fn = "sparsify()"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}: expected model to be an nn.Module, got {type(model).__name__}")
+    seed = check_seed(seed, fn)
+    if not isinstance(linear_block_size, int) or linear_block_size <= 0:
+        raise ValueError(
+            f"{fn}: expected linear_block_size to be a positive int, got {linear_block_size!r}"
+        )
+    target_device = _device_of(device, fn)
+    holders = _holders(model)
+    out_projs = {
+        id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)
+    }
 
-    def convert(name: str, module: nn.Module) -> nn.Module | None:
-        nonlocal position
-        cls = _SPARSE_OF.get(type(module))
-        if cls is None or (filter is not None and not filter(name, module)):
-            return None
-        kw = {"block_size": linear_block_size} if cls is SparseLinear else {}
-        new = cls.from_dense(module, seed=derive_seed(seed, position), **kw)
-        new.train(module.training)
-        position += 1
-        return new
+    # Plan first (filter calls, checks), then convert: a failing check changes nothing.
+    plan = []
+    seen: set[int] = set()
+    for qname, module in model.named_modules():
+        targets = _targets(module)
+        if not targets or (filter is not None and not filter(qname, module)):
+            continue
+        for pname, bound in targets:
+            old = module._parameters.get(pname)
+            if old is None or is_budgeted(old) or id(old) in seen:
+                continue
+            if old.device.type == "meta" and target_device is None:
+                raise ValueError(
+                    f"{fn}: '{qname}.{pname}' is on the meta device; pass device= to build its "
+                    "budgeted weight there (its dense weight is never allocated)"
+                )
+            seen.add(id(old))
+            plan.append((module, pname, old, bound))
 
-    return _replace(model, convert)
+    for position, (module, pname, old, bound) in enumerate(plan):
+        conv = isinstance(module, nn.Conv2d) and pname == "weight"
+        new = _new_weight(
+            old,
+            seed=derive_seed(seed, position),
+            bound=bound,
+            block_size=math.prod(old.shape[2:]) if conv else linear_block_size,
+            groups=module.groups if conv else 1,
+            device=target_device,
+        )
+        for holder, name in holders[id(old)]:
+            setattr(holder, name, new)
+        dev = new.values.device
+        w = new
+        if isinstance(module, nn.MultiheadAttention):
+            for bname in ("in_proj_bias",):
+                b = module._parameters.get(bname)
+                if b is not None and pname in ("in_proj_weight", "q_proj_weight"):
+                    module._parameters[bname] = _zero_param(b, dev)
+            for bname in ("bias_k", "bias_v"):
+                b = module._parameters.get(bname)
+                if b is not None and b.device.type == "meta":
+                    p = torch.empty(b.shape, dtype=b.dtype, device=dev)
+                    nn.init.xavier_normal_(p)
+                    module._parameters[bname] = nn.Parameter(p, b.requires_grad)
+        elif module._parameters.get("bias") is not None:
+            b = module._parameters["bias"]
+            module.bias = (
+                _zero_param(b, dev) if id(module) in out_projs else _seeded_bias(w, b, dev)
+            )
+        _watch_old_layout(module)
+
+    if target_device is not None:
+        _materialise_meta(model, target_device)
+    return model
+
+
+def _materialise_meta(model: nn.Module, device: torch.device) -> None:
+    """Move modules still on the meta device to ``device`` and initialise them, where they can."""
+    for module in model.modules():
+        own = [t for t in module._parameters.values() if t is not None and not is_budgeted(t)]
+        own += [t for t in module._buffers.values() if t is not None]
+        if any(t.device.type == "meta" for t in own) and hasattr(module, "reset_parameters"):
+            if any(is_budgeted(t) for t in module._parameters.values()):
+                continue  # its remaining parameters were set by sparsify
+            module.to_empty(device=device, recurse=False)
+            module.reset_parameters()
+
+
+def _replace_modules(model: nn.Module, convert: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
+    """Replace submodules by ``convert(module)`` when not None (a shared module once, everywhere)."""
+    converted: dict[int, nn.Module | None] = {}
+    targets = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) not in converted:
+            converted[id(module)] = convert(module)
+        if converted[id(module)] is not None:
+            targets.append((name, converted[id(module)]))
+    if targets and targets[0][0] == "":
+        return targets[0][1]
+    for name, new in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+    return model
 
 
 def densify(model: nn.Module) -> nn.Module:
-    """Replace every sparse layer by the equivalent nn layer holding its effective weight, in place."""
+    """Turn every budgeted weight of ``model`` into a dense ``nn.Parameter`` holding its effective
+    weight, in place (for export and deployment). :class:`SparseLinear` / :class:`SparseConv2d`
+    modules become plain ``nn.Linear`` / ``nn.Conv2d``; every other module keeps its class. Tied
+    weights stay tied. Returns the model (or the new module when ``model`` itself was a sparse
+    layer)."""
+    holders = _holders(model)
+    for places in holders.values():
+        module, name = places[0]
+        w = module._parameters[name]
+        if not is_budgeted(w):
+            continue
+        dense = nn.Parameter(w.effective().clone(), requires_grad=w.requires_grad)
+        for holder, hname in places:
+            holder._parameters[hname] = dense
 
-    def convert(name: str, module: nn.Module) -> nn.Module | None:
-        if not isinstance(module, SparseLayer):
+    def convert(module: nn.Module) -> nn.Module | None:
+        if not isinstance(module, (SparseLinear, SparseConv2d)):
             return None
-        new = module.to_dense()
-        new.train(module.training)
-        return new
+        base = nn.Linear if isinstance(module, SparseLinear) else nn.Conv2d
+        plain = base.__new__(base)
+        plain.__dict__.update(module.__dict__)
+        plain._parameters = dict(module._parameters)
+        plain._load_state_dict_pre_hooks = type(module._load_state_dict_pre_hooks)()
+        plain.__dict__.pop("_pk_old_layout_hook", None)
+        return plain
 
-    return _replace(model, convert)
+    return _replace_modules(model, convert)
+
+
+def _budgeted_params(model: nn.Module) -> Iterator[BudgetedWeight]:
+    for p in model.parameters():
+        if is_budgeted(p):
+            yield p
 
 
 def set_compute(
     model: nn.Module, compute: str = "auto", compute_tile: tuple[int, int] | None = None
 ) -> nn.Module:
-    """Set ``compute`` (and optionally ``compute_tile``) on every sparse layer of ``model``.
+    """Set ``compute`` (and optionally ``compute_tile``) on every budgeted weight of ``model``.
 
-    ``"auto"`` lets each layer choose per step between its sparse kernels and the materialise path,
-    ``"dense"`` / ``"sparse"`` force one (see :mod:`procrustes_kernels.compute`). Checked before
-    any layer changes.
+    ``"auto"`` lets each weight choose per step between the sparse kernels and the materialise
+    path, ``"dense"`` / ``"sparse"`` force one (see :mod:`procrustes_kernels.compute`). Checked
+    before any weight changes.
     """
     check_compute(compute, "set_compute()")
     if compute_tile is not None:
         compute_tile = check_compute_tile(compute_tile, "set_compute()")
-    for module in model.modules():
-        if isinstance(module, SparseLayer):
-            module.compute = compute
-            if compute_tile is not None:
-                module.compute_tile = compute_tile
+    for w in _budgeted_params(model):
+        w.compute = compute
+        if compute_tile is not None:
+            w.compute_tile = compute_tile
     return model

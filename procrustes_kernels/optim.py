@@ -1,6 +1,7 @@
-"""The DropBack / Procrustes optimizer (docs: algorithm section 1), reference path.
+"""The DropBack / Procrustes optimizer (docs: algorithm section 1), a ``torch.optim.Optimizer``.
 
-One ``step()`` over all sparse layers of a model, for weights ``W`` with dense gradient ``g``:
+One ``step()`` over all budgeted weights (:class:`~procrustes_kernels.weight.BudgetedWeight`
+parameters) for weights ``W`` with dense gradient ``g`` (their ``.grad``):
 
 1. candidate ``c = W - lr * m`` with ``m = g + weight_decay * W`` (plus momentum, kept for tracked
    weights only: a weight entering the tracked set starts from ``m = g'``);
@@ -10,9 +11,12 @@ One ``step()`` over all sparse layers of a model, for weights ``W`` with dense g
    their mean score (:mod:`procrustes_kernels.tiles`);
 4. tracked weights store ``c``; every other weight is ``d_n * w0`` again, regenerated, not stored.
 
-Every other parameter of the model (biases, norms) trains with plain SGD of the same settings.
-Everything is computed before anything is written, so a failing step leaves model and optimizer
-as they were.
+Every other parameter (biases, norms) trains with plain SGD of its group's settings. Everything is
+computed before anything is written, so a failing step leaves model and optimizer as they were.
+
+Budgeted weights change only here: any other optimizer's ``step()`` over a budgeted weight is
+refused before it changes anything (a global step pre-hook), since a ``torch.optim`` update of the
+dense weight cannot be stored on a budget.
 """
 
 from __future__ import annotations
@@ -25,13 +29,14 @@ import numpy as np
 import torch
 from torch import nn
 from torch.optim import Optimizer
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .compute import COMPUTE_TILE_SIZES
-from .layers import SparseLayer
 from .ops import Compacted, Segment, StepParams, get_ops, reference
 from .selection import PaperQuantileSelector, QuantileSelector
 from .storage import BlockStorage
 from .tiles import check_tile, select_tiles, tile_element_mask, tile_scores, tile_sizes
+from .weight import BudgetedWeight, is_budgeted
 
 __all__ = ["DropBack", "Procrustes", "decay_factor", "decay_for_steps", "linear_decay_factor"]
 
@@ -69,15 +74,6 @@ def decay_for_steps(steps: int, zero_cutoff: float = 1e-8) -> float:
     return zero_cutoff ** (1.0 / steps)
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    """Whether every element is finite: one min/max reduction (NaN and inf propagate into it),
-    no boolean tensor of the gradient's size."""
-    if t.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(t.detach())
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
-
-
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -94,7 +90,7 @@ def _highest_bin_reaching(counts: np.ndarray, target: int) -> tuple[int, int]:
     return b, above
 
 
-def _select_topk(segments: list[Segment], p: StepParams, k: int) -> list[Compacted]:
+def _select_topk(segments: list[Segment], params: list[StepParams], k: int) -> list[Compacted]:
     """Exact top-k over all ``segments`` by a two-level radix select on the scores' bits.
 
     The k-th largest score ``v`` is found from a histogram of the upper 15 bits, then one of the
@@ -103,9 +99,9 @@ def _select_topk(segments: list[Segment], p: StepParams, k: int) -> list[Compact
     index across all layers. Zero scores are never kept.
     """
     ops = [get_ops(s.grad.device) for s in segments]
-    high = sum(o.radix_histogram(s, p).cpu() for o, s in zip(ops, segments)).numpy()
+    high = sum(o.radix_histogram(s, p).cpu() for o, s, p in zip(ops, segments, params)).numpy()
     b, above = _highest_bin_reaching(high, k)
-    low = sum(o.radix_histogram(s, p, b).cpu() for o, s in zip(ops, segments)).numpy()
+    low = sum(o.radix_histogram(s, p, b).cpu() for o, s, p in zip(ops, segments, params)).numpy()
     lo, above_low = _highest_bin_reaching(low, k - above)
     v = (b << 16) | lo
     if v == 0:  # fewer than k positive scores: keep them all
@@ -113,23 +109,71 @@ def _select_topk(segments: list[Segment], p: StepParams, k: int) -> list[Compact
     else:
         threshold, quota = _float32_of_bits(v), k - above - above_low
     results = []
-    for o, s in zip(ops, segments):
+    for o, s, p in zip(ops, segments, params):
         res = o.compact(s, p, threshold, quota)
         quota -= res.ties_used
         results.append(res)
     return results
 
 
+_STATE_FORMAT = 2  # 1: the layer-based layout (sparse layers' ``values`` first, then the rest)
+
+
+def _check_group_hyper(group: dict, name: str) -> None:
+    """Checks the hyperparameters a param group sets (torch.optim keeps them per group)."""
+    if "lr" in group:
+        lr = group["lr"]
+        if not _is_number(lr) or not lr >= 0 or not math.isfinite(lr):
+            raise ValueError(f"{name}: expected lr >= 0, got {lr!r}")
+    if "momentum" in group:
+        mu = group["momentum"]
+        if not _is_number(mu) or not 0 <= mu < 1:
+            raise ValueError(f"{name}: expected momentum in [0, 1), got {mu!r}")
+    if "weight_decay" in group:
+        wd = group["weight_decay"]
+        if not _is_number(wd) or not wd >= 0 or not math.isfinite(wd):
+            raise ValueError(f"{name}: expected weight_decay >= 0, got {wd!r}")
+
+
+def _first_nonfinite(tensors: list[torch.Tensor]) -> int | None:
+    """Index of the first tensor holding a NaN or inf, or None; one host sync per device."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    bad = []
+    for idx in by_device.values():
+        flags = []
+        for i in idx:
+            t = tensors[i].detach()
+            if t.numel() == 0:
+                flags.append(torch.zeros((), dtype=torch.bool, device=t.device))
+                continue
+            lo, hi = torch.aminmax(t)  # NaN and inf propagate into min / max
+            flags.append(~(torch.isfinite(lo) & torch.isfinite(hi)))
+        stacked = torch.stack(flags)
+        if bool(stacked.any()):
+            bad += [idx[j] for j in torch.nonzero(stacked).flatten().tolist()]
+    return min(bad) if bad else None
+
+
 class DropBack(Optimizer):
-    """Trains a model's sparse layers on a weight budget (DropBack; Procrustes with its settings).
+    """Trains budgeted weights on a weight budget (DropBack; Procrustes with its settings).
+
+    A ``torch.optim.Optimizer``: it takes ``model.parameters()`` or param groups, and works with
+    ``zero_grad()``, ``torch.optim.lr_scheduler``, ``add_param_group``, ``state_dict()``,
+    gradient clipping and ``torch.amp.GradScaler``. Budgeted weights (see
+    :func:`~procrustes_kernels.sparsify`) get the DropBack rule; every other parameter plain SGD
+    with its group's ``lr``, ``momentum`` and ``weight_decay``.
 
     Args:
-        model: module containing :class:`SparseLinear` / :class:`SparseConv2d` layers (see
-            :func:`sparsify`). Its other parameters train with plain SGD of the same settings.
-        lr: learning rate (works with ``torch.optim.lr_scheduler``).
-        budget: tracked weights, a fraction in (0, 1] of all budgeted weights or an int count.
-        momentum: SGD momentum; kept for tracked weights only.
-        weight_decay: L2 penalty added to the gradient.
+        params: an iterable of parameters or of param group dicts, as for every torch optimizer
+            (an ``nn.Module`` is accepted too and stands for its ``parameters()``, with names
+            for error messages). At least one budgeted weight.
+        lr: learning rate (per group; works with ``torch.optim.lr_scheduler``).
+        budget: tracked weights, a fraction in (0, 1] of all budgeted weights of all groups or an
+            int count; global over all groups, or per weight with ``scope="layer"``.
+        momentum: SGD momentum (per group); kept for tracked weights only.
+        weight_decay: L2 penalty added to the gradient (per group).
         init_decay: per-step decay of the initial values of untracked weights, in (0, 1]
             (1: DropBack; 0.9: Procrustes): ``d_n = init_decay ** (n - 1)``.
         decay_steps: instead of ``init_decay``, a linear decay relative to the length of training:
@@ -139,7 +183,8 @@ class DropBack(Optimizer):
             for runs of a few thousand steps is ``decay_steps`` = half of the training steps.
         selection: ``"topk"`` (exact), ``"quantile"`` (order-independent estimator carrying a
             threshold across steps) or ``"quantile_paper"`` (the authors' sequential walk).
-        scope: ``"global"`` (one budget over all layers) or ``"layer"`` (each layer keeps its share).
+        scope: ``"global"`` (one budget over all budgeted weights) or ``"layer"`` (each weight
+            keeps its share).
         zero_cutoff: decay factors below this become exactly 0 (untracked weights are then zeros).
         drift_window: steps over which the quantile estimator averages the count drift.
         quantile_warmup: first steps in which the quantile estimator reads its threshold from
@@ -147,27 +192,28 @@ class DropBack(Optimizer):
         granularity: ``"element"`` (default: single weights are tracked) or ``"tile"`` (whole tiles
             are tracked or regenerated, the unit of the sparse compute kernels). A tile's score is
             the mean of its weights' scores (float64 sum over the tile's weights); tiles are ranked
-            exactly, descending (ties: earlier layer, then lower tile index), tiles of score 0 are
+            exactly, descending (ties: earlier weight, then lower tile index), tiles of score 0 are
             never kept, and tiles are taken while the tracked count stays within the budget (per
             scope), stopping at the first tile that does not fit. ``selection`` does not apply
             here (each of its values is accepted and has no effect): tile scores are few (~1/1000
             of the weights) and are ranked exactly. See :mod:`procrustes_kernels.tiles`.
         tile: ``(rows, cols)`` of a tile with ``granularity="tile"``: ``rows`` output features /
             channels of one group times ``cols`` input features / channels per group, each with its
-            whole kernel (all ``kh * kw`` positions); cut per group, the last tiles of a layer are
+            whole kernel (all ``kh * kw`` positions); cut per group, the last tiles of a weight are
             partial where the sizes do not divide (the tiles of ``ops.sparse_index.tile_mask``
             with ``block_n, block_c = tile``). Positive ints; ignored with
-            ``granularity="element"``. When both are kernel tile sizes (16, 32 or 64), the layers'
+            ``granularity="element"``. When both are kernel tile sizes (16, 32 or 64), the weights'
             ``compute_tile`` is set to ``tile``, so the sparse kernels skip exactly the dropped tiles.
 
-    The dense gradient of each sparse layer's effective weight is kept in ``layer.dense_grad``
-    between ``backward()`` and ``step()`` (for data parallel training, all-reduce
-    :meth:`dense_grads` before ``step()``); ``step()`` consumes and drops it.
+    Gradients are the parameters' ``.grad`` (for a budgeted weight: the dense gradient of its
+    effective weight). A parameter whose ``.grad`` is None (frozen, or unused this step) is skipped
+    as ``torch.optim.SGD`` skips it; a skipped budgeted weight keeps its tracked set and decay
+    factor, and its tracked weights still count against a global budget.
     """
 
     def __init__(
         self,
-        model: nn.Module,
+        params: Any,
         lr: float,
         budget: float | int,
         momentum: float = 0.0,
@@ -184,16 +230,7 @@ class DropBack(Optimizer):
         decay_steps: int | None = None,
     ) -> None:
         name = type(self).__name__ + "()"
-        if not isinstance(model, nn.Module):
-            raise TypeError(
-                f"{name}: expected model to be an nn.Module, got {type(model).__name__}"
-            )
-        if not _is_number(lr) or not lr >= 0 or not math.isfinite(lr):
-            raise ValueError(f"{name}: expected lr >= 0, got {lr!r}")
-        if not _is_number(momentum) or not 0 <= momentum < 1:
-            raise ValueError(f"{name}: expected momentum in [0, 1), got {momentum!r}")
-        if not _is_number(weight_decay) or not weight_decay >= 0 or not math.isfinite(weight_decay):
-            raise ValueError(f"{name}: expected weight_decay >= 0, got {weight_decay!r}")
+        _check_group_hyper({"lr": lr, "momentum": momentum, "weight_decay": weight_decay}, name)
         if not _is_number(init_decay) or not 0 < init_decay <= 1:
             raise ValueError(f"{name}: expected init_decay in (0, 1], got {init_decay!r}")
         if decay_steps is not None:
@@ -217,20 +254,18 @@ class DropBack(Optimizer):
                 f"{name}: expected granularity in {GRANULARITIES}, got {granularity!r}"
             )
         tile = check_tile(tile, name)
-
-        self.layers: list[SparseLayer] = []
-        self.layer_names: list[str] = []
-        for mod_name, module in model.named_modules():
-            if isinstance(module, SparseLayer):
-                self.layers.append(module)
-                self.layer_names.append(mod_name or type(module).__name__)
-        if not self.layers:
-            raise ValueError(
-                f"{name}: expected a model with SparseLinear / SparseConv2d layers, found none "
-                "(convert it with procrustes_kernels.sparsify(model) first)"
+        if isinstance(budget, bool) or not _is_number(budget):
+            raise TypeError(
+                f"{name}: expected budget to be a float in (0, 1] or an int count, got {budget!r}"
             )
-        self.total_weights = sum(layer.numel for layer in self.layers)
-        self.budget = self._budget_count(budget, name)
+        if isinstance(budget, float) and not 0 < budget <= 1:
+            raise ValueError(f"{name}: expected a fractional budget in (0, 1], got {budget}")
+
+        self._names: dict[int, str] = {}
+        if isinstance(params, nn.Module):
+            self._names = {id(p): n for n, p in params.named_parameters()}
+            params = list(params.parameters())
+        self._budget_spec = budget
         self.init_decay = float(init_decay)
         self.decay_steps = decay_steps
         self.selection = selection
@@ -238,188 +273,215 @@ class DropBack(Optimizer):
         self.zero_cutoff = float(zero_cutoff)
         self.granularity = granularity
         self.tile = tile
-        if scope == "global":
-            self.layer_budgets = None
-        else:
-            share = self.budget / self.total_weights
-            self.layer_budgets = [max(1, round(layer.numel * share)) for layer in self.layers]
-
-        sparse_ids = {id(layer.values) for layer in self.layers}
-        params = [layer.values for layer in self.layers]
-        params += [p for p in model.parameters() if id(p) not in sparse_ids]
+        self._drift_window, self._warmup = drift_window, quantile_warmup
+        self.weights: list[BudgetedWeight] = []
+        self.selectors: list[Any] = [self._new_selector()] if scope == "global" else []
+        self._tile_size_cache: dict[tuple, torch.Tensor] = {}
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
         super().__init__(params, defaults)
-        self._sparse_ids = sparse_ids
+        if not self.weights:
+            raise ValueError(
+                f"{name}: expected parameters with budgeted weights, found none (convert the "
+                "model with procrustes_kernels.sparsify(model) first, then pass "
+                "model.parameters())"
+            )
+        if isinstance(budget, int) and not 1 <= budget <= self.total_weights:
+            raise ValueError(
+                f"{name}: expected an int budget in [1, {self.total_weights}], got {budget}"
+            )
         self.step_count = 0
-        n_sel = 1 if scope == "global" else len(self.layers)
-        self.selectors = [self._new_selector(drift_window, quantile_warmup) for _ in range(n_sel)]
-        # Tile geometry of each layer (fixed: the weight shapes do not change).
-        self._tile_geometry = [layer.matrix_geometry for layer in self.layers]
-        self._tile_sizes = (
-            [tile_sizes(geo, tile) for geo in self._tile_geometry]
-            if granularity == "tile"
-            else None
-        )
-        if granularity == "tile" and all(v in COMPUTE_TILE_SIZES for v in tile):
-            # The sparse compute kernels then skip exactly the tiles the selection dropped.
-            for layer in self.layers:
-                layer.compute_tile = tile
-        self.tracked_count = sum(layer.nnz for layer in self.layers)
+        self.tracked_count = sum(w.nnz for w in self.weights)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group (torch.optim semantics); its budgeted weights join the budget."""
+        name = f"{type(self).__name__}.add_param_group()"
+        if not isinstance(param_group, dict):
+            raise TypeError(f"{name}: expected a dict, got {type(param_group).__name__}")
+        _check_group_hyper(param_group, name)
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            if is_budgeted(p):
+                self.weights.append(p)
+                if self.scope == "layer":
+                    self.selectors.append(self._new_selector())
+                if self.granularity == "tile" and all(v in COMPUTE_TILE_SIZES for v in self.tile):
+                    # The sparse compute kernels then skip exactly the tiles the selection dropped.
+                    p.compute_tile = self.tile
 
     # -- configuration -----------------------------------------------------------------------------
-    def _budget_count(self, budget: Any, name: str) -> int:
-        total = self.total_weights
-        if isinstance(budget, bool) or not _is_number(budget):
-            raise TypeError(
-                f"{name}: expected budget to be a float in (0, 1] or an int count, got {budget!r}"
-            )
-        if isinstance(budget, int):
-            if not 1 <= budget <= total:
-                raise ValueError(f"{name}: expected an int budget in [1, {total}], got {budget}")
-            return budget
-        if not 0 < budget <= 1:
-            raise ValueError(f"{name}: expected a fractional budget in (0, 1], got {budget}")
-        return max(1, round(budget * total))
+    @property
+    def total_weights(self) -> int:
+        """Number of budgeted weights over all groups."""
+        return sum(w.weight_numel for w in self.weights)
 
-    def _new_selector(
-        self, drift_window: int, warmup: int
-    ) -> QuantileSelector | PaperQuantileSelector | None:
+    @property
+    def budget(self) -> int:
+        """The budget as a count of tracked weights (a fractional budget of the current total)."""
+        if isinstance(self._budget_spec, int):
+            return self._budget_spec
+        return max(1, round(self._budget_spec * self.total_weights))
+
+    @property
+    def layer_budgets(self) -> list[int] | None:
+        """Per-weight budgets under ``scope="layer"`` (None under the global scope)."""
+        if self.scope == "global":
+            return None
+        share = self.budget / self.total_weights
+        return [max(1, round(w.weight_numel * share)) for w in self.weights]
+
+    @property
+    def layer_counts(self) -> list[int]:
+        """Tracked weights per budgeted weight, in ``self.weights`` order."""
+        return [w.nnz for w in self.weights]
+
+    def _new_selector(self) -> QuantileSelector | PaperQuantileSelector | None:
         if self.granularity == "tile":  # tiles are ranked exactly: no estimator state
             return None
         if self.selection == "quantile":
-            return QuantileSelector(drift_window, warmup)
+            return QuantileSelector(self._drift_window, self._warmup)
         if self.selection == "quantile_paper":
             return PaperQuantileSelector()
         return None
 
+    def _param_name(self, p: torch.Tensor) -> str:
+        name = self._names.get(id(p))
+        if name is not None:
+            return f"'{name}'"
+        for gi, group in enumerate(self.param_groups):
+            for pi, q in enumerate(group["params"]):
+                if q is p:
+                    return f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
+        return f"a parameter of shape {tuple(p.shape)}"
+
     # -- gradients ---------------------------------------------------------------------------------
-    def dense_grads(self) -> list[torch.Tensor]:
-        """The sparse layers' dense weight gradients (for an all-reduce before ``step()``)."""
-        return [layer.dense_grad for layer in self.layers if layer.dense_grad is not None]
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        super().zero_grad(set_to_none)
-        for layer in self.layers:
-            if set_to_none or layer.dense_grad is None:
-                layer.dense_grad = None
-            else:
-                layer.dense_grad.zero_()
-
-    def _checked_grads(self) -> list[torch.Tensor]:
-        grads = []
-        for layer, lname in zip(self.layers, self.layer_names):
-            g = layer.dense_grad
-            if g is None:
-                g = torch.zeros(
-                    layer.weight_shape, dtype=layer.values.dtype, device=layer.values.device
-                )
-            elif not _all_finite(g):
-                raise FloatingPointError(
-                    f"{type(self).__name__}.step(): non-finite gradient in layer '{lname}'; "
-                    "model and optimizer left unchanged"
-                )
-            grads.append(g)
-        if all(layer.dense_grad is None for layer in self.layers):
+    def _check_grads(self) -> None:
+        name = f"{type(self).__name__}.step()"
+        with_grad = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not with_grad:
             raise RuntimeError(
-                f"{type(self).__name__}.step(): no sparse layer has a gradient; "
-                "call loss.backward() before step()"
+                f"{name}: no parameter has a gradient; call loss.backward() before step()"
             )
-        for group in self.param_groups:
-            for p in group["params"]:
-                if id(p) not in self._sparse_ids and p.grad is not None:
-                    if not _all_finite(p.grad):
-                        raise FloatingPointError(
-                            f"{type(self).__name__}.step(): non-finite gradient in a dense parameter "
-                            f"of shape {tuple(p.shape)}; model and optimizer left unchanged"
-                        )
-        return grads
+        bad = _first_nonfinite([p.grad for p in with_grad])
+        if bad is not None:
+            raise FloatingPointError(
+                f"{name}: non-finite gradient in {self._param_name(with_grad[bad])}; "
+                "model and optimizer left unchanged"
+            )
 
     # -- the step ----------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One DropBack/Procrustes step over all sparse layers plus SGD on the other parameters."""
+        """One DropBack/Procrustes step over the budgeted weights plus SGD on the other parameters."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        group = self.param_groups[0]
-        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-        grads = self._checked_grads()
+        self._check_grads()
         n = self.step_count + 1
         d_n = self.decay_at(n)
-        params = StepParams(lr=lr, momentum=mu, weight_decay=wd, scale=d_n)
-        segments = [
-            Segment(
-                seed=layer.seed_value,
-                bound=layer.bound,
-                numel=layer.numel,
-                values=layer.values.detach(),
-                bits=layer.mask_bits,
-                group_ptr=layer.group_ptr,
-                grad=g.reshape(-1).contiguous(),
-                momentum=self.state[layer.values].get("momentum_buffer") if mu != 0 else None,
-                scale_prev=layer.init_scale_value,
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        active = [i for i, w in enumerate(self.weights) if w.grad is not None]
+        segments, params = [], []
+        for i in active:
+            w = self.weights[i]
+            group = group_of[id(w)]
+            mu = group["momentum"]
+            buf = self.state[w].get("momentum_buffer") if mu != 0 else None
+            if buf is not None and buf.numel() != w.nnz:
+                raise RuntimeError(
+                    f"{type(self).__name__}.step(): the momentum of {self._param_name(w)} has "
+                    f"{buf.numel()} entries but the weight tracks {w.nnz}: its tracked set was "
+                    "replaced outside step() (load the optimizer state saved with it)"
+                )
+            segments.append(
+                Segment(
+                    seed=w.seed,
+                    bound=w.bound,
+                    numel=w.weight_numel,
+                    values=w.values,
+                    bits=w.bits,
+                    group_ptr=w.group_ptr,
+                    grad=w.grad.reshape(-1).contiguous(),
+                    momentum=buf,
+                    scale_prev=w.scale_value,
+                )
             )
-            for layer, g in zip(self.layers, grads)
-        ]
+            params.append(
+                StepParams(lr=group["lr"], momentum=mu, weight_decay=group["weight_decay"], scale=d_n)
+            )
 
         # Everything new is computed first; nothing is written until all of it succeeded.
-        if self.scope == "global":
-            results, plans = self._update(
-                segments, list(range(len(segments))), params, self.budget, self.selectors[0]
-            )
-            plans = [plans]
-        else:
-            results, plans = [], []
-            for i, seg in enumerate(segments):
+        results: list[Compacted] = []
+        plans: list[tuple[int, dict | None]] = []
+        if self.scope == "global" and active:
+            # Skipped (gradient-less) weights keep their tracked sets inside the one budget.
+            held = sum(w.nnz for i, w in enumerate(self.weights) if w.grad is None)
+            k = self.budget - held
+            if k <= 0:
+                results = [self._nothing_tracked(s) for s in segments]
+            else:
+                results, plan = self._update(segments, active, params, k, self.selectors[0])
+                plans.append((0, plan))
+        elif active:
+            budgets = self.layer_budgets
+            for j, i in enumerate(active):
                 res, plan = self._update(
-                    [seg], [i], params, self.layer_budgets[i], self.selectors[i]
+                    [segments[j]], [i], [params[j]], budgets[i], self.selectors[i]
                 )
                 results += res
-                plans.append(plan)
+                plans.append((i, plan))
 
-        for layer, res in zip(self.layers, results):
-            layer.set_tracked(
+        for i, p, res in zip(active, params, results):
+            w = self.weights[i]
+            w.set_tracked(
                 BlockStorage(
-                    layer.weight_shape,
-                    layer.block_size,
-                    res.values,
-                    res.bits,
-                    res.group_ptr,
-                    validate=False,
-                )
+                    w._shape, w.block_size, res.values, res.bits, res.group_ptr, validate=False
+                ),
+                scale=d_n,
             )
-            layer.init_scale.fill_(d_n)
-            if mu != 0:
-                self.state[layer.values]["momentum_buffer"] = res.momentum
-        for selector, plan in zip(self.selectors, plans):
+            if p.momentum != 0:
+                self.state[w]["momentum_buffer"] = res.momentum
+            else:
+                self.state[w].pop("momentum_buffer", None)
+        for i, plan in plans:
             if plan is not None:
-                selector.load_state_dict(plan)
-        self._dense_sgd(lr, mu, wd)
-        for layer in self.layers:
-            layer.dense_grad = None
+                self.selectors[i].load_state_dict(plan)
+        self._dense_sgd()
         self.step_count = n
-        self.tracked_count = sum(res.kept for res in results)
+        self.tracked_count = sum(w.nnz for w in self.weights)
         return loss
 
+    @staticmethod
+    def _nothing_tracked(seg: Segment) -> Compacted:
+        empty = BlockStorage.empty(
+            (seg.numel,), 1, dtype=seg.values.dtype, device=seg.values.device
+        )
+        return Compacted(empty.values, empty.bits, empty.group_ptr, None)
+
     def _update(
-        self, segments: list[Segment], layer_ids: list[int], p: StepParams, k: int, selector: Any
+        self,
+        segments: list[Segment],
+        ids: list[int],
+        params: list[StepParams],
+        k: int,
+        selector: Any,
     ) -> tuple[list[Compacted], dict | None]:
-        """New tracked sets of ``segments`` (of layers ``layer_ids``) sharing one budget ``k``, and
+        """New tracked sets of ``segments`` (of weights ``ids``) sharing one budget ``k``, and
         the selector's next state."""
         if self.granularity == "tile":
-            return self._update_tiles(segments, layer_ids, p, k), None
+            return self._update_tiles(segments, ids, params, k), None
         if self.selection == "topk":
-            return _select_topk(segments, p, k), None
+            return _select_topk(segments, params, k), None
         if self.selection == "quantile":
+            sp = list(zip(segments, params))
             if selector.two_pass:
-                hist = sum(get_ops(s.grad.device).log_histogram(s, p).cpu() for s in segments)
+                hist = sum(get_ops(s.grad.device).log_histogram(s, p).cpu() for s, p in sp)
                 theta = selector.own_threshold(hist, k)
-                results = [get_ops(s.grad.device).compact(s, p, theta) for s in segments]
+                results = [get_ops(s.grad.device).compact(s, p, theta) for s, p in sp]
             else:
                 results = [
                     get_ops(s.grad.device).compact(s, p, selector.theta, with_histogram=True)
-                    for s in segments
+                    for s, p in sp
                 ]
                 hist = sum(r.histogram.cpu() for r in results)
             return results, selector.advance(hist, k, sum(r.kept for r in results))
@@ -428,7 +490,10 @@ class DropBack(Optimizer):
         # no compact_mask) and the reference's otherwise.
         seg_ops = [get_ops(s.grad.device) for s in segments]
         scores = torch.cat(
-            [getattr(o, "scores", reference.scores)(s, p).cpu() for o, s in zip(seg_ops, segments)]
+            [
+                getattr(o, "scores", reference.scores)(s, p).cpu()
+                for o, s, p in zip(seg_ops, segments, params)
+            ]
         )
         walk = getattr(get_ops("cpu"), "paper_walk", None)
         if walk is not None:
@@ -439,33 +504,39 @@ class DropBack(Optimizer):
         masks = torch.split(mask, [s.numel for s in segments])
         return [
             getattr(o, "compact_mask", reference.compact_mask)(s, p, m.to(s.grad.device))
-            for o, s, m in zip(seg_ops, segments, masks)
+            for o, s, p, m in zip(seg_ops, segments, params, masks)
         ], plan
 
+    def _tile_sizes(self, geo: tuple) -> torch.Tensor:
+        if geo not in self._tile_size_cache:
+            self._tile_size_cache[geo] = tile_sizes(geo, self.tile)
+        return self._tile_size_cache[geo]
+
     def _update_tiles(
-        self, segments: list[Segment], layer_ids: list[int], p: StepParams, k: int
+        self, segments: list[Segment], ids: list[int], params: list[StepParams], k: int
     ) -> list[Compacted]:
         """Tile granularity: keep whole tiles by mean score within the budget ``k`` (module
-        :mod:`procrustes_kernels.tiles`), then compact each layer with the expanded mask."""
+        :mod:`procrustes_kernels.tiles`), then compact each weight with the expanded mask."""
         seg_ops = [get_ops(s.grad.device) for s in segments]
-        geos = [self._tile_geometry[i] for i in layer_ids]
-        # One layer's element scores at a time; only its tile means (a ~1/1000 of it) stay.
+        geos = [self.weights[i].geometry for i in ids]
+        # One weight's element scores at a time; only its tile means (a ~1/1000 of it) stay.
         means = [
             tile_scores(getattr(o, "scores", reference.scores)(s, p), geo, self.tile).cpu()
-            for o, s, geo in zip(seg_ops, segments, geos)
+            for o, s, p, geo in zip(seg_ops, segments, params, geos)
         ]
-        kept = select_tiles(means, k, [self._tile_sizes[i] for i in layer_ids])
+        kept = select_tiles(means, k, [self._tile_sizes(geo) for geo in geos])
         return [
             getattr(o, "compact_mask", reference.compact_mask)(
                 s, p, tile_element_mask(t.to(s.grad.device), geo, self.tile)
             )
-            for o, s, geo, t in zip(seg_ops, segments, geos, kept)
+            for o, s, p, geo, t in zip(seg_ops, segments, params, geos, kept)
         ]
 
-    def _dense_sgd(self, lr: float, mu: float, wd: float) -> None:
+    def _dense_sgd(self) -> None:
         for group in self.param_groups:
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
-                if id(p) in self._sparse_ids or p.grad is None:
+                if is_budgeted(p) or p.grad is None:
                     continue
                 d_p = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
                 if mu != 0:
@@ -485,14 +556,10 @@ class DropBack(Optimizer):
         return decay_factor(step, self.init_decay, self.zero_cutoff)
 
     # -- state -------------------------------------------------------------------------------------
-    @property
-    def layer_counts(self) -> list[int]:
-        """Tracked weights per sparse layer."""
-        return [layer.nnz for layer in self.layers]
-
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         sd["dropback"] = {
+            "format": _STATE_FORMAT,
             "step": self.step_count,
             "selection": self.selection,
             "scope": self.scope,
@@ -506,6 +573,33 @@ class DropBack(Optimizer):
         }
         return sd
 
+    def _from_layer_layout(self, state_dict: dict[str, Any], name: str) -> dict[str, Any]:
+        """A state of the layer-based layout (the sparse layers' ``values`` first, then every
+        other parameter in model order) renumbered to this optimizer's parameter order."""
+        if len(self.param_groups) != 1 or len(state_dict["param_groups"]) != 1:
+            raise ValueError(
+                f"{name}: this checkpoint has the layer-based layout of procrustes_kernels 0.1; "
+                "it converts into an optimizer built on model.parameters() (one param group); "
+                "build the optimizer that way, load, then add groups"
+            )
+        current = self.param_groups[0]["params"]
+        n_budgeted = sum(1 for p in current if is_budgeted(p))
+        old_index, b, o = [], 0, n_budgeted
+        for p in current:
+            if is_budgeted(p):
+                old_index.append(b)
+                b += 1
+            else:
+                old_index.append(o)
+                o += 1
+        state = {
+            j: state_dict["state"][old]
+            for j, old in enumerate(old_index)
+            if old in state_dict["state"]
+        }
+        group = {**state_dict["param_groups"][0], "params": list(range(len(current)))}
+        return {**state_dict, "state": state, "param_groups": [group]}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         name = f"{type(self).__name__}.load_state_dict()"
         if "dropback" not in state_dict:
@@ -513,6 +607,8 @@ class DropBack(Optimizer):
                 f"{name}: expected a state_dict saved by DropBack (no 'dropback' entry)"
             )
         extra = state_dict["dropback"]
+        if extra.get("format", 1) == 1:
+            state_dict = self._from_layer_layout(state_dict, name)
         # Checkpoints from before the tile granularity were element-granular.
         saved = {**extra, "granularity": extra.get("granularity", "element")}
         # ... and decayed exponentially (no decay_steps).
@@ -529,12 +625,15 @@ class DropBack(Optimizer):
                 )
         # Momentum of tracked weights must line up with the model's tracked sets.
         saved_state = state_dict["state"]
-        for i, layer in enumerate(self.layers):
-            buf = saved_state.get(i, {}).get("momentum_buffer")
-            if buf is not None and buf.numel() != layer.nnz:
+        current = [p for g in self.param_groups for p in g["params"]]
+        for idx, p in enumerate(current):
+            if not is_budgeted(p):
+                continue
+            buf = saved_state.get(idx, {}).get("momentum_buffer")
+            if buf is not None and buf.numel() != p.nnz:
                 raise ValueError(
-                    f"{name}: momentum of layer '{self.layer_names[i]}' has {buf.numel()} entries but "
-                    f"the layer tracks {layer.nnz}; load the model's state_dict first"
+                    f"{name}: momentum of {self._param_name(p)} has {buf.numel()} entries but "
+                    f"the weight tracks {p.nnz}; load the model's state_dict first"
                 )
         rest = {k: v for k, v in state_dict.items() if k != "dropback"}
         super().load_state_dict(rest)
@@ -547,13 +646,36 @@ class DropBack(Optimizer):
     def __repr__(self) -> str:
         g = self.param_groups[0]
         tile = f", tile={self.tile}" if self.granularity == "tile" else ""
+        groups = f", groups={len(self.param_groups)}" if len(self.param_groups) > 1 else ""
         return (
             f"{type(self).__name__}(lr={g['lr']}, budget={self.budget}/{self.total_weights}, "
-            f"momentum={g['momentum']}, weight_decay={g['weight_decay']}, "
-            f"init_decay={self.init_decay}, decay_steps={self.decay_steps}, selection={self.selection!r}, scope={self.scope!r}, "
+            f"momentum={g['momentum']}, weight_decay={g['weight_decay']}{groups}, "
+            f"init_decay={self.init_decay}, decay_steps={self.decay_steps}, "
+            f"selection={self.selection!r}, scope={self.scope!r}, "
             f"granularity={self.granularity!r}{tile}, "
             f"step={self.step_count}, tracked={self.tracked_count})"
         )
+
+
+def _refuse_foreign_optimizers(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+    """Global ``step`` pre-hook: any other optimizer's step over a budgeted weight is refused
+    before it changes anything (it would update the dense weight in place, which a budget cannot
+    store)."""
+    if isinstance(optimizer, DropBack):
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if isinstance(p, BudgetedWeight):
+                raise TypeError(
+                    f"{type(optimizer).__name__}.step(): a parameter of shape {tuple(p.shape)} is "
+                    "a budgeted weight, which only pk.DropBack / pk.Procrustes can train (they "
+                    "store its tracked set and train every other parameter with SGD); use "
+                    "pk.DropBack(model.parameters(), lr=..., budget=...) or pk.Procrustes(...), "
+                    "or pk.densify(model) to train the dense model with this optimizer"
+                )
+
+
+register_optimizer_step_pre_hook(_refuse_foreign_optimizers)
 
 
 class Procrustes(DropBack):
@@ -568,7 +690,7 @@ class Procrustes(DropBack):
 
     def __init__(
         self,
-        model: nn.Module,
+        params: Any,
         lr: float,
         budget: float | int,
         momentum: float = 0.0,
@@ -581,5 +703,5 @@ class Procrustes(DropBack):
         if init_decay is None:  # the paper's 0.9, unless a linear decay is asked for
             init_decay = 1.0 if kw.get("decay_steps") is not None else 0.9
         super().__init__(
-            model, lr, budget, momentum, weight_decay, init_decay, selection, scope, **kw
+            params, lr, budget, momentum, weight_decay, init_decay, selection, scope, **kw
         )

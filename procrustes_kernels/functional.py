@@ -1,0 +1,230 @@
+"""``F.linear`` / ``F.conv2d`` with a budgeted weight: all of the library's autograd code.
+
+:class:`~procrustes_kernels.weight.BudgetedWeight` routes these two functions here (its
+``__torch_function__``); every other op on a budgeted weight is differentiated by PyTorch on the
+materialised effective weight. Both paths leave the dense gradient of the effective weight in
+``weight.grad``, through autograd:
+
+* materialise (``"dense"``): :class:`_EffectiveWeight` writes the effective weight (its backward
+  passes the gradient through unchanged), then the nn op runs (cuBLAS / cuDNN);
+* sparse kernels (``"sparse"``): :class:`_SparseLinearFn` / :class:`_SparseConv2dFn` compute the
+  output and the input gradient from the compressed weight; the weight gradient stays a dense GEMM
+  (``dY^T X`` / cuDNN's weight gradient), since the optimizer scores every weight.
+
+:func:`procrustes_kernels.compute.choose_path` picks the path per call and records it in
+``weight.last_path``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+from torch.nn.modules.utils import _pair
+
+from .compute import choose_path, input_dtype, tile_index
+from .ops.sparse import get_sparse_ops
+
+__all__ = ["linear", "conv2d"]
+
+
+def _budgeted(t: Any) -> bool:
+    from .weight import BudgetedWeight
+
+    return isinstance(t, BudgetedWeight)
+
+
+class _EffectiveWeight(torch.autograd.Function):
+    """The dense effective weight of a budgeted weight, differentiable: the gradient of the output
+    is the gradient of the weight."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor) -> Tensor:  # type: ignore[override]
+        return weight.effective()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return grad
+
+
+def effective_weight(weight: Tensor) -> Tensor:
+    """The effective weight as a plain tensor that autograd differentiates back to ``weight``."""
+    return _EffectiveWeight.apply(weight)
+
+
+def _no_autocast(t: Tensor) -> torch.autocast:
+    # The kernels define their own precision; autocast must not recast what runs inside.
+    return torch.autocast(t.device.type, enabled=False)
+
+
+def _cast_for_autocast(x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    dtype = input_dtype(x)
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
+    return x, bias
+
+
+def _check_dtype(x: Tensor, weight: Tensor, where: str) -> None:
+    if not x.is_floating_point():
+        raise TypeError(f"{where}: expected a floating-point input, got {x.dtype}")
+    if x.dtype != weight.values.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"{where}: expected input of dtype {weight.values.dtype}, got {x.dtype}"
+        )
+
+
+class _SparseLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, weight, bias, index, ops):  # type: ignore[override]
+        vals, bits = weight.values, weight.bits
+        with _no_autocast(x2d):
+            out = ops.sparse_linear(x2d, vals, bits, index, None if bias is None else bias.detach())
+        ctx.save_for_backward(x2d, vals, bits)
+        ctx.index, ctx.ops, ctx.weight_dtype = index, ops, vals.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):  # type: ignore[override]
+        x2d, vals, bits = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = dw = dbias = None
+        with _no_autocast(dy):
+            if ctx.needs_input_grad[0]:
+                dx = ctx.ops.sparse_linear_t(dy, vals, bits, ctx.index)
+            if ctx.needs_input_grad[1]:
+                dw = dy.t().mm(x2d).to(ctx.weight_dtype)
+            if ctx.needs_input_grad[2]:
+                dbias = dy.sum(0).to(ctx.bias_dtype)
+        return dx, dw, dbias, None, None
+
+
+class _SparseConv2dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, index, ops, geo, groups):  # type: ignore[override]
+        vals, bits = weight.values, weight.bits
+        with _no_autocast(x):
+            out = ops.sparse_conv2d(
+                x, vals, bits, index, *geo, bias=None if bias is None else bias.detach()
+            )
+        ctx.save_for_backward(x, vals, bits)
+        ctx.index, ctx.ops, ctx.geo, ctx.groups = index, ops, geo, groups
+        ctx.weight_shape, ctx.weight_dtype = tuple(weight._shape), vals.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):  # type: ignore[override]
+        x, vals, bits = ctx.saved_tensors
+        kernel_size, stride, padding, dilation = ctx.geo
+        dy = dy.contiguous()
+        dx = dw = dbias = None
+        with _no_autocast(dy):
+            if ctx.needs_input_grad[0]:
+                hw = tuple(x.shape[-2:])
+                dx = ctx.ops.sparse_conv2d_t(
+                    dy, vals, bits, ctx.index, hw, kernel_size, stride, padding, dilation
+                )
+            if ctx.needs_input_grad[1]:
+                dw = torch.nn.grad.conv2d_weight(
+                    x, ctx.weight_shape, dy, stride, padding, dilation, ctx.groups
+                ).to(ctx.weight_dtype)
+            if ctx.needs_input_grad[2]:
+                dbias = dy.sum((0, 2, 3)).to(ctx.bias_dtype)
+        return dx, dw, dbias, None, None, None, None
+
+
+def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Any:
+    """``F.linear`` with a budgeted ``weight`` (``NotImplemented`` for any other combination)."""
+    if not _budgeted(weight) or _budgeted(input) or _budgeted(bias) or len(weight._shape) != 2:
+        return NotImplemented
+    where = "F.linear()"
+    path = choose_path(weight, input, where)
+    weight.last_path = path
+    if path == "dense":
+        return F.linear(input, effective_weight(weight), bias)
+    _check_dtype(input, weight, where)
+    out_features, in_features = weight._shape
+    if input.dim() < 1 or input.shape[-1] != in_features:
+        raise ValueError(
+            f"{where}: expected input.shape[-1] == {in_features}, got shape {tuple(input.shape)}"
+        )
+    x, bias = _cast_for_autocast(input, bias)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, in_features).contiguous()
+    ops = get_sparse_ops(x.device)
+    out = _SparseLinearFn.apply(x2d, weight, bias, tile_index(weight), ops)
+    return out.view(*lead, out_features)
+
+
+def _conv_padding(
+    padding: Any, kernel_size: tuple[int, int], dilation: tuple[int, int]
+) -> tuple[list[int], bool]:
+    """``F.pad`` amounts ``[left, right, top, bottom]`` of ``padding`` and whether they are
+    symmetric (then the kernels pad themselves)."""
+    if padding == "valid":
+        return [0, 0, 0, 0], True
+    if padding == "same":
+        pads = []
+        for d, k in zip(reversed(dilation), reversed(kernel_size)):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+    else:
+        ph, pw = _pair(padding)
+        pads = [pw, pw, ph, ph]
+    return pads, pads[0] == pads[1] and pads[2] == pads[3]
+
+
+def conv2d(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    groups: int = 1,
+) -> Any:
+    """``F.conv2d`` with a budgeted ``weight`` (``NotImplemented`` for any other combination)."""
+    if not _budgeted(weight) or _budgeted(input) or _budgeted(bias) or len(weight._shape) != 4:
+        return NotImplemented
+    where = "F.conv2d()"
+    path = choose_path(weight, input, where)
+    if path == "sparse" and groups != weight.groups:
+        if weight.compute == "sparse":
+            raise ValueError(
+                f"{where}: compute='sparse' expects groups={weight.groups} (the weight's), "
+                f"got {groups}"
+            )
+        path = "dense"
+    weight.last_path = path
+    if path == "dense":
+        return F.conv2d(input, effective_weight(weight), bias, stride, padding, dilation, groups)
+    _check_dtype(input, weight, where)
+    if input.dim() not in (3, 4) or input.shape[-3] != weight._shape[1] * groups:
+        raise ValueError(
+            f"{where}: expected input of shape [B, {weight._shape[1] * groups}, H, W], "
+            f"got {tuple(input.shape)}"
+        )
+    x, bias = _cast_for_autocast(input, bias)
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+    kernel_size = tuple(weight._shape[2:])
+    dilation = _pair(dilation)
+    pads, symmetric = _conv_padding(padding, kernel_size, dilation)
+    if not symmetric:
+        x = F.pad(x, pads)
+        pad_hw = (0, 0)
+    else:
+        pad_hw = (pads[2], pads[0])
+    geo = (kernel_size, _pair(stride), pad_hw, dilation)
+    ops = get_sparse_ops(x.device)
+    out = _SparseConv2dFn.apply(x, weight, bias, tile_index(weight), ops, geo, groups)
+    return out.squeeze(0) if unbatched else out

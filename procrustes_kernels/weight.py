@@ -1,0 +1,530 @@
+"""``BudgetedWeight``: a weight on a budget, as a PyTorch tensor.
+
+A budgeted weight is an ``nn.Parameter`` with the shape, dtype and device of the dense weight it
+stands for, whose data is the compressed tracked set (:class:`~procrustes_kernels.storage.
+BlockStorage`: packed ``values``, one bit per element in ``bits``, ``group_ptr``), the ``seed``
+that regenerates every untracked weight and the decay factor ``scale`` (``d`` of docs/algorithm.md:
+an untracked weight is ``scale * w0``). Nothing dense is stored.
+
+It is a traceable wrapper tensor subclass, so the standard tools see a tensor:
+
+* ``F.linear`` / ``F.conv2d`` (what ``nn.Linear`` / ``nn.Conv2d`` / ``nn.MultiheadAttention``
+  call) run on the compressed form (:mod:`procrustes_kernels.functional`): they materialise the
+  effective weight for cuBLAS / cuDNN or run the sparse kernels, and autograd puts the dense
+  gradient of the effective weight in ``weight.grad``, a plain tensor.
+* ``detach``, ``clone``, ``to`` / ``.cuda()`` / ``.half()``, ``copy_`` (loading a checkpoint) and
+  pickling (``torch.save``, ``state_dict``) keep the compressed form.
+* Any other read (``w * 2``, ``w.sum()``, ``w.t()``, ``torch.matmul(x, w.T)``, ``F.embedding``
+  of a tied weight, ``dense.copy_(w)``) sees the dense effective weight, materialised for that op;
+  autograd differentiates it as usual.
+* Writes it cannot honour (an in-place update from a ``torch.optim`` optimizer, ``nn.init``,
+  ``w.zero_()``) raise an error naming :class:`~procrustes_kernels.DropBack` /
+  :class:`~procrustes_kernels.Procrustes`, the only things that change it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_map
+
+from .compute import DEFAULT_COMPUTE_TILE, check_compute, check_compute_tile
+from .ops import get_ops
+from .philox import init_bound, init_values
+from .storage import GROUP_SIZE, BlockStorage
+
+__all__ = ["BudgetedWeight", "is_budgeted", "budgeted_weights"]
+
+aten = torch.ops.aten
+
+_INNER = ("values", "bits", "group_ptr", "scale")
+
+
+def is_budgeted(t: Any) -> bool:
+    """Whether ``t`` is a budgeted weight (a :class:`BudgetedWeight`, e.g. a parameter that
+    :func:`~procrustes_kernels.sparsify` converted)."""
+    return isinstance(t, BudgetedWeight)
+
+
+def budgeted_weights(model: torch.nn.Module) -> list[tuple[str, BudgetedWeight]]:
+    """``(qualified name, weight)`` of every budgeted parameter of ``model``, in
+    ``model.named_parameters()`` order (a weight tied between modules appears once)."""
+    return [(n, p) for n, p in model.named_parameters() if is_budgeted(p)]
+
+
+def check_seed(seed: Any, fn: str) -> int:
+    if isinstance(seed, Tensor):
+        seed = int(seed)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"{fn}: expected seed to be an int, got {type(seed).__name__}")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"{fn}: expected seed in [0, 2**63), got {seed}")
+    return seed
+
+
+def _check_scale(scale: Any, fn: str) -> float:
+    if isinstance(scale, Tensor):
+        scale = float(scale)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{fn}: expected scale to be a float, got {type(scale).__name__}")
+    if not 0.0 <= scale <= 1.0:
+        raise ValueError(f"{fn}: expected scale (the decay factor) in [0, 1], got {scale!r}")
+    return float(scale)
+
+
+def _write_error(func: Any, w: BudgetedWeight) -> RuntimeError:
+    name = getattr(func, "__name__", str(func))
+    return RuntimeError(
+        f"{name}: cannot write into a budgeted weight of shape {tuple(w._shape)}: it is stored "
+        "as its tracked set plus a seed, and only pk.DropBack / pk.Procrustes change it (train it "
+        "with pk.DropBack(model.parameters(), ...) or pk.Procrustes(...), not a torch.optim "
+        "optimizer; weight.reset_tracked() returns it to its initial value; pk.densify(model) "
+        "turns it into a dense weight)"
+    )
+
+
+class BudgetedWeight(Tensor):
+    """A weight of which only the tracked set is stored (see the module docstring).
+
+    Build one with :meth:`initial` (nothing tracked yet) or let :func:`~procrustes_kernels.sparsify`
+    / :class:`~procrustes_kernels.SparseLinear` do it. Attributes:
+
+    * ``values``, ``bits``, ``group_ptr``: the compressed tracked set (``storage`` wraps them as a
+      :class:`~procrustes_kernels.storage.BlockStorage`); ``nnz`` tracked weights.
+    * ``scale``: 0-d float32 tensor, the decay factor of untracked weights (``scale_value`` as a
+      Python float). ``seed``, ``bound``: ``w0 = bound * (2 * u(seed, i) - 1)``.
+    * ``block_size``: storage block length; ``groups``: convolution groups (1 for linear weights).
+    * ``compute`` / ``compute_tile`` / ``last_path``: how ``F.linear`` / ``F.conv2d`` compute with
+      it (see :mod:`procrustes_kernels.compute`).
+    """
+
+    values: Tensor
+    bits: Tensor
+    group_ptr: Tensor
+    scale: Tensor
+    seed: int
+    bound: float
+    block_size: int
+    groups: int
+    # Not pickled (see __getstate__): a rebuilt weight starts from these class defaults.
+    last_path: str | None = None
+    _tracked_version: int = 0
+    _tile_index_cache: Any = None
+
+    @staticmethod
+    def __new__(
+        cls,
+        values: Tensor,
+        bits: Tensor,
+        group_ptr: Tensor,
+        scale: Tensor,
+        *,
+        shape: tuple[int, ...],
+        seed: int,
+        bound: float,
+        block_size: int,
+        groups: int = 1,
+        scale_value: float | None = None,
+        compute: str = "auto",
+        compute_tile: tuple[int, int] = DEFAULT_COMPUTE_TILE,
+        requires_grad: bool = False,
+    ) -> BudgetedWeight:
+        r = Tensor._make_wrapper_subclass(
+            cls,
+            tuple(shape),
+            dtype=values.dtype,
+            device=values.device,
+            requires_grad=requires_grad,
+        )
+        r._shape = tuple(int(s) for s in shape)
+        r.values, r.bits, r.group_ptr, r.scale = values, bits, group_ptr, scale
+        r.seed, r.bound, r.block_size, r.groups = int(seed), float(bound), int(block_size), groups
+        r._scale_value = float(scale) if scale_value is None else float(scale_value)
+        r._compute, r._compute_tile = compute, compute_tile
+        r.last_path = None
+        r._tracked_version = 0
+        return r
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # everything happens in __new__
+        super().__init__()
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def initial(
+        cls,
+        shape: tuple[int, ...],
+        *,
+        seed: int,
+        bound: float | None = None,
+        block_size: int,
+        groups: int = 1,
+        dtype: torch.dtype | None = None,
+        device: Any = None,
+        compute: str = "auto",
+        compute_tile: tuple[int, int] = DEFAULT_COMPUTE_TILE,
+        requires_grad: bool = False,
+    ) -> BudgetedWeight:
+        """A weight at its initial state: nothing tracked, ``scale`` 1, so it equals ``w0``.
+
+        ``bound`` defaults to ``1 / sqrt(fan_in)`` (``fan_in = prod(shape[1:])``), the U(-b, b)
+        of ``nn.Linear`` / ``nn.Conv2d``.
+        """
+        fn = "BudgetedWeight.initial()"
+        shape = tuple(int(s) for s in shape)
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if not dtype.is_floating_point:
+            raise TypeError(f"{fn}: expected a floating dtype, got {dtype}")
+        seed = check_seed(seed, fn)
+        if bound is None:
+            bound = init_bound(math.prod(shape[1:]) if len(shape) > 1 else 1)
+        if not (isinstance(bound, (int, float)) and math.isfinite(bound) and bound > 0):
+            raise ValueError(f"{fn}: expected a positive finite bound, got {bound!r}")
+        empty = BlockStorage.empty(shape, block_size, dtype=dtype, device=device)
+        return cls(
+            empty.values,
+            empty.bits,
+            empty.group_ptr,
+            torch.ones((), dtype=torch.float32, device=device),
+            shape=shape,
+            seed=seed,
+            bound=bound,
+            block_size=block_size,
+            groups=groups,
+            scale_value=1.0,
+            compute=check_compute(compute, fn),
+            compute_tile=check_compute_tile(compute_tile, fn),
+            requires_grad=requires_grad,
+        )
+
+    def _with(self, **inner: Tensor) -> BudgetedWeight:
+        """A new weight with this one's metadata and the given inner tensors (default: shared)."""
+        t = {k: inner.get(k, getattr(self, k)) for k in _INNER}
+        out = BudgetedWeight(
+            t["values"],
+            t["bits"],
+            t["group_ptr"],
+            t["scale"],
+            shape=self._shape,
+            seed=self.seed,
+            bound=self.bound,
+            block_size=self.block_size,
+            groups=self.groups,
+            scale_value=self._scale_value,
+            compute=self._compute,
+            compute_tile=self._compute_tile,
+        )
+        out._tracked_version = self._tracked_version
+        return out
+
+    # -- the tracked set -------------------------------------------------------------------------
+    @property
+    def nnz(self) -> int:
+        """Number of tracked (stored) weights."""
+        return self.values.numel()
+
+    @property
+    def weight_numel(self) -> int:
+        """Number of weights it stands for (``numel()`` of the dense weight)."""
+        return math.prod(self._shape)
+
+    @property
+    def scale_value(self) -> float:
+        """The decay factor of untracked weights as a Python float (no device read)."""
+        return self._scale_value
+
+    @property
+    def geometry(self) -> tuple[int, int, int, int]:
+        """``(rows, cols, ksize, groups)``: the weight as the compute kernels and tiles see it.
+
+        ``rows`` output features / channels, ``cols`` input features / channels per group,
+        ``ksize`` kernel positions per (row, column) pair (1 for a linear weight); see
+        :mod:`procrustes_kernels.ops.sparse_index`.
+        """
+        shape = self._shape
+        cols = shape[1] if len(shape) > 1 else 1
+        return shape[0], cols, math.prod(shape[2:]), self.groups
+
+    @property
+    def storage(self) -> BlockStorage:
+        """The compressed tracked set (a view on this weight's tensors)."""
+        return BlockStorage(
+            self._shape, self.block_size, self.values, self.bits, self.group_ptr, validate=False
+        )
+
+    def set_tracked(self, storage: BlockStorage, scale: float | None = None) -> None:
+        """Replace the tracked set (and, when given, the decay factor), keeping this object.
+
+        The low-level writer used by the optimizer's ``step()`` (and by tests and benchmarks that
+        set a tracked set by hand). ``storage`` must describe this weight's shape; its tensors are
+        taken as they are (converted to this weight's dtype and device).
+        """
+        fn = "BudgetedWeight.set_tracked()"
+        if tuple(storage.shape) != self._shape:
+            raise ValueError(
+                f"{fn}: expected storage of shape {self._shape}, got {tuple(storage.shape)}"
+            )
+        if scale is not None:
+            scale = _check_scale(scale, fn)
+        device = self.values.device
+        self.values = storage.values.to(device=device, dtype=self.values.dtype)
+        self.bits = storage.bits.to(device)
+        self.group_ptr = storage.group_ptr.to(device)
+        if scale is not None:
+            self.set_scale(scale)
+        self._tracked_version += 1
+
+    def reset_tracked(self) -> None:
+        """Forget every tracked weight and the decay: the weight is ``w0`` again (its initial
+        value, regenerated from the seed)."""
+        empty = BlockStorage.empty(self._shape, self.block_size, dtype=self.values.dtype)
+        self.set_tracked(empty, scale=1.0)
+
+    def set_scale(self, scale: float) -> None:
+        """Set the decay factor of untracked weights (a new 0-d tensor: aliases keep theirs)."""
+        scale = _check_scale(scale, "BudgetedWeight.set_scale()")
+        self.scale = torch.full((), scale, dtype=torch.float32, device=self.values.device)
+        self._scale_value = scale
+
+    def effective(self) -> Tensor:
+        """The dense weight that ``F.linear`` / ``F.conv2d`` compute with: tracked values, every
+        other weight ``scale * w0``. A plain tensor, outside autograd."""
+        flat = get_ops(self.values.device).materialize(
+            self.seed,
+            self.bound,
+            self._scale_value,
+            self.values,
+            self.bits,
+            self.group_ptr,
+            self.weight_numel,
+            self.values.dtype,
+        )
+        return flat.view(self._shape)
+
+    def initial_values(self) -> Tensor:
+        """``w0`` regenerated from the seed: float32, shaped like the dense weight."""
+        w0 = init_values(self.seed, self.weight_numel, self.bound, device=self.values.device)
+        return w0.view(self._shape)
+
+    # -- compute path ----------------------------------------------------------------------------
+    @property
+    def compute(self) -> str:
+        """``"auto"``, ``"dense"`` or ``"sparse"``: how ``F.linear`` / ``F.conv2d`` compute
+        with this weight (see :mod:`procrustes_kernels.compute`)."""
+        return self._compute
+
+    @compute.setter
+    def compute(self, value: str) -> None:
+        self._compute = check_compute(value, "BudgetedWeight.compute")
+
+    @property
+    def compute_tile(self) -> tuple[int, int]:
+        """``(rows, columns)`` of the sparse kernels' weight tile (each 16, 32 or 64)."""
+        return self._compute_tile
+
+    @compute_tile.setter
+    def compute_tile(self, value: tuple[int, int]) -> None:
+        self._compute_tile = check_compute_tile(value, "BudgetedWeight.compute_tile")
+
+    # -- tensor protocol -------------------------------------------------------------------------
+    def __repr__(self) -> str:  # type: ignore[override]
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        return (
+            f"BudgetedWeight(shape={self._shape}, nnz={self.nnz}/{self.weight_numel}, "
+            f"scale={self._scale_value:.6g}, seed={self.seed}, block_size={self.block_size}, "
+            f"dtype={self.values.dtype}, device={self.values.device}{grad})"
+        )
+
+    def __tensor_flatten__(self) -> tuple[list[str], tuple]:
+        ctx = (
+            self._shape,
+            self.seed,
+            self.bound,
+            self.block_size,
+            self.groups,
+            self._scale_value,
+            self._compute,
+            self._compute_tile,
+        )
+        return list(_INNER), ctx
+
+    @staticmethod
+    def __tensor_unflatten__(
+        inner: dict[str, Tensor], ctx: tuple, outer_size: Any, outer_stride: Any
+    ) -> BudgetedWeight:
+        shape, seed, bound, block_size, groups, scale_value, compute, tile = ctx
+        return BudgetedWeight(
+            inner["values"],
+            inner["bits"],
+            inner["group_ptr"],
+            inner["scale"],
+            shape=shape,
+            seed=seed,
+            bound=bound,
+            block_size=block_size,
+            groups=groups,
+            scale_value=scale_value,
+            compute=compute,
+            compute_tile=tile,
+        )
+
+    _STATE = (
+        "_shape",
+        *_INNER,
+        "seed",
+        "bound",
+        "block_size",
+        "groups",
+        "_scale_value",
+        "_compute",
+        "_compute_tile",
+    )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # What pickling (torch.save) keeps: the compressed form, never a cache.
+        state = {k: self.__dict__[k] for k in self._STATE}
+        if self.__dict__.get("_is_param"):
+            state["_is_param"] = True
+        return state
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        impl = _function_table().get(func)
+        if impl is not None:
+            out = impl(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        handler = _DISPATCH.get(func)
+        if handler is not None:
+            return handler(func, args, kwargs)
+        schema = func._schema
+        if schema.is_mutable:
+            for i, arg in enumerate(schema.arguments):
+                if arg.alias_info is None or not arg.alias_info.is_write:
+                    continue
+                value = args[i] if i < len(args) else kwargs.get(arg.name)
+                if isinstance(value, BudgetedWeight):
+                    raise _write_error(func, value)
+        if func in _LIKE_OPS:  # only the metadata of the weight is read
+            return func(*tree_map(_empty_like_weight, args), **tree_map(_empty_like_weight, kwargs))
+        return func(*tree_map(_effective_of, args), **tree_map(_effective_of, kwargs))
+
+
+def _effective_of(t: Any) -> Any:
+    return t.effective() if isinstance(t, BudgetedWeight) else t
+
+
+def _empty_like_weight(t: Any) -> Any:
+    if isinstance(t, BudgetedWeight):
+        return torch.empty(t._shape, dtype=t.values.dtype, device=t.values.device)
+    return t
+
+
+_LIKE_OPS = {
+    aten.empty_like.default,
+    aten.zeros_like.default,
+    aten.ones_like.default,
+    aten.full_like.default,
+    aten.rand_like.default,
+    aten.randn_like.default,
+    aten.new_empty.default,
+    aten.new_zeros.default,
+    aten.new_ones.default,
+    aten.new_full.default,
+    aten.new_empty_strided.default,
+}
+
+
+def _detach(func: Any, args: tuple, kwargs: dict) -> BudgetedWeight:
+    return args[0]._with()
+
+
+def _clone(func: Any, args: tuple, kwargs: dict) -> BudgetedWeight:
+    w = args[0]
+    return w._with(**{k: getattr(w, k).clone() for k in _INNER})
+
+
+def _to_copy(func: Any, args: tuple, kwargs: dict) -> Tensor:
+    w = args[0]
+    dtype = kwargs.get("dtype") or w.values.dtype
+    device = kwargs.get("device") or w.values.device
+    if not dtype.is_floating_point:  # e.g. w.int(): a dense conversion of the effective weight
+        return func(w.effective(), **kwargs)
+    non_blocking = bool(kwargs.get("non_blocking", False))
+    moved = {
+        k: getattr(w, k).to(device=device, non_blocking=non_blocking, copy=True) for k in _INNER
+    }
+    moved["values"] = moved["values"].to(dtype)
+    return w._with(**moved)
+
+
+def _copy(func: Any, args: tuple, kwargs: dict) -> Tensor:
+    dst, src = args[0], args[1]
+    if not isinstance(dst, BudgetedWeight):  # a dense tensor loads the effective weight
+        dst.copy_(src.effective(), **kwargs)
+        return dst
+    fn = "BudgetedWeight.copy_()"
+    if not isinstance(src, BudgetedWeight):
+        raise TypeError(
+            f"{fn}: expected a budgeted weight to load from, got a dense {type(src).__name__} of "
+            f"shape {tuple(src.shape)}: a dense weight has no tracked set and seed to store. "
+            "Load dense weights into the nn model before pk.sparsify, or load a checkpoint of "
+            "the sparsified model"
+        )
+    if src._shape != dst._shape:
+        raise ValueError(f"{fn}: expected a weight of shape {dst._shape}, got {src._shape}")
+    # Check everything before anything changes: a bad checkpoint leaves the weight as it was.
+    storage = BlockStorage(src._shape, dst.block_size, src.values, src.bits, src.group_ptr)
+    seed = check_seed(src.seed, fn)
+    scale = _check_scale(src._scale_value, fn)
+    if not (math.isfinite(src.bound) and src.bound > 0):
+        raise ValueError(f"{fn}: expected a positive finite bound, got {src.bound!r}")
+    if src.bits.numel() != (dst.weight_numel + 7) // 8 or src.group_ptr.numel() != (
+        (dst.weight_numel + GROUP_SIZE - 1) // GROUP_SIZE + 1
+    ):
+        raise ValueError(f"{fn}: storage does not describe {dst.weight_numel} weights")
+    device, dtype = dst.values.device, dst.values.dtype
+    dst.values = storage.values.to(device=device, dtype=dtype, copy=True)
+    dst.bits = storage.bits.to(device=device, copy=True)
+    dst.group_ptr = storage.group_ptr.to(device=device, copy=True)
+    dst.seed, dst.bound = seed, float(src.bound)
+    dst.set_scale(scale)
+    dst._tracked_version += 1
+    return dst
+
+
+_DISPATCH = {
+    aten.detach.default: _detach,
+    aten.alias.default: _detach,
+    aten.clone.default: _clone,
+    aten._to_copy.default: _to_copy,
+    aten.copy_.default: _copy,
+}
+
+_FUNCTIONS: dict | None = None
+
+
+def _function_table() -> dict:
+    """torch functions computed on the compressed form (imported late: functional imports us)."""
+    global _FUNCTIONS
+    if _FUNCTIONS is None:
+        from . import functional
+
+        _FUNCTIONS = {
+            torch.nn.functional.linear: functional.linear,
+            torch.nn.functional.conv2d: functional.conv2d,
+        }
+    return _FUNCTIONS
+
+
+# torch.load(weights_only=True), the default, may rebuild budgeted weights.
+torch.serialization.add_safe_globals([BudgetedWeight])
