@@ -266,8 +266,8 @@ def stored_model_bytes(model: nn.Module) -> int:
     """Bytes of the model in the block format: tracked values + bitmask + pointers, dense rest."""
     total = 0
     for m in model.modules():
-        if isinstance(m, pk.SparseLayer):
-            total += m.storage.nbytes
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and pk.is_budgeted(m.weight):
+            total += m.weight.storage.nbytes
         elif isinstance(m, (nn.Linear, nn.Conv2d)):
             w = m.weight.detach()
             nz = w != 0
@@ -277,16 +277,16 @@ def stored_model_bytes(model: nn.Module) -> int:
                 block = w[0, 0].numel() if w.dim() == 4 else 16
                 total += BlockStorage.from_mask(w, nz, block).nbytes
         for name, p in m.named_parameters(recurse=False):
-            if name not in ("values", "weight"):
+            if name != "weight":
                 total += p.numel() * p.element_size()
     return total
 
 
 def weight_list(model: nn.Module) -> list[torch.Tensor]:
     return [
-        m.effective_weight() if isinstance(m, pk.SparseLayer) else m.weight.detach().clone()
+        m.weight.effective() if pk.is_budgeted(m.weight) else m.weight.detach().clone()
         for m in model.modules()
-        if isinstance(m, (pk.SparseLayer, nn.Linear, nn.Conv2d))
+        if isinstance(m, (nn.Linear, nn.Conv2d))
     ]
 
 
@@ -298,7 +298,7 @@ def run_one(
     args: argparse.Namespace,
     seed: int,
 ) -> dict:
-    total_weights = sum(m.numel for m in sparse_init.modules() if isinstance(m, pk.SparseLayer))
+    total_weights = sum(w.numel() for _, w in pk.budgeted_weights(sparse_init))
     k = max(1, round(budget * total_weights))
     steps_per_epoch = math.ceil(len(data.y_train) / args.batch_size)
     total_steps = args.epochs * steps_per_epoch
@@ -314,7 +314,7 @@ def run_one(
         }[base]
         selection = "topk" if base == "dropback" else "quantile"
         opt = pk.DropBack(
-            model,
+            model.parameters(),
             args.lr,
             budget=k,
             momentum=args.momentum,
@@ -374,7 +374,7 @@ def run_one(
     if method == "dense":
         stored = total_weights
     elif stored is None:
-        stored = sum(m.nnz for m in model.modules() if isinstance(m, pk.SparseLayer))
+        stored = sum(w.nnz for _, w in pk.budgeted_weights(model))
     if diverged:
         print(
             f"  {method}{'@' + scope if scope else ''} budget {budget:g} seed {seed}: diverged",

@@ -108,7 +108,7 @@ def cases(device: torch.device, quick: bool, kinds: list[str]) -> list[dict]:
     return out
 
 
-def make_layer(case: dict, dtype: torch.dtype, device: torch.device) -> pk.SparseLayer:
+def make_layer(case: dict, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     kw = {"seed": 1, "device": device, "dtype": dtype, "compute_tile": TILES[case["kind"]]}
     if case["kind"] == "linear":
         return pk.SparseLinear(*case["args"], **kw)
@@ -116,14 +116,15 @@ def make_layer(case: dict, dtype: torch.dtype, device: torch.device) -> pk.Spars
 
 
 def set_density(
-    layer: pk.SparseLayer, density: float, granularity: str, gen: torch.Generator
+    layer: pk.SparseLinear | pk.SparseConv2d, density: float, granularity: str, gen: torch.Generator
 ) -> None:
     """Track ``density`` of the weights (random single elements, or that fraction of the tiles,
     rounded, at random); untracked weights become zeros."""
-    rows, cols, ksize, groups = layer.matrix_geometry
-    device = layer.values.device
+    weight = layer.weight
+    rows, cols, ksize, groups = weight.geometry
+    device = weight.values.device
     if granularity == "element":
-        mask = torch.rand(layer.numel, generator=gen, device=device) < density
+        mask = torch.rand(weight.weight_numel, generator=gen, device=device) < density
     else:
         tile = layer.compute_tile
         shape = (groups * -(-(rows // groups) // tile[0]), -(-cols // tile[1]))
@@ -132,24 +133,22 @@ def set_density(
         tiles = torch.zeros(count, dtype=torch.bool, device=device)
         tiles[pick] = True
         mask = tile_mask(tiles.view(shape), rows, cols, ksize, groups, *tile)
-    w = pk.init_values(layer.seed_value, layer.numel, layer.bound, device=device).to(
-        layer.values.dtype
+    w = pk.init_values(weight.seed, weight.weight_numel, weight.bound, device=device).to(
+        weight.values.dtype
     )
-    layer.set_tracked(
-        BlockStorage.from_mask(
-            w.view(layer.weight_shape), mask.view(layer.weight_shape), layer.block_size
-        )
+    shape = tuple(weight.shape)
+    weight.set_tracked(
+        BlockStorage.from_mask(w.view(shape), mask.view(shape), weight.block_size), scale=0.0
     )
-    layer.init_scale.fill_(0.0)
 
 
-def dense_twin(layer: pk.SparseLayer) -> torch.nn.Module:
+def dense_twin(layer: pk.SparseLinear | pk.SparseConv2d) -> torch.nn.Module:
     return layer.to_dense()
 
 
 def layer_bytes(module: torch.nn.Module) -> int:
-    if isinstance(module, pk.SparseLayer):
-        n = module.storage.nbytes
+    if pk.is_budgeted(getattr(module, "weight", None)):
+        n = module.weight.storage.nbytes
         return n + (
             module.bias.numel() * module.bias.element_size() if module.bias is not None else 0
         )
@@ -161,7 +160,7 @@ def optimizer_for(module: torch.nn.Module, provider: str, density: float, granul
         return torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
     kw = {"granularity": "tile", "tile": module.compute_tile} if granularity == "tile" else {}
     # Start past the decay (d_n = 0 from the next step on): untracked weights stay zeros.
-    opt = pk.Procrustes(module, lr=1e-3, budget=float(density), momentum=0.9, init_decay=1e-9, **kw)
+    opt = pk.Procrustes(module.parameters(), lr=1e-3, budget=float(density), momentum=0.9, init_decay=1e-9, **kw)
     opt.step_count = 1
     return opt
 
@@ -209,7 +208,7 @@ def run_layers(args, device, info, out: Path) -> list[dict]:
                 for density in args.densities:
                     layer = make_layer(case, dtype, device)
                     set_density(layer, density, granularity, gen)
-                    index = compute.tile_index(layer)
+                    index = compute.tile_index(layer.weight)
                     with torch.no_grad():
                         y = layer(x)
                     auto = layer.last_path

@@ -106,11 +106,11 @@ def bench_one(
     if selection == "topk":
         kw = {"init_decay": 1.0, "selection": "topk"}
     with ops.use_backend(provider):
-        opt = pk.DropBack(model, lr=lr, budget=budget, momentum=mu, **kw)
+        opt = pk.DropBack(model.parameters(), lr=lr, budget=budget, momentum=mu, **kw)
 
         def step() -> None:
             for layer, g in zip(model.layers, grads):
-                layer.dense_grad = g
+                layer.weight.grad = g
             opt.step()
 
         step()  # first step: the tracked set and momentum reach their steady size

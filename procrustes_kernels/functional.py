@@ -147,9 +147,15 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Any:
         return NotImplemented
     where = "F.linear()"
     path = choose_path(weight, input, where)
-    weight.last_path = path
     if path == "dense":
-        return F.linear(input, effective_weight(weight), bias)
+        out = F.linear(input, effective_weight(weight), bias)
+    else:
+        out = _sparse_linear(input, weight, bias, where)
+    weight.last_path = path  # recorded once the call succeeded
+    return out
+
+
+def _sparse_linear(input: Tensor, weight: Any, bias: Tensor | None, where: str) -> Tensor:
     _check_dtype(input, weight, where)
     out_features, in_features = weight._shape
     if input.dim() < 1 or input.shape[-1] != in_features:
@@ -203,9 +209,24 @@ def conv2d(
                 f"got {groups}"
             )
         path = "dense"
-    weight.last_path = path
     if path == "dense":
-        return F.conv2d(input, effective_weight(weight), bias, stride, padding, dilation, groups)
+        out = F.conv2d(input, effective_weight(weight), bias, stride, padding, dilation, groups)
+    else:
+        out = _sparse_conv2d(input, weight, bias, stride, padding, dilation, groups, where)
+    weight.last_path = path  # recorded once the call succeeded
+    return out
+
+
+def _sparse_conv2d(
+    input: Tensor,
+    weight: Any,
+    bias: Tensor | None,
+    stride: Any,
+    padding: Any,
+    dilation: Any,
+    groups: int,
+    where: str,
+) -> Tensor:
     _check_dtype(input, weight, where)
     if input.dim() not in (3, 4) or input.shape[-3] != weight._shape[1] * groups:
         raise ValueError(
