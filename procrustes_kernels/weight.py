@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
@@ -286,7 +287,7 @@ class BudgetedWeight(Tensor):
         """Set the decay factor of untracked weights (a new 0-d tensor: aliases keep theirs)."""
         scale = _check_scale(scale, "BudgetedWeight.set_scale()")
         self.scale = torch.full((), scale, dtype=torch.float32, device=self.values.device)
-        self._scale_value = scale
+        self._scale_value = float(np.float32(scale))  # what the float32 tensor holds
 
     def effective(self) -> Tensor:
         """The dense weight that ``F.linear`` / ``F.conv2d`` compute with: tracked values, every

@@ -29,23 +29,25 @@ def _no_tf32():
 
 def _zero_untracked(layer, density):
     """Track a random ``density`` of the layer's weights and make the rest exact zeros."""
-    w = layer.effective_weight()
+    w = layer.weight.effective()
     mask = torch.rand(w.shape).to(w.device) < density
-    layer.set_tracked(BlockStorage.from_mask(w, mask, layer.block_size))
-    layer.init_scale.fill_(0.0)
+    layer.weight.set_tracked(BlockStorage.from_mask(w, mask, layer.weight.block_size), scale=0.0)
+    assert layer.weight.scale_value == 0.0 and float(layer.weight.scale) == 0.0
     return layer
 
 
 def _run(layer, x, mode):
     layer.compute = mode
-    layer.dense_grad = None
+    layer.weight.grad = None
     if layer.bias is not None:
         layer.bias.grad = None
     xx = x.clone().requires_grad_()
     y = layer(xx)
     (y.float() * torch.linspace(-1, 1, y.numel(), device=y.device).view(y.shape)).sum().backward()
     bias_grad = None if layer.bias is None else layer.bias.grad.clone()
-    return y.detach(), xx.grad, layer.dense_grad.clone(), bias_grad, layer.last_path
+    grad = layer.weight.grad
+    assert not pk.is_budgeted(grad) and grad.shape == layer.weight.shape
+    return y.detach(), xx.grad, grad.clone(), bias_grad, layer.weight.last_path
 
 
 LAYERS = [
@@ -126,7 +128,7 @@ def test_sparse_path_extremes(density):
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_input_gradient_alone_leaves_dense_grad_alone(backend, kind):
+def test_input_gradient_alone_leaves_weight_grad_alone(backend, kind):
     """``autograd.grad(y, x)`` must not feed the optimizer a weight gradient (as on the
     materialise path); ``backward()`` afterwards still does."""
     if kind == "linear":
@@ -137,24 +139,26 @@ def test_input_gradient_alone_leaves_dense_grad_alone(backend, kind):
     x = x.to(DEV).requires_grad_()
     for mode in ("dense", "sparse"):
         layer.compute = mode
-        layer.dense_grad = None
+        layer.weight.grad = None
         with use_backend(backend):
             (gx,) = torch.autograd.grad(layer(x).square().sum(), x)
-            assert layer.dense_grad is None, mode
+            assert layer.weight.grad is None, mode
             layer(x).square().sum().backward(inputs=[x])
-            assert layer.dense_grad is None, mode
+            assert layer.weight.grad is None, mode
             layer(x).square().sum().backward()
-        assert layer.dense_grad is not None and gx.shape == x.shape
+        assert layer.weight.last_path == mode
+        assert layer.weight.grad is not None and gx.shape == x.shape
 
 
 def test_frozen_weights_and_no_bias_on_sparse_path():
     layer = _zero_untracked(pk.SparseLinear(16, 8, bias=False, seed=14).to(DEV), 0.5)
-    layer.values.requires_grad_(False)
+    layer.weight.requires_grad_(False)
     x = torch.randn(3, 16).to(DEV).requires_grad_()
     with use_backend("triton"):
         layer.compute = "sparse"
         layer(x).sum().backward()
-    assert layer.dense_grad is None and x.grad is not None
+    assert layer.last_path == "sparse"
+    assert layer.weight.grad is None and x.grad is not None
 
 
 def test_second_order_gradient_is_refused():
@@ -174,12 +178,13 @@ def test_autocast_bf16_on_sparse_path():
     outs = []
     for mode in ("dense", "sparse"):
         layer.compute = mode
-        layer.dense_grad = None
+        layer.weight.grad = None
         with use_backend("triton"), torch.autocast(DEV.type, dtype=torch.bfloat16):
             y = layer(x)
             y.float().sum().backward()
-        outs.append((y.float(), layer.dense_grad.float()))
-        assert y.dtype == torch.bfloat16 and layer.dense_grad.dtype == torch.float32
+        assert layer.last_path == mode
+        outs.append((y.float(), layer.weight.grad.float()))
+        assert y.dtype == torch.bfloat16 and layer.weight.grad.dtype == torch.float32
     for a, b in zip(*outs):
         assert_close_verbose(a, b, rtol=2e-2, atol=2e-2)
 
@@ -209,10 +214,11 @@ def test_bf16_sparse_path():
 
 def test_forced_sparse_needs_zero_untracked():
     layer = pk.SparseLinear(8, 4, seed=0, compute="sparse")
-    before = layer.init_scale.clone()
+    before = layer.weight.scale.clone()
     with pytest.raises(ValueError, match="init_scale == 0"):
         layer(torch.randn(2, 8))
-    assert torch.equal(layer.init_scale, before)
+    assert torch.equal(layer.weight.scale, before) and layer.weight.scale_value == 1.0
+    assert layer.last_path is None
     layer = _zero_untracked(pk.SparseLinear(8, 4, seed=0, dtype=torch.float64), 0.5)
     layer.compute = "sparse"
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
@@ -255,7 +261,7 @@ def test_auto_choice(monkeypatch):
         layer(x)
         assert layer.last_path == "dense"
         # Untracked weights not (yet) zero: only the dense path is valid.
-        layer.init_scale.fill_(0.5)
+        layer.weight.set_scale(0.5)
         layer(x)
         assert layer.last_path == "dense"
         # Small layers stay on the materialise path.
@@ -267,44 +273,72 @@ def test_auto_choice(monkeypatch):
         assert small.last_path == "sparse"
 
 
-def test_failed_forward_does_not_record_a_path(monkeypatch):
-    import procrustes_kernels.layers as layers
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_failed_forward_does_not_record_a_path(monkeypatch, kind):
+    import procrustes_kernels.functional as functional
 
-    layer = _zero_untracked(pk.SparseLinear(8, 4, seed=2), 0.5)
-    layer(torch.randn(2, 8))
+    if kind == "linear":
+        layer, x, target = pk.SparseLinear(8, 4, seed=2), torch.randn(2, 8), "_sparse_linear"
+    else:
+        layer, x = pk.SparseConv2d(3, 4, 3, seed=2), torch.randn(2, 3, 5, 5)
+        target = "_sparse_conv2d"
+    layer = _zero_untracked(layer, 0.5)
+    layer(x)
     assert layer.last_path == "dense"
 
     def broken(*args):
         raise RuntimeError("kernel failed")
 
-    monkeypatch.setattr(layers, "sparse_linear_forward", broken)
+    monkeypatch.setattr(functional, target, broken)
     layer.compute = "sparse"
     with pytest.raises(RuntimeError, match="kernel failed"):
-        layer(torch.randn(2, 8))
+        layer(x)
     assert layer.last_path == "dense"
+    # The same on a plain module that sparsify converted (F.linear / F.conv2d on its weight).
+    plain = pk.sparsify(torch.nn.Sequential(layer.to_dense()), seed=2)[0]
+    assert type(plain) in (torch.nn.Linear, torch.nn.Conv2d) and pk.is_budgeted(plain.weight)
+    _zero_untracked(plain, 0.5)
+    plain.weight.compute = "sparse"
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        plain(x)
+    assert plain.weight.last_path is None
 
 
 def test_tile_index_cache_follows_tracked_set():
     layer = _zero_untracked(pk.SparseLinear(50, 40, seed=10), 0.2)
-    first = compute.tile_index(layer)
-    assert compute.tile_index(layer) is first
+    first = compute.tile_index(layer.weight)
+    assert compute.tile_index(layer.weight) is first
     assert first.nnz == layer.nnz
     _zero_untracked(layer, 0.6)  # set_tracked: new bits
-    second = compute.tile_index(layer)
+    second = compute.tile_index(layer.weight)
     assert second is not first and second.nnz == layer.nnz
     # In-place change of the very same bits tensor (same nnz, other positions): rebuilt.
-    bits = layer.mask_bits
+    w = layer.weight
+    bits = w.bits
     other = _zero_untracked(pk.SparseLinear(50, 40, seed=11), 0.0)
     mask = layer.storage.mask().flip(0)
-    other.set_tracked(BlockStorage.from_mask(other.effective_weight(), mask.view(40, 50), 16))
-    layer.load_state_dict(other.state_dict())  # copies into the buffers in place
-    assert layer.mask_bits is bits
-    third = compute.tile_index(layer)
+    other.weight.set_tracked(
+        BlockStorage.from_mask(other.weight.effective(), mask.view(40, 50), 16)
+    )
+    assert other.nnz == layer.nnz
+    with torch.no_grad():  # copies into the weight's tensors in place
+        for inner in ("values", "bits", "group_ptr"):
+            getattr(w, inner).copy_(getattr(other.weight, inner))
+    assert layer.weight is w and w.bits is bits
+    third = compute.tile_index(w)
     assert third is not second
-    assert torch.equal(third.tile_nnz, compute.tile_index(other).tile_nnz)
+    assert torch.equal(third.tile_nnz, compute.tile_index(other.weight).tile_nnz)
     assert not torch.equal(third.tile_nnz, second.tile_nnz)
+    assert compute.tile_index(w) is third
+    # Loading a checkpoint (copy_ into the budgeted weight) also changes the tracked set.
+    back = _zero_untracked(pk.SparseLinear(50, 40, seed=12), 0.2)
+    layer.load_state_dict(back.state_dict())
+    assert layer.weight is w
+    fourth = compute.tile_index(w)
+    assert fourth is not third
+    assert torch.equal(fourth.tile_nnz, compute.tile_index(back.weight).tile_nnz)
     layer.compute_tile = (16, 64)
-    assert compute.tile_index(layer).block_n == 16
+    assert compute.tile_index(layer.weight).block_n == 16
 
 
 def test_procrustes_training_on_sparse_path_tracks_dense_path():
@@ -322,16 +356,19 @@ def test_procrustes_training_on_sparse_path_tracks_dense_path():
             seed=3,
         )
         model = model.to(DEV)
-        opt = pk.Procrustes(model, lr=0.05, budget=0.2, init_decay=0.5, selection="topk")
+        assert type(model[0]) is torch.nn.Conv2d and pk.is_budgeted(model[0].weight)
+        opt = pk.Procrustes(
+            model.parameters(), lr=0.05, budget=0.2, init_decay=0.5, selection="topk"
+        )
         x, y = torch.randn(16, 1, 6, 6).to(DEV), torch.randint(0, 10, (16,)).to(DEV)
         paths = []
         for _ in range(40):
-            pk.set_compute(model, mode if float(model[0].init_scale) == 0 else "dense")
+            pk.set_compute(model, mode if model[0].weight.scale_value == 0 else "dense")
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(x), y).backward()
-            paths.append(model[0].last_path)
+            paths.append(model[0].weight.last_path)
             opt.step()
-        return [m.effective_weight() for m in (model[0], model[3])], paths
+        return [m.weight.effective() for m in (model[0], model[3])], paths
 
     dense, _ = run("dense")
     with use_backend("triton"):
@@ -353,18 +390,23 @@ def test_tile_granularity_makes_empty_kernel_tiles(monkeypatch):
             seed=5,
         ).to(device)
         opt = pk.Procrustes(
-            model, lr=0.05, budget=0.25, init_decay=0.3, granularity="tile", tile=(16, 16)
+            model.parameters(),
+            lr=0.05,
+            budget=0.25,
+            init_decay=0.3,
+            granularity="tile",
+            tile=(16, 16),
         )
-        assert all(m.compute_tile == (16, 16) for m in (model[0], model[2]))
+        assert all(m.weight.compute_tile == (16, 16) for m in (model[0], model[2]))
         x, y = torch.randn(24, 96).to(device), torch.randint(0, 10, (24,)).to(device)
         paths = []
         with use_backend(backend):
             for _ in range(20):
                 opt.zero_grad()
                 torch.nn.functional.cross_entropy(model(x), y).backward()
-                paths.append(model[0].last_path)
+                paths.append(model[0].weight.last_path)
                 opt.step()
-        index = compute.tile_index(model[0])
+        index = compute.tile_index(model[0].weight)
         selected = index.tile_nnz > 0
         assert int(index.tile_nnz[selected].min()) == 16 * 16  # whole tiles only
         return model, paths, index
@@ -374,10 +416,13 @@ def test_tile_granularity_makes_empty_kernel_tiles(monkeypatch):
     assert set(dense_paths) == {"dense"}
     assert sparse_paths[0] == "dense" and sparse_paths[-1] == "sparse"
     assert index.tile_density <= 0.3
+    compared = 0
     for a, b in zip(sparse_model, dense_model):
-        if isinstance(a, pk.SparseLayer):
-            got = a.effective_weight().cpu()
-            assert_close_verbose(got, b.effective_weight(), rtol=1e-3, atol=1e-4)
+        if pk.is_budgeted(getattr(a, "weight", None)):
+            got = a.weight.effective().cpu()
+            assert_close_verbose(got, b.weight.effective(), rtol=1e-3, atol=1e-4)
+            compared += 1
+    assert compared == 2
 
 
 def test_sparse_ops_dispatch():

@@ -710,7 +710,7 @@ def _model(seed: int) -> nn.Module:
 
 def _train(backend: str, steps: int, **opt_kw):
     model = _model(seed=17)
-    opt = pk.DropBack(model, quantile_warmup=4, **opt_kw)
+    opt = pk.DropBack(model.parameters(), quantile_warmup=4, **opt_kw)
     g = torch.Generator().manual_seed(1)
     history = []
     with ops.use_backend(backend):
@@ -719,17 +719,18 @@ def _train(backend: str, steps: int, **opt_kw):
             opt.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
-            layers = [m for m in model.modules() if isinstance(m, pk.SparseLayer)]
+            weights = [w for _, w in pk.budgeted_weights(model)]
+            assert len(weights) == 3
             history.append(
                 [
                     (
-                        layer.mask_bits.clone(),
-                        layer.group_ptr.clone(),
-                        layer.values.detach().clone(),
-                        opt.state[layer.values].get("momentum_buffer"),
-                        layer.effective_weight(),
+                        w.bits.clone(),
+                        w.group_ptr.clone(),
+                        w.values.clone(),
+                        opt.state[w].get("momentum_buffer"),
+                        w.effective(),
                     )
-                    for layer in layers
+                    for w in weights
                 ]
             )
     return history, opt

@@ -1,8 +1,11 @@
-"""Tests for procrustes_kernels.layers: SparseLinear / SparseConv2d against the real nn layers.
+"""Tests for procrustes_kernels.layers: SparseLinear / SparseConv2d against the real nn layers, and
+``sparsify`` / ``densify`` of plain models.
 
-Every comparison builds the nn layer with the *same* effective weight and bias (copied from
-``effective_weight()``), feeds both the same input and the same upstream gradient, and compares
-the output, the input gradient, the bias gradient and ``layer.dense_grad`` vs ``weight.grad``.
+A budgeted weight is a :class:`~procrustes_kernels.weight.BudgetedWeight` parameter at
+``module.weight``. Every comparison builds the nn layer with the *same* effective weight and bias
+(copied from ``effective_weight()``), feeds both the same input and the same upstream gradient, and
+compares the output, the input gradient, the bias gradient and the budgeted ``weight.grad`` (the
+dense gradient autograd leaves there) vs the nn layer's ``weight.grad``.
 """
 
 from __future__ import annotations
@@ -14,15 +17,16 @@ import torch
 from conftest import assert_close_verbose
 from torch import nn
 
+import procrustes_kernels as pk
 from procrustes_kernels.layers import (
     SparseConv2d,
-    SparseLayer,
     SparseLinear,
     densify,
     sparsify,
 )
 from procrustes_kernels.philox import derive_seed, init_bound, init_values
 from procrustes_kernels.storage import BlockStorage
+from procrustes_kernels.weight import BudgetedWeight
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -41,15 +45,25 @@ def _one_thread():
 # ---------------------------------------------------------------------------------------------
 
 
-def _track_random(layer: SparseLayer, density: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
-    """Give ``layer`` a random tracked set; returns (dense values, mask). Values are ~N(0, 1), far
-    from the init range, so a tracked/untracked mix-up cannot go unnoticed."""
-    shape = layer.weight_shape
+def _weight_of(layer: nn.Module | BudgetedWeight) -> BudgetedWeight:
+    w = layer if isinstance(layer, BudgetedWeight) else layer.weight
+    assert pk.is_budgeted(w)
+    return w
+
+
+def _track_random(
+    layer: nn.Module | BudgetedWeight, density: float = 0.3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give the budgeted weight of ``layer`` (a module or the weight itself) a random tracked set;
+    returns (dense values, mask). Values are ~N(0, 1), far from the init range, so a
+    tracked/untracked mix-up cannot go unnoticed."""
+    w = _weight_of(layer)
+    shape = tuple(w.shape)
     mask = torch.rand(shape) < density
-    dense = torch.randn(shape, dtype=layer.values.dtype)
+    dense = torch.randn(shape, dtype=w.values.dtype)
     dense = torch.where(dense == 0, torch.ones_like(dense), dense)
-    layer.set_tracked(BlockStorage.from_mask(dense, mask, layer.block_size))
-    assert layer.nnz == int(mask.sum())
+    w.set_tracked(BlockStorage.from_mask(dense, mask, w.block_size))
+    assert w.nnz == int(mask.sum())
     return dense, mask
 
 
@@ -58,7 +72,7 @@ def _linear_twin(layer: SparseLinear) -> nn.Linear:
         layer.in_features,
         layer.out_features,
         bias=layer.bias is not None,
-        dtype=layer.values.dtype,
+        dtype=layer.weight.values.dtype,
     )
     with torch.no_grad():
         twin.weight.copy_(layer.effective_weight())
@@ -78,7 +92,7 @@ def _conv_twin(layer: SparseConv2d) -> nn.Conv2d:
         groups=layer.groups,
         bias=layer.bias is not None,
         padding_mode=layer.padding_mode,
-        dtype=layer.values.dtype,
+        dtype=layer.weight.values.dtype,
     )
     with torch.no_grad():
         twin.weight.copy_(layer.effective_weight())
@@ -87,7 +101,7 @@ def _conv_twin(layer: SparseConv2d) -> nn.Conv2d:
     return twin
 
 
-def _compare_with_twin(layer: SparseLayer, twin: nn.Module, x: torch.Tensor) -> None:
+def _compare_with_twin(layer: nn.Module, twin: nn.Module, x: torch.Tensor) -> None:
     """Forward + backward of both with the same input and upstream gradient; compare all."""
     xs = x.clone().requires_grad_(True)
     xd = x.clone().requires_grad_(True)
@@ -98,12 +112,15 @@ def _compare_with_twin(layer: SparseLayer, twin: nn.Module, x: torch.Tensor) -> 
     ys.backward(upstream)
     yd.backward(upstream)
     assert_close_verbose(xs.grad, xd.grad, RTOL, ATOL)
-    assert layer.dense_grad is not None
-    assert_close_verbose(layer.dense_grad, twin.weight.grad, RTOL, ATOL)
+    grad = layer.weight.grad
+    assert grad is not None
+    # The gradient is the plain dense gradient of the effective weight, not a budgeted weight.
+    assert type(grad) is torch.Tensor and not pk.is_budgeted(grad)
+    assert_close_verbose(grad, twin.weight.grad, RTOL, ATOL)
     if layer.bias is not None:
         assert_close_verbose(layer.bias.grad, twin.bias.grad, RTOL, ATOL)
-    # The packed values never get a .grad: the dense gradient lives in layer.dense_grad.
-    assert layer.values.grad is None
+    # The packed values never get a .grad: the dense gradient lives in weight.grad.
+    assert layer.weight.values.grad is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,19 +132,21 @@ def _golden_layer() -> tuple[SparseLinear, torch.Tensor, torch.Tensor]:
     layer = SparseLinear(3, 2, seed=12345)
     dense = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     mask = torch.tensor([[True, False, True], [False, False, True]])
-    layer.set_tracked(BlockStorage.from_mask(dense, mask, layer.block_size))
+    layer.weight.set_tracked(BlockStorage.from_mask(dense, mask, layer.weight.block_size))
     return layer, dense, mask
 
 
 def test_golden_tiny_linear_effective_weight():
     layer, dense, mask = _golden_layer()
-    layer.init_scale.fill_(0.5)
-    assert layer.nnz == 3
-    assert layer.values.tolist() == [1.0, 3.0, 6.0]
+    layer.weight.set_scale(0.5)
+    assert layer.nnz == 3 and layer.weight.nnz == 3
+    assert layer.weight.values.tolist() == [1.0, 3.0, 6.0]
     w0 = layer.initial_weight()
     assert w0.shape == (2, 3) and w0.dtype == torch.float32
+    assert torch.equal(w0, layer.weight.initial_values())
     eff = layer.effective_weight()
     assert torch.equal(eff, torch.where(mask, dense, 0.5 * w0))
+    assert torch.equal(eff, layer.weight.effective())
     # Spelled out element by element.
     assert eff[0, 0] == 1.0 and eff[0, 2] == 3.0 and eff[1, 2] == 6.0
     assert (
@@ -140,7 +159,7 @@ def test_golden_tiny_linear_effective_weight():
 
 def test_golden_tiny_linear_init_scale_zero_gives_exact_zeros():
     layer, dense, mask = _golden_layer()
-    layer.init_scale.fill_(0.0)
+    layer.weight.set_scale(0.0)
     eff = layer.effective_weight()
     assert torch.equal(eff, torch.where(mask, dense, torch.zeros(())))
     assert torch.equal(eff[~mask], torch.zeros(3))
@@ -149,26 +168,35 @@ def test_golden_tiny_linear_init_scale_zero_gives_exact_zeros():
 
 def test_golden_tiny_linear_init_scale_one_is_w0():
     layer, dense, mask = _golden_layer()
-    assert float(layer.init_scale) == 1.0  # the default
+    # The default.
+    assert float(layer.weight.scale) == 1.0 and layer.weight.scale_value == 1.0
+    assert layer.weight.scale.dtype == torch.float32 and layer.weight.scale.dim() == 0
     assert torch.equal(layer.effective_weight(), torch.where(mask, dense, layer.initial_weight()))
 
 
 def test_empty_tracked_set_is_scaled_w0():
     layer = SparseLinear(7, 5, seed=3)
-    assert layer.nnz == 0
+    assert layer.weight.nnz == 0
     assert torch.equal(layer.effective_weight(), layer.initial_weight())
-    layer.init_scale.fill_(0.25)
+    layer.weight.set_scale(0.25)
     assert torch.equal(layer.effective_weight(), 0.25 * layer.initial_weight())
 
 
-def test_set_tracked_rejects_wrong_shape_or_block_size():
+def test_set_tracked_rejects_wrong_shape_block_size_is_layout_only():
     layer = SparseLinear(3, 2, seed=1)
     bad_shape = BlockStorage.from_mask(torch.ones(3, 2), torch.ones(3, 2, dtype=torch.bool), 16)
     with pytest.raises(ValueError, match="shape"):
-        layer.set_tracked(bad_shape)
-    bad_block = BlockStorage.from_mask(torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool), 4)
-    with pytest.raises(ValueError, match="block_size"):
-        layer.set_tracked(bad_block)
+        layer.weight.set_tracked(bad_shape)
+    assert layer.weight.nnz == 0  # a rejected storage changes nothing
+    # The storage layout (flat bits, packed values, group pointers) does not depend on the block
+    # size, so BudgetedWeight.set_tracked takes a storage of another block size as the same
+    # tracked set; the weight keeps its own block size.
+    dense = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[True, False, True], [False, True, True]])
+    other_block = BlockStorage.from_mask(dense, mask, 4)
+    layer.weight.set_tracked(other_block)
+    assert layer.weight.block_size == 16 and layer.weight.storage.block_size == 16
+    assert torch.equal(layer.effective_weight(), torch.where(mask, dense, layer.initial_weight()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,8 +219,9 @@ def test_set_tracked_rejects_wrong_shape_or_block_size():
 )
 def test_linear_matches_nn_linear(in_features, out_features, input_shape, bias, init_scale):
     layer = SparseLinear(in_features, out_features, bias=bias, seed=2024)
+    assert isinstance(layer, nn.Linear) and pk.is_budgeted(layer.weight)
     dense, mask = _track_random(layer, 0.3)
-    layer.init_scale.fill_(init_scale)
+    layer.weight.set_scale(init_scale)
     eff = layer.effective_weight()
     expected = torch.where(mask, dense, layer.initial_weight() * torch.tensor(init_scale))
     assert torch.equal(eff, expected)
@@ -205,13 +234,15 @@ def test_linear_weight_requires_no_grad_on_values_and_block_size_irrelevant():
     """The block size only changes the storage layout, not the math."""
     a = SparseLinear(29, 11, seed=5, block_size=16)
     b = SparseLinear(29, 11, seed=5, block_size=3)
+    assert a.weight.block_size == 16 and b.weight.block_size == 3
     dense = torch.randn(11, 29)
     mask = torch.rand(11, 29) < 0.4
-    a.set_tracked(BlockStorage.from_mask(dense, mask, a.block_size))
-    b.set_tracked(BlockStorage.from_mask(dense, mask, b.block_size))
+    a.weight.set_tracked(BlockStorage.from_mask(dense, mask, a.weight.block_size))
+    b.weight.set_tracked(BlockStorage.from_mask(dense, mask, b.weight.block_size))
     assert torch.equal(a.effective_weight(), b.effective_weight())
     x = torch.randn(4, 29)
     assert torch.equal(a(x), b(x))
+    assert not a.weight.values.requires_grad and not b.weight.values.requires_grad
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,11 +348,14 @@ for _mode in ("zeros", "reflect", "replicate", "circular"):
 @pytest.mark.parametrize("kwargs, input_shape", _CONV_CASES)
 def test_conv2d_matches_nn_conv2d(kwargs, input_shape, init_scale):
     layer = SparseConv2d(**kwargs, seed=77)
-    k, c, r, s = layer.weight_shape
-    assert layer.block_size == r * s
-    assert layer.fan_in == c * r * s
+    assert isinstance(layer, nn.Conv2d) and pk.is_budgeted(layer.weight)
+    k, c, r, s = tuple(layer.weight.shape)
+    assert layer.weight.block_size == layer.block_size == r * s
+    # fan_in = c * r * s: the geometry's columns (input channels per group) x kernel positions.
+    assert layer.weight.geometry == (k, c, r * s, layer.groups)
+    assert layer.weight.bound == init_bound(c * r * s)
     dense, mask = _track_random(layer, 0.3)
-    layer.init_scale.fill_(init_scale)
+    layer.weight.set_scale(init_scale)
     eff = layer.effective_weight()
     expected = torch.where(mask, dense, layer.initial_weight() * torch.tensor(init_scale))
     assert torch.equal(eff, expected)
@@ -331,12 +365,12 @@ def test_conv2d_matches_nn_conv2d(kwargs, input_shape, init_scale):
 
 
 # ---------------------------------------------------------------------------------------------
-# dense_grad bookkeeping
+# weight.grad bookkeeping (torch semantics: backward accumulates, zero_grad() clears)
 # ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_dense_grad_accumulates_across_backward_calls(kind):
+def test_weight_grad_accumulates_across_backward_calls(kind):
     if kind == "linear":
         layer = SparseLinear(19, 7, seed=9)
         shape = (6, 19)
@@ -344,9 +378,9 @@ def test_dense_grad_accumulates_across_backward_calls(kind):
         layer = SparseConv2d(3, 4, 3, padding=1, seed=9)
         shape = (2, 3, 7, 9)
     _track_random(layer, 0.3)
-    layer.init_scale.fill_(0.6)
+    layer.weight.set_scale(0.6)
     twin = _linear_twin(layer) if kind == "linear" else _conv_twin(layer)
-    assert layer.dense_grad is None
+    assert layer.weight.grad is None
 
     grads = []
     for _ in range(2):
@@ -357,42 +391,51 @@ def test_dense_grad_accumulates_across_backward_calls(kind):
         g = torch.autograd.grad(yd, twin.weight, up)[0]
         grads.append(g)
         if len(grads) == 1:
-            assert_close_verbose(layer.dense_grad, g, RTOL, ATOL)
-            first = layer.dense_grad.clone()
-    assert_close_verbose(layer.dense_grad, grads[0] + grads[1], RTOL, ATOL)
-    assert not torch.equal(layer.dense_grad, first)
-    assert layer.values.grad is None
+            assert_close_verbose(layer.weight.grad, g, RTOL, ATOL)
+            first = layer.weight.grad.clone()
+    assert_close_verbose(layer.weight.grad, grads[0] + grads[1], RTOL, ATOL)
+    assert not torch.equal(layer.weight.grad, first)
+    assert layer.weight.values.grad is None
+    # zero_grad() clears it (set_to_none, as torch.optim / nn.Module do by default) ...
+    layer.zero_grad()
+    assert layer.weight.grad is None
+    # ... and the next backward starts afresh.
+    x = torch.randn(shape)
+    up = torch.randn_like(twin(x))
+    layer(x).backward(up)
+    g = torch.autograd.grad(twin(x), twin.weight, up)[0]
+    assert_close_verbose(layer.weight.grad, g, RTOL, ATOL)
 
 
-def test_dense_grad_sums_over_two_uses_in_one_forward():
+def test_weight_grad_sums_over_two_uses_in_one_forward():
     layer = SparseLinear(8, 8, seed=4)
     _track_random(layer, 0.5)
     twin = _linear_twin(layer)
     x = torch.randn(3, 8)
     layer(layer(x)).sum().backward()
     twin(twin(x)).sum().backward()
-    assert_close_verbose(layer.dense_grad, twin.weight.grad, RTOL, ATOL)
+    assert_close_verbose(layer.weight.grad, twin.weight.grad, RTOL, ATOL)
 
 
-def test_dense_grad_none_without_use():
+def test_weight_grad_none_without_use():
     used = SparseLinear(5, 4, seed=1)
     unused = SparseLinear(5, 4, seed=2)
-    assert used.dense_grad is None and unused.dense_grad is None
+    assert used.weight.grad is None and unused.weight.grad is None
     used(torch.randn(2, 5)).sum().backward()
-    assert used.dense_grad is not None
-    assert unused.dense_grad is None
+    assert used.weight.grad is not None
+    assert unused.weight.grad is None
     # No graph under no_grad: nothing is recorded either.
     with torch.no_grad():
         unused(torch.randn(2, 5))
-    assert unused.dense_grad is None
+    assert unused.weight.grad is None
 
 
-def test_input_only_grad_does_not_touch_dense_grad():
+def test_input_only_grad_does_not_touch_weight_grad():
     layer = SparseLinear(5, 4, seed=1)
     x = torch.randn(2, 5, requires_grad=True)
     (gx,) = torch.autograd.grad(layer(x).sum(), x)
     assert gx.shape == x.shape
-    assert layer.dense_grad is None
+    assert layer.weight.grad is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,9 +447,9 @@ def test_input_only_grad_does_not_touch_dense_grad():
 def test_linear_to_dense(bias):
     layer = SparseLinear(13, 6, bias=bias, seed=8)
     _track_random(layer)
-    layer.init_scale.fill_(0.4)
+    layer.weight.set_scale(0.4)
     d = layer.to_dense()
-    assert type(d) is nn.Linear
+    assert type(d) is nn.Linear and not pk.is_budgeted(d.weight)
     assert (d.in_features, d.out_features) == (13, 6)
     assert (d.bias is not None) == bias
     assert torch.equal(d.weight, layer.effective_weight())
@@ -427,9 +470,9 @@ def test_conv_to_dense(kwargs):
     kwargs = {"kernel_size": 3, **kwargs}
     layer = SparseConv2d(6, 9, **kwargs, seed=8)
     _track_random(layer)
-    layer.init_scale.fill_(0.4)
+    layer.weight.set_scale(0.4)
     d = layer.to_dense()
-    assert type(d) is nn.Conv2d
+    assert type(d) is nn.Conv2d and not pk.is_budgeted(d.weight)
     for attr in (
         "in_channels",
         "out_channels",
@@ -482,12 +525,22 @@ class _Net(nn.Module):
 _NET_INPUT = (2, 3, 11, 13)
 
 
+def _layer_names(model):
+    """Names of the linear / conv modules (sparsify keeps their class)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+
+
 def _dense_names(model):
-    return [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+    """Names of the linear / conv modules whose weight is still dense."""
+    return [n for n in _layer_names(model) if not pk.is_budgeted(model.get_submodule(n).weight)]
+
+
+def _budgeted_modules(model):
+    return [(n, m) for n, m in model.named_modules() if pk.is_budgeted(m._parameters.get("weight"))]
 
 
 def _config(m):
-    if isinstance(m, nn.Linear | SparseLinear):
+    if isinstance(m, nn.Linear):
         keys = ("in_features", "out_features")
     else:
         keys = (
@@ -500,25 +553,34 @@ def _config(m):
             "groups",
             "padding_mode",
         )
-    dtype = m.weight.dtype if isinstance(m, nn.Linear | nn.Conv2d) else m.values.dtype
-    return {k: getattr(m, k) for k in keys} | {"bias": m.bias is not None, "dtype": dtype}
+    dtype = m.weight.values.dtype if pk.is_budgeted(m.weight) else m.weight.dtype
+    return {k: getattr(m, k) for k in keys} | {
+        "bias": m.bias is not None,
+        "dtype": dtype,
+        "shape": tuple(m.weight.shape),
+        "class": type(m),
+    }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_sparsify_replaces_every_layer_with_derived_seeds(dtype):
+def test_sparsify_converts_every_layer_with_derived_seeds(dtype):
     model = _Net().to(dtype)
     names = _dense_names(model)
     assert names == ["stem", "block.conv", "block.inner.0", "head.1", "fc"]
     configs = {n: _config(model.get_submodule(n)) for n in names}
+    modules = {n: model.get_submodule(n) for n in names}
     out = sparsify(model, seed=31)
     assert out is model
     assert _dense_names(model) == []
+    assert [n for n, _ in pk.budgeted_weights(model)] == [f"{n}.weight" for n in names]
     for pos, n in enumerate(names):
         m = model.get_submodule(n)
-        assert isinstance(m, SparseConv2d if configs[n].get("kernel_size") else SparseLinear), n
-        assert m.seed_value == derive_seed(31, pos), n
+        assert m is modules[n], n  # converted in place, not swapped
+        assert type(m) is (nn.Conv2d if configs[n].get("kernel_size") else nn.Linear), n
+        assert pk.is_budgeted(m.weight), n
+        assert m.weight.seed == derive_seed(31, pos), n
         assert _config(m) == configs[n], n
-        assert m.nnz == 0
+        assert m.weight.nnz == 0
     y = model(torch.randn(_NET_INPUT, dtype=dtype))
     assert y.shape == (2, 3) and y.dtype == dtype
 
@@ -526,7 +588,7 @@ def test_sparsify_replaces_every_layer_with_derived_seeds(dtype):
 def test_sparsify_same_seed_same_weights_different_seed_different():
     def weights(seed):
         model = sparsify(_Net(), seed=seed)
-        return [m.effective_weight() for m in model.modules() if isinstance(m, SparseLayer)]
+        return [w.effective() for _, w in pk.budgeted_weights(model)]
 
     a, b, c = weights(5), weights(5), weights(6)
     assert len(a) == 5
@@ -537,6 +599,8 @@ def test_sparsify_same_seed_same_weights_different_seed_different():
 def test_sparsify_filter_respected():
     model = _Net()
     head_linear = model.head[1]
+    head_weight = head_linear.weight
+    head_before = head_weight.detach().clone()
     seen = []
 
     def keep(name, module):
@@ -544,31 +608,39 @@ def test_sparsify_filter_respected():
         return not name.startswith("head")
 
     sparsify(model, seed=3, filter=keep)
-    assert model.head[1] is head_linear  # left dense, untouched
+    # Left dense, untouched.
+    assert model.head[1] is head_linear and model.head[1].weight is head_weight
+    assert not pk.is_budgeted(model.head[1].weight)
+    assert torch.equal(model.head[1].weight, head_before)
     assert seen == ["stem", "block.conv", "block.inner.0", "head.1", "fc"]
-    # Positions count the swapped layers (docstring: "order among the swapped layers").
-    swapped = ["stem", "block.conv", "block.inner.0", "fc"]
-    for pos, n in enumerate(swapped):
-        assert model.get_submodule(n).seed_value == derive_seed(3, pos), n
+    # Positions count the converted weights (docstring: "order of the converted weights").
+    converted = ["stem", "block.conv", "block.inner.0", "fc"]
+    assert _dense_names(model) == ["head.1"]
+    for pos, n in enumerate(converted):
+        assert model.get_submodule(n).weight.seed == derive_seed(3, pos), n
 
 
-def test_sparsify_bare_layers_return_new_layer():
+def test_sparsify_bare_layers_are_converted_in_place():
     lin = nn.Linear(4, 3)
     new = sparsify(lin, seed=7)
-    assert isinstance(new, SparseLinear)
-    assert new.seed_value == derive_seed(7, 0)
+    assert new is lin and type(new) is nn.Linear and pk.is_budgeted(new.weight)
+    assert new.weight.seed == derive_seed(7, 0)
     conv = nn.Conv2d(2, 4, 3, stride=2, bias=False)
     new = sparsify(conv, seed=7)
-    assert isinstance(new, SparseConv2d) and new.bias is None and new.stride == (2, 2)
-    # A filtered-out bare layer comes back as is.
-    assert sparsify(lin, seed=7, filter=lambda n, m: False) is lin
+    assert new is conv and type(new) is nn.Conv2d and pk.is_budgeted(new.weight)
+    assert new.bias is None and new.stride == (2, 2)
+    # A filtered-out bare layer comes back as is, its weight left dense.
+    plain = nn.Linear(4, 3)
+    plain_weight = plain.weight
+    assert sparsify(plain, seed=7, filter=lambda n, m: False) is plain
+    assert plain.weight is plain_weight and not pk.is_budgeted(plain.weight)
 
 
 def test_sparsify_keeps_training_mode_and_block_size():
     model = nn.Sequential(nn.Linear(40, 8), nn.Linear(8, 2)).eval()
     sparsify(model, seed=0, linear_block_size=5)
     assert all(not m.training for m in model.modules())
-    assert model[0].block_size == 5 and model[1].block_size == 5
+    assert model[0].weight.block_size == 5 and model[1].weight.block_size == 5
 
 
 def test_sparsify_bad_seed():
@@ -578,44 +650,48 @@ def test_sparsify_bad_seed():
         sparsify(nn.Linear(2, 2), seed="x")
 
 
-def test_sparsify_replaces_shared_module_everywhere():
-    """A module registered twice (weight tying) must be swapped at both places, by one layer."""
+def test_sparsify_converts_shared_module_once():
+    """A module registered twice (weight tying) gets one budgeted weight, seen at both places."""
     shared = nn.Linear(6, 6)
     model = nn.Sequential(shared, nn.ReLU(), shared)
     sparsify(model, seed=1)
-    assert _dense_names(model) == [] and not any(type(m) is nn.Linear for m in model)
-    assert isinstance(model[0], SparseLinear) and model[2] is model[0]
+    assert _dense_names(model) == []
+    assert type(model[0]) is nn.Linear and pk.is_budgeted(model[0].weight)
+    assert model[2] is model[0] is shared
+    assert [n for n, _ in pk.budgeted_weights(model)] == ["0.weight"]
+    assert model[0].weight.seed == derive_seed(1, 0)
 
 
 def test_densify_replaces_shared_module_everywhere():
     shared = SparseLinear(6, 6, seed=1)
     model = nn.Sequential(shared, nn.ReLU(), shared)
     densify(model)
-    assert not any(isinstance(m, SparseLayer) for m in model)
+    assert not any(isinstance(m, SparseLinear | SparseConv2d) for m in model.modules())
+    assert not any(pk.is_budgeted(p) for p in model.parameters())
     assert type(model[0]) is nn.Linear and model[2] is model[0]
 
 
 def test_densify_nested_model():
     model = sparsify(_Net(), seed=11)
-    for m in model.modules():
-        if isinstance(m, SparseLayer):
-            _track_random(m, 0.2)
-            m.init_scale.fill_(0.5)
+    for _, m in _budgeted_modules(model):
+        _track_random(m, 0.2)
+        m.weight.set_scale(0.5)
     x = torch.randn(_NET_INPUT)
     expected = model(x)
-    weights = {
-        n: m.effective_weight() for n, m in model.named_modules() if isinstance(m, SparseLayer)
-    }
+    weights = {n: m.weight.effective() for n, m in _budgeted_modules(model)}
+    assert len(weights) == 5
     out = densify(model)
     assert out is model
-    assert not any(isinstance(m, SparseLayer) for m in model.modules())
+    assert pk.budgeted_weights(model) == [] and _budgeted_modules(model) == []
     for n, w in weights.items():
         m = model.get_submodule(n)
         assert type(m) in (nn.Linear, nn.Conv2d), n
+        assert type(m.weight) is nn.Parameter and not pk.is_budgeted(m.weight), n
         assert torch.equal(m.weight, w), n
     assert_close_verbose(model(x), expected, RTOL, ATOL)
     # A bare sparse layer comes back as its nn equivalent.
-    assert type(densify(SparseLinear(3, 2, seed=0))) is nn.Linear
+    bare = densify(SparseLinear(3, 2, seed=0))
+    assert type(bare) is nn.Linear and not pk.is_budgeted(bare.weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -633,13 +709,15 @@ def test_densify_nested_model():
 )
 def test_init_distribution_and_bias_stream(make, fan_in):
     layer = make()
+    w = layer.weight
     bound = 1.0 / math.sqrt(fan_in)
-    assert layer.bound == init_bound(fan_in)
-    assert abs(layer.bound - bound) <= 1e-7 * bound
+    assert w.bound == init_bound(fan_in)
+    assert abs(w.bound - bound) <= 1e-7 * bound
     w0 = layer.initial_weight()
-    assert w0.shape == layer.weight_shape and w0.dtype == torch.float32
-    assert torch.equal(w0.reshape(-1), init_values(99, layer.numel, layer.bound))
-    assert float(w0.abs().max()) <= layer.bound
+    assert w0.shape == tuple(w.shape) and w0.dtype == torch.float32
+    assert w.weight_numel == w.numel() == math.prod(w.shape)
+    assert torch.equal(w0.reshape(-1), init_values(99, w.weight_numel, w.bound))
+    assert float(w0.abs().max()) <= w.bound
     assert float(w0.max()) > 0.99 * bound and float(w0.min()) < -0.99 * bound
     # U(-b, b): mean 0, std b / sqrt(3); with >= 92k samples the mean is within ~0.01 b.
     assert abs(float(w0.mean())) < 0.02 * bound
@@ -647,10 +725,10 @@ def test_init_distribution_and_bias_stream(make, fan_in):
     # Effective weight at the start is w0 itself.
     assert torch.equal(layer.effective_weight(), w0)
     # The bias continues the stream after the weights.
-    out = layer.weight_shape[0]
-    expected_bias = init_values(99, out, layer.bound, start=layer.numel)
+    out = tuple(w.shape)[0]
+    expected_bias = init_values(99, out, w.bound, start=w.weight_numel)
     assert torch.equal(layer.bias.detach(), expected_bias)
-    assert float(layer.bias.detach().abs().max()) <= layer.bound
+    assert float(layer.bias.detach().abs().max()) <= w.bound
 
 
 def test_same_seed_same_layer_different_seed_different():
@@ -663,20 +741,21 @@ def test_same_seed_same_layer_different_seed_different():
 def test_unseeded_layers_follow_torch_manual_seed():
     def build():
         torch.manual_seed(123)
-        return SparseLinear(5, 3).seed_value, SparseConv2d(2, 3, 3).seed_value
+        return SparseLinear(5, 3).weight.seed, SparseConv2d(2, 3, 3).weight.seed
 
     first, second = build(), build()
     assert first == second
     assert first[0] != first[1]
-    assert all(0 <= s < 2**63 for s in first)
+    assert all(isinstance(s, int) and 0 <= s < 2**63 for s in first)
     torch.manual_seed(124)
-    assert SparseLinear(5, 3).seed_value != first[0]
+    assert SparseLinear(5, 3).weight.seed != first[0]
 
 
 def test_seed_accepts_extremes_and_tensor():
-    assert SparseLinear(2, 2, seed=0).seed_value == 0
-    assert SparseLinear(2, 2, seed=2**63 - 1).seed_value == 2**63 - 1
-    assert SparseLinear(2, 2, seed=torch.tensor(17)).seed_value == 17
+    assert SparseLinear(2, 2, seed=0).weight.seed == 0
+    assert SparseLinear(2, 2, seed=2**63 - 1).weight.seed == 2**63 - 1
+    seed = SparseLinear(2, 2, seed=torch.tensor(17)).weight.seed
+    assert seed == 17 and type(seed) is int
 
 
 # ---------------------------------------------------------------------------------------------
@@ -684,79 +763,183 @@ def test_seed_accepts_extremes_and_tensor():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_state_dict_round_trip(kind):
+def _old_layout(layer: nn.Module, **override) -> dict:
+    """The state dict of ``layer`` in the layer-based layout of procrustes_kernels 0.1."""
+    w = layer.weight
+    sd = {
+        "values": w.values.clone(),
+        "mask_bits": w.bits.clone(),
+        "group_ptr": w.group_ptr.clone(),
+        "seed": torch.tensor(w.seed, dtype=torch.int64),
+        "init_scale": w.scale.clone(),
+    }
+    if layer.bias is not None:
+        sd["bias"] = layer.bias.detach().clone()
+    sd.update(override)
+    return sd
+
+
+def _with_values(w: BudgetedWeight, values: torch.Tensor) -> BudgetedWeight:
+    """``w`` with other packed values (bits and group pointers kept): a corrupt checkpoint."""
+    return BudgetedWeight(
+        values,
+        w.bits,
+        w.group_ptr,
+        w.scale,
+        shape=tuple(w.shape),
+        seed=w.seed,
+        bound=w.bound,
+        block_size=w.block_size,
+        groups=w.groups,
+    )
+
+
+def _state_dict_pair(kind):
     if kind == "linear":
 
         def make(seed):
             return SparseLinear(37, 11, seed=seed)
+
+        shape = (2, 37)
     else:
 
         def make(seed):
             return SparseConv2d(6, 9, (3, 5), groups=3, padding=1, seed=seed)
 
+        shape = (2, 6, 7, 9)
     src = make(1)
     _track_random(src, 0.3)
-    src.init_scale.fill_(0.3)
+    src.weight.set_scale(0.3)
+    return src, make(2), shape
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_state_dict_round_trip(kind):
+    src, dst, shape = _state_dict_pair(kind)
     sd = src.state_dict()
-    assert set(sd) == {"values", "bias", "mask_bits", "group_ptr", "seed", "init_scale"}
-    dst = make(2)
-    assert dst.nnz == 0
-    values_param = dst.values
+    assert set(sd) == {"weight", "bias"}
+    assert pk.is_budgeted(sd["weight"]) and sd["weight"].nnz == src.weight.nnz
+    assert dst.weight.nnz == 0
+    weight_param = dst.weight
     dst.load_state_dict(sd)
-    assert dst.values is values_param  # optimizers keep holding the same parameter
-    assert dst.seed_value == src.seed_value == 1
-    assert dst.nnz == src.nnz > 0
-    assert float(dst.init_scale) == float(src.init_scale)
+    assert dst.weight is weight_param  # optimizers keep holding the same parameter
+    assert pk.is_budgeted(dst.weight) and isinstance(dst.weight, nn.Parameter)
+    assert dst.weight.seed == src.weight.seed == 1
+    assert dst.weight.nnz == src.weight.nnz > 0
+    assert float(dst.weight.scale) == float(src.weight.scale) == pytest.approx(0.3)
+    assert dst.weight.scale_value == src.weight.scale_value
     assert torch.equal(dst.effective_weight(), src.effective_weight())
     assert torch.equal(dst.bias, src.bias)
-    x = torch.randn(2, 37) if kind == "linear" else torch.randn(2, 6, 7, 9)
+    x = torch.randn(shape)
+    assert torch.equal(dst(x), src(x))
+    # The loaded tracked set is a copy: changing the source afterwards leaves it alone.
+    loaded = dst.effective_weight()
+    src.weight.reset_tracked()
+    assert torch.equal(dst.effective_weight(), loaded)
+    assert not torch.equal(src.effective_weight(), loaded)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_state_dict_old_layout_loads(kind):
+    """Checkpoints of the layer-based layout (values / mask_bits / group_ptr / seed /
+    init_scale) still load into a sparse layer."""
+    src, dst, shape = _state_dict_pair(kind)
+    weight_param = dst.weight
+    dst.load_state_dict(_old_layout(src))
+    assert dst.weight is weight_param
+    assert dst.weight.seed == 1 and dst.weight.nnz == src.weight.nnz > 0
+    # The old layout stored init_scale as a float32 tensor: the same decay factor in float32 (the
+    # precision every kernel computes ``scale * w0`` in).
+    assert float(dst.weight.scale) == float(src.weight.scale)
+    assert dst.weight.scale_value == float(torch.tensor(src.weight.scale_value))
+    assert torch.equal(dst.effective_weight(), src.effective_weight())
+    x = torch.randn(shape)
     assert torch.equal(dst(x), src(x))
 
 
 def test_state_dict_round_trip_through_nested_model():
     src = sparsify(_Net(), seed=4)
-    for m in src.modules():
-        if isinstance(m, SparseLayer):
-            _track_random(m, 0.25)
-            m.init_scale.fill_(0.3)
+    for _, m in _budgeted_modules(src):
+        _track_random(m, 0.25)
+        m.weight.set_scale(0.3)
     dst = sparsify(_Net(), seed=5)
-    dst.load_state_dict(src.state_dict())
+    sd = src.state_dict()
+    assert {k for k in sd if k.endswith(".weight")} == {n for n, _ in pk.budgeted_weights(src)}
+    assert not any(k.endswith((".values", ".mask_bits", ".group_ptr", ".seed")) for k in sd)
+    dst.load_state_dict(sd)
     x = torch.randn(_NET_INPUT)
     assert torch.equal(dst(x), src(x))
+    # Old-layout checkpoint of the whole model (keys per module) too.
+    old = {}
+    for n, m in _budgeted_modules(src):
+        old.update({f"{n}.{k}": v for k, v in _old_layout(m).items()})
+    old.update({k: v for k, v in sd.items() if not pk.is_budgeted(v) and k not in old})
+    fresh = sparsify(_Net(), seed=6)
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh(x), src(x))
 
 
 def test_state_dict_values_popcount_mismatch_raises():
     src = SparseLinear(37, 11, seed=1)
     _track_random(src, 0.3)
     sd = src.state_dict()
-    popcount = src.nnz
-    for bad in (sd["values"][:-1].clone(), torch.cat([sd["values"], torch.ones(2)])):
-        broken = dict(sd, values=bad)
-        dst = SparseLinear(37, 11, seed=2)
-        with pytest.raises(RuntimeError) as err:
-            dst.load_state_dict(broken)
-        msg = str(err.value)
-        assert "values" in msg and "popcount" in msg and str(popcount) in msg, msg
-        assert str(bad.numel()) in msg, msg
+    popcount = src.weight.nnz
+    values = sd["weight"].values
+    for bad in (values[:-1].clone(), torch.cat([values, torch.ones(2)])):
+        new_layout = dict(sd, weight=_with_values(sd["weight"], bad))
+        broken_sds = (new_layout, _old_layout(src, values=bad))
+        for broken in broken_sds:
+            dst = SparseLinear(37, 11, seed=2)
+            before = dst.effective_weight()
+            with pytest.raises(RuntimeError) as err:
+                dst.load_state_dict(broken)
+            msg = str(err.value)
+            assert "values" in msg and "popcount" in msg and str(popcount) in msg, msg
+            assert str(bad.numel()) in msg, msg
+            # A bad checkpoint leaves the weight as it was.
+            assert dst.weight.nnz == 0 and dst.weight.seed == 2
+            assert torch.equal(dst.effective_weight(), before)
 
 
 def test_state_dict_values_too_long_or_not_1d_raises():
     src = SparseLinear(4, 3, seed=1)
     sd = src.state_dict()
     for bad in (torch.zeros(13), torch.zeros(2, 2)):
-        dst = SparseLinear(4, 3, seed=1)
-        with pytest.raises(RuntimeError, match="values"):
-            dst.load_state_dict(dict(sd, values=bad))
+        new_layout = dict(sd, weight=_with_values(sd["weight"], bad))
+        broken_sds = (new_layout, _old_layout(src, values=bad))
+        for broken in broken_sds:
+            dst = SparseLinear(4, 3, seed=1)
+            with pytest.raises(RuntimeError, match="values"):
+                dst.load_state_dict(broken)
 
 
-def test_state_dict_load_resets_dense_grad():
+def test_state_dict_dense_weight_refused():
+    """A dense weight has no tracked set and seed to load into a budgeted weight."""
     layer = SparseLinear(4, 3, seed=1)
-    sd = layer.state_dict()
+    dense = nn.Linear(4, 3).state_dict()
+    with pytest.raises(RuntimeError, match="budgeted weight"):
+        layer.load_state_dict(dense)
+    assert layer.weight.nnz == 0 and layer.weight.seed == 1
+
+
+def test_state_dict_load_then_zero_grad_clears_weight_grad():
+    """``weight.grad`` follows torch semantics: loading a checkpoint keeps the parameter (and
+    what autograd left in ``.grad``); ``zero_grad()`` clears it, and the next backward gives the
+    gradient of the loaded weight alone."""
+    src = SparseLinear(4, 3, seed=3)
+    _track_random(src, 0.5)
+    sd = src.state_dict()
+    layer = SparseLinear(4, 3, seed=1)
     layer(torch.randn(2, 4)).sum().backward()
-    assert layer.dense_grad is not None
+    assert layer.weight.grad is not None
     layer.load_state_dict(sd)
-    assert layer.dense_grad is None
+    layer.zero_grad()
+    assert layer.weight.grad is None
+    twin = _linear_twin(src)
+    x = torch.randn(2, 4)
+    layer(x).sum().backward()
+    twin(x).sum().backward()
+    assert_close_verbose(layer.weight.grad, twin.weight.grad, RTOL, ATOL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -766,13 +949,14 @@ def test_state_dict_load_resets_dense_grad():
 
 def test_float64_linear_matches_nn_linear():
     layer = SparseLinear(23, 9, seed=3, dtype=torch.float64)
-    assert layer.values.dtype == torch.float64 and layer.bias.dtype == torch.float64
+    assert layer.weight.values.dtype == torch.float64 and layer.bias.dtype == torch.float64
+    assert layer.weight.dtype == torch.float64
     _track_random(layer)
-    layer.init_scale.fill_(0.37)
+    layer.weight.set_scale(0.37)
     assert layer.effective_weight().dtype == torch.float64
     twin = _linear_twin(layer)
     _compare_with_twin(layer, twin, torch.randn(4, 23, dtype=torch.float64))
-    assert layer.dense_grad.dtype == torch.float64
+    assert layer.weight.grad.dtype == torch.float64
 
 
 def test_float64_conv_matches_nn_conv():
@@ -780,8 +964,9 @@ def test_float64_conv_matches_nn_conv():
         6, 9, 3, groups=3, padding="same", padding_mode="reflect", seed=3, dtype=torch.float64
     )
     _track_random(layer)
-    layer.init_scale.fill_(0.37)
+    layer.weight.set_scale(0.37)
     _compare_with_twin(layer, _conv_twin(layer), torch.randn(2, 6, 7, 9, dtype=torch.float64))
+    assert layer.weight.grad.dtype == torch.float64
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
@@ -793,12 +978,18 @@ def test_to_float64_keeps_working(kind):
         layer = SparseConv2d(4, 5, 3, padding=1, seed=3)
         shape = (2, 4, 7, 9)
     _track_random(layer)
-    layer.init_scale.fill_(0.37)
+    layer.weight.set_scale(0.37)
     before = layer.effective_weight()
+    nnz = layer.weight.nnz
     layer = layer.to(torch.float64)
-    assert layer.values.dtype == torch.float64 and layer.bias.dtype == torch.float64
-    assert layer.seed.dtype == torch.int64 and layer.mask_bits.dtype == torch.uint8
-    assert layer.group_ptr.dtype == torch.int64
+    w = layer.weight
+    assert pk.is_budgeted(w) and isinstance(w, nn.Parameter) and w.requires_grad
+    assert w.dtype == torch.float64
+    assert w.values.dtype == torch.float64 and layer.bias.dtype == torch.float64
+    assert isinstance(w.seed, int) and w.seed == 3 and w.bits.dtype == torch.uint8
+    assert w.group_ptr.dtype == torch.int64
+    assert w.scale.dtype == torch.float32 and w.scale_value == pytest.approx(0.37)
+    assert w.nnz == nnz
     after = layer.effective_weight()
     assert after.dtype == torch.float64
     assert torch.equal(after, before.to(torch.float64))
@@ -882,24 +1073,48 @@ def test_repr_mentions_sparse_state():
     layer = SparseConv2d(6, 9, 3, groups=3, padding="same", padding_mode="reflect", seed=5)
     _track_random(layer, 0.5)
     r = repr(layer)
-    assert "seed=5" in r and f"nnz={layer.nnz}/{layer.numel}" in r and "groups=3" in r
-    assert "padding_mode='reflect'" in r
+    w = layer.weight
+    assert "seed=5" in r and f"nnz={w.nnz}/{w.weight_numel}" in r and "groups=3" in r
+    # The nn.Conv2d part of the repr is nn.Conv2d's own (padding_mode=reflect, padding=same).
+    assert nn.Conv2d.extra_repr(layer) in r and "padding_mode=reflect" in r
     assert "seed=5" in repr(SparseLinear(3, 2, seed=5))
+    # The weight's own repr tells the same.
+    rw = repr(w)
+    assert "BudgetedWeight" in rw and "seed=5" in rw and f"nnz={w.nnz}/{w.weight_numel}" in rw
 
 
-def test_host_scalars_follow_their_buffers():
-    """seed / init_scale are read from the device once per change, never stale."""
+def test_host_scalars_follow_the_weight():
+    """seed / scale are Python values held by the weight, never stale: ``set_scale`` writes a new
+    0-d tensor together with its Python value, ``set_tracked(scale=...)`` and
+    ``load_state_dict`` update both."""
     layer = SparseLinear(6, 4, seed=5)
-    assert layer.seed_value == 5 and layer.init_scale_value == 1.0
-    layer.init_scale.fill_(0.25)  # in place
-    assert layer.init_scale_value == 0.25
+    w = layer.weight
+    assert w.seed == 5 and w.scale_value == 1.0
+    old_scale = w.scale
+    w.set_scale(0.25)
+    assert w.scale_value == 0.25 and float(w.scale) == 0.25
+    assert w.scale is not old_scale and float(old_scale) == 1.0  # never written in place
+    assert torch.equal(layer.effective_weight(), 0.25 * layer.initial_weight())
+    # An old-layout checkpoint with another seed and init_scale.
     layer.load_state_dict(
-        {**layer.state_dict(), "seed": torch.tensor(9), "init_scale": torch.tensor(0.5)}
+        _old_layout(layer, seed=torch.tensor(9), init_scale=torch.tensor(0.5))
     )
-    assert layer.seed_value == 9 and layer.init_scale_value == 0.5
-    layer.init_scale = torch.tensor(0.125)  # a new tensor
-    assert layer.init_scale_value == 0.125
+    assert layer.weight is w
+    assert w.seed == 9 and w.scale_value == 0.5 and float(w.scale) == 0.5
+    assert torch.equal(layer.initial_weight().reshape(-1), init_values(9, 24, w.bound))
+    # A new-layout checkpoint of another layer.
+    other = SparseLinear(6, 4, seed=11)
+    other.weight.set_scale(0.75)
+    layer.load_state_dict(other.state_dict())
+    assert w.seed == 11 and w.scale_value == 0.75 and float(w.scale) == 0.75
+    # set_tracked with a scale.
+    w.set_tracked(BlockStorage.empty((4, 6), w.block_size), scale=0.125)
+    assert w.scale_value == 0.125 and float(w.scale) == 0.125
+    with pytest.raises(ValueError, match="scale"):
+        w.set_scale(1.5)
+    assert w.scale_value == 0.125
     with torch.inference_mode():
         fresh = SparseLinear(6, 4, seed=7)
-        fresh.init_scale.fill_(0.5)
-        assert fresh.seed_value == 7 and fresh.init_scale_value == 0.5
+        fresh.weight.set_scale(0.5)
+        assert fresh.weight.seed == 7 and fresh.weight.scale_value == 0.5
+        assert torch.equal(fresh.effective_weight(), 0.5 * fresh.initial_weight())

@@ -52,11 +52,9 @@ def emulate(sparse_model, data, steps, lr, budget, momentum, wd, init_decay, sco
     model = pk.densify(copy.deepcopy(sparse_model))
     budgeted = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     weights = [m.weight for m in budgeted]
-    w0 = [
-        layer.initial_weight()
-        for layer in sparse_model.modules()
-        if isinstance(layer, pk.SparseLayer)
-    ]
+    assert not any(pk.is_budgeted(w) for w in weights)
+    w0 = [w.initial_values() for _, w in pk.budgeted_weights(sparse_model)]
+    assert len(w0) == len(weights)
     others = [p for p in model.parameters() if all(p is not w for w in weights)]
     sgd = torch.optim.SGD(others, lr=lr, momentum=momentum, weight_decay=wd)
     tracked = [torch.zeros_like(w, dtype=torch.bool) for w in weights]
@@ -119,8 +117,15 @@ def train(model, opt, data, steps, start=0, on_step=None):
 
 
 def sparse_weights(model):
+    return [w.effective() for _, w in pk.budgeted_weights(model)]
+
+
+def budgeted_modules(model):
+    """The modules whose weight sparsify put on a budget (they keep their nn class)."""
     return [
-        layer.effective_weight() for layer in model.modules() if isinstance(layer, pk.SparseLayer)
+        m
+        for m in model.modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and pk.is_budgeted(m.weight)
     ]
 
 
@@ -133,13 +138,20 @@ def test_matches_dense_emulation_for_50_steps(kind, init_decay, momentum, wd):
     data = batches(kind, steps)
     ref, ref_masks = emulate(model, data, steps, lr, budget, momentum, wd, init_decay)
     opt = pk.DropBack(
-        model, lr=lr, budget=budget, momentum=momentum, weight_decay=wd, init_decay=init_decay
+        model.parameters(),
+        lr=lr,
+        budget=budget,
+        momentum=momentum,
+        weight_decay=wd,
+        init_decay=init_decay,
     )
-    layers = [m for m in model.modules() if isinstance(m, pk.SparseLayer)]
+    layers = budgeted_modules(model)
+    assert len(layers) == len(opt.weights) == 3
+    assert all(m.weight is w for m, w in zip(layers, opt.weights))
 
     def check_masks(n):
-        for layer, expected in zip(layers, ref_masks[n]):
-            assert torch.equal(layer.storage.mask(), expected.flatten()), (
+        for w, expected in zip(opt.weights, ref_masks[n]):
+            assert torch.equal(w.storage.mask(), expected.flatten()), (
                 f"mask differs at step {n + 1}"
             )
 
@@ -168,12 +180,19 @@ def test_linear_decay_matches_dense_emulation(kind):
         model, data, steps, lr, budget, 0.9, 1e-3, lambda n: linear_decay_factor(n, decay_steps)
     )
     opt = pk.Procrustes(
-        model, lr=lr, budget=budget, momentum=0.9, weight_decay=1e-3, selection="topk",
-        decay_steps=decay_steps,
+        model.parameters(), lr=lr, budget=budget, momentum=0.9, weight_decay=1e-3,
+        selection="topk", decay_steps=decay_steps,
     )  # fmt: skip
     assert opt.init_decay == 1.0 and opt.decay_steps == decay_steps
     scales = []
-    train(model, opt, data, steps, on_step=lambda n: scales.append(float(opt.layers[0].init_scale)))
+
+    def record_scale(n):
+        w = opt.weights[0]
+        # the 0-d float32 tensor is the float32 rounding of the Python float
+        assert float(w.scale) == float(torch.tensor(w.scale_value, dtype=torch.float32))
+        scales.append(float(w.scale))
+
+    train(model, opt, data, steps, on_step=record_scale)
     assert scales[0] == 1.0 and scales[1] == pytest.approx(1 - 1 / 25)
     assert scales[24] == pytest.approx(1 / 25) and scales[25] == 0.0 and scales[-1] == 0.0
     ref_weights = [m.weight for m in ref.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
@@ -186,12 +205,15 @@ def test_matches_dense_emulation_per_layer_scope():
     model = make("cnn")
     data = batches("cnn", steps)
     ref, _ = emulate(model, data, steps, 0.05, 0.2, 0.9, 0.0, 0.95, scope="layer")
-    opt = pk.DropBack(model, lr=0.05, budget=0.2, momentum=0.9, init_decay=0.95, scope="layer")
+    opt = pk.DropBack(
+        model.parameters(), lr=0.05, budget=0.2, momentum=0.9, init_decay=0.95, scope="layer"
+    )
     train(model, opt, data, steps)
     ref_weights = [m.weight for m in ref.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    for got, want, layer in zip(sparse_weights(model), ref_weights, opt.layers):
+    assert len(opt.weights) == len(ref_weights) == 3
+    for got, want, w in zip(sparse_weights(model), ref_weights, opt.weights):
         torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
-        assert layer.nnz == max(1, round(layer.numel * opt.budget / opt.total_weights))
+        assert w.nnz == max(1, round(w.weight_numel * opt.budget / opt.total_weights))
 
 
 @pytest.mark.parametrize("momentum,wd", [(0.0, 0.0), (0.9, 1e-2)])
@@ -200,14 +222,19 @@ def test_full_budget_without_decay_is_plain_sgd(momentum, wd):
     model = make("cnn")
     dense = pk.densify(copy.deepcopy(model))
     data = batches("cnn", steps)
-    opt = pk.DropBack(model, lr=0.1, budget=1.0, momentum=momentum, weight_decay=wd)
+    opt = pk.DropBack(
+        model.parameters(), lr=0.1, budget=1.0, momentum=momentum, weight_decay=wd
+    )
     sgd = torch.optim.SGD(dense.parameters(), lr=0.1, momentum=momentum, weight_decay=wd)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
     sched_dense = torch.optim.lr_scheduler.StepLR(sgd, step_size=5, gamma=0.5)
     train(model, opt, data, steps, on_step=lambda n: sched.step())
     train(dense, sgd, data, steps, on_step=lambda n: sched_dense.step())
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
-    for got, want in zip(pk.densify(copy.deepcopy(model)).parameters(), dense.parameters()):
+    got_params = list(pk.densify(copy.deepcopy(model)).parameters())
+    assert len(got_params) == len(list(dense.parameters())) == 5
+    for got, want in zip(got_params, dense.parameters()):
+        assert not pk.is_budgeted(got)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
@@ -230,25 +257,26 @@ def test_checkpoint_resume_is_bit_identical(cls, kw):
     n_steps, m_steps = 7, 6
     data = batches("cnn", n_steps + m_steps)
     straight = make("cnn")
-    opt = cls(straight, lr=0.05, budget=0.15, **kw)
+    opt = cls(straight.parameters(), lr=0.05, budget=0.15, **kw)
     train(straight, opt, data, n_steps + m_steps)
 
     first = make("cnn")
-    opt1 = cls(first, lr=0.05, budget=0.15, **kw)
+    opt1 = cls(first.parameters(), lr=0.05, budget=0.15, **kw)
     train(first, opt1, data, n_steps)
     blob = _save(first, opt1)
 
     resumed = make("cnn", seed=99)  # different init: everything must come from the checkpoint
-    opt2 = cls(resumed, lr=0.05, budget=0.15, **kw)
+    opt2 = cls(resumed.parameters(), lr=0.05, budget=0.15, **kw)
     ckpt = torch.load(io.BytesIO(blob))
     resumed.load_state_dict(ckpt["model"])
     opt2.load_state_dict(ckpt["opt"])
     train(resumed, opt2, data, m_steps, start=n_steps)
 
+    assert len(sparse_weights(straight)) == len(sparse_weights(resumed)) == 3
     for a, b in zip(sparse_weights(straight), sparse_weights(resumed)):
         assert torch.equal(a, b)
-    for a, b in zip(straight.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert_same_tensor(a, b, name)
     assert opt.state_dict()["dropback"] == opt2.state_dict()["dropback"]
 
 
@@ -259,7 +287,7 @@ def test_checkpoint_holds_only_the_budget():
         nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10)
     )
     model = pk.sparsify(copy.deepcopy(dense), seed=0)
-    opt = pk.DropBack(model, lr=0.05, budget=0.1, momentum=0.9)
+    opt = pk.DropBack(model.parameters(), lr=0.05, budget=0.1, momentum=0.9)
     sgd = torch.optim.SGD(dense.parameters(), lr=0.05, momentum=0.9)
     data = [(torch.randn(8, 256), torch.randint(0, 10, (8,))) for _ in range(3)]
     train(model, opt, data, 3)
@@ -271,13 +299,14 @@ def test_checkpoint_holds_only_the_budget():
 def test_decayed_weights_become_exact_zeros():
     model = make("mlp")
     data = batches("mlp", 40)
-    opt = pk.Procrustes(model, lr=0.1, budget=0.1, init_decay=0.5, selection="topk")
+    opt = pk.Procrustes(model.parameters(), lr=0.1, budget=0.1, init_decay=0.5, selection="topk")
     train(model, opt, data, 40)
     assert decay_factor(40, 0.5) == 0.0
-    for layer in opt.layers:
-        assert float(layer.init_scale) == 0.0
-        w = layer.effective_weight().flatten()
-        untracked = ~layer.storage.mask()
+    assert len(opt.weights) == 3
+    for weight in opt.weights:
+        assert float(weight.scale) == 0.0 and weight.scale_value == 0.0
+        w = weight.effective().flatten()
+        untracked = ~weight.storage.mask()
         assert torch.all(w[untracked] == 0)
     assert opt.tracked_count == opt.budget
 
@@ -291,7 +320,9 @@ def test_quantile_tracks_near_budget_in_training(init_decay):
         (torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g))
         for _ in range(40)
     ]
-    opt = pk.Procrustes(model, lr=0.05, budget=0.1, momentum=0.9, init_decay=init_decay)
+    opt = pk.Procrustes(
+        model.parameters(), lr=0.05, budget=0.1, momentum=0.9, init_decay=init_decay
+    )
     counts = []
     train(model, opt, data, 40, on_step=lambda n: counts.append(opt.tracked_count / opt.budget))
     # Warm-up steps read their own histogram: the count is the budget up to one bin's resolution.
@@ -302,37 +333,66 @@ def test_quantile_tracks_near_budget_in_training(init_decay):
 
 def test_int_budget_and_repr():
     model = make("mlp")
-    opt = pk.DropBack(model, lr=0.1, budget=100)
+    opt = pk.DropBack(model.parameters(), lr=0.1, budget=100)
     train(model, opt, batches("mlp", 2), 2)
     assert opt.tracked_count == 100
     assert "budget=100/" in repr(opt)
 
 
-def test_dense_grad_is_transient():
+def _weight_grads(opt):
+    return [w.grad for w in opt.weights if w.grad is not None]
+
+
+def test_weight_grad_follows_torch_optim_semantics():
+    """The dense gradient of a budgeted weight is its ``.grad`` (a plain tensor); ``step()`` does
+    not clear it (as in torch.optim), ``zero_grad()`` does."""
     model = make("mlp")
-    opt = pk.DropBack(model, lr=0.1, budget=0.1)
+    opt = pk.DropBack(model.parameters(), lr=0.1, budget=0.1)
     x, y = batches("mlp", 1)[0]
     F.cross_entropy(model(x), y).backward()
-    assert len(opt.dense_grads()) == 3
-    assert all(layer.values.grad is None for layer in opt.layers)
+    grads = _weight_grads(opt)
+    assert len(grads) == 3
+    for w, g in zip(opt.weights, grads):
+        assert not pk.is_budgeted(g) and g.shape == w.shape and g.dtype == w.dtype
+        assert w.values.grad is None
     opt.step()
-    assert opt.dense_grads() == []
+    assert opt.step_count == 1
+    after = _weight_grads(opt)
+    assert len(after) == 3 and all(a is g for a, g in zip(after, grads))
+    opt.step()  # the same gradients once more: a legal step, as with torch.optim.SGD
+    assert opt.step_count == 2
+    opt.zero_grad()
+    assert _weight_grads(opt) == []
+    assert all(p.grad is None for p in model.parameters())
     with pytest.raises(RuntimeError, match="backward"):
         opt.step()
+    assert opt.step_count == 2
     F.cross_entropy(model(x), y).backward()
+    assert len(_weight_grads(opt)) == 3
     opt.zero_grad()
-    assert opt.dense_grads() == []
+    assert _weight_grads(opt) == []
 
 
 def _snapshot(model, opt):
     return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
 
 
+def assert_same_tensor(a, b, key):
+    """Bitwise equality; for budgeted weights of everything stored (tracked set, seed, scale),
+    not only of the effective weight."""
+    assert pk.is_budgeted(a) == pk.is_budgeted(b), key
+    if pk.is_budgeted(a):
+        assert a.seed == b.seed and a.scale_value == b.scale_value, key
+        for inner in ("values", "bits", "group_ptr", "scale"):
+            assert torch.equal(getattr(a, inner), getattr(b, inner)), (key, inner)
+    assert torch.equal(a, b), key
+
+
 def _assert_same_state(a, b):
     (ma, oa), (mb, ob) = a, b
     assert ma.keys() == mb.keys()
     for key in ma:
-        assert torch.equal(ma[key], mb[key]), key
+        assert_same_tensor(ma[key], mb[key], key)
     assert oa["dropback"] == ob["dropback"]
     assert oa["param_groups"] == ob["param_groups"]
     assert oa["state"].keys() == ob["state"].keys()
@@ -341,23 +401,27 @@ def _assert_same_state(a, b):
             assert torch.equal(value, ob["state"][i][key])
 
 
+@pytest.mark.parametrize("named", [True, False], ids=["module", "parameters"])
 @pytest.mark.parametrize("where", ["sparse", "bias"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_non_finite_gradient_raises_and_changes_nothing(where, value):
+def test_non_finite_gradient_raises_and_changes_nothing(where, value, named):
     model = make("cnn")
-    opt = pk.Procrustes(model, lr=0.1, budget=0.1, momentum=0.9)
+    # A module stands for its parameters, with their names for the error messages.
+    opt = pk.Procrustes(model if named else model.parameters(), lr=0.1, budget=0.1, momentum=0.9)
     data = batches("cnn", 4)
     train(model, opt, data, 3)
     before = _snapshot(model, opt)
     x, y = data[3]
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
+    # cnn parameters: 0.weight, 0.bias, 2.weight, 5.weight, 5.bias
     if where == "sparse":
-        opt.layers[1].dense_grad.view(-1)[5] = value
-        match = "layer '2'"
+        assert opt.weights[1] is model[2].weight
+        opt.weights[1].grad.view(-1)[5] = value
+        match = "'2.weight'" if named else r"param_groups\[0\]\['params'\]\[2\]"
     else:
-        opt.layers[0].bias.grad[0] = value
-        match = "dense parameter"
+        model[0].bias.grad[0] = value
+        match = "'0.bias'" if named else r"param_groups\[0\]\['params'\]\[1\]"
     with pytest.raises(FloatingPointError, match=match):
         opt.step()
     _assert_same_state(before, _snapshot(model, opt))
@@ -395,31 +459,38 @@ def test_bad_arguments_raise_and_leave_model_unchanged(kw, match):
     before = copy.deepcopy(model.state_dict())
     args = {"lr": 0.1, "budget": 0.1, **kw}
     with pytest.raises((ValueError, TypeError), match=match):
-        pk.DropBack(model, **args)
+        pk.DropBack(model.parameters(), **args)
     after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert before.keys() == after.keys()
+    for k in before:
+        assert_same_tensor(before[k], after[k], k)
 
 
 def test_model_without_sparse_layers_is_rejected():
     with pytest.raises(ValueError, match="sparsify"):
-        pk.DropBack(mlp(), lr=0.1, budget=0.1)
-    with pytest.raises(TypeError, match="model"):
+        pk.DropBack(mlp().parameters(), lr=0.1, budget=0.1)
+    with pytest.raises(ValueError, match="sparsify"):
+        pk.DropBack(mlp(), lr=0.1, budget=0.1)  # a module is still accepted
+    with pytest.raises(ValueError, match="expected parameters with budgeted weights, found none"):
         pk.DropBack([torch.zeros(3)], lr=0.1, budget=0.1)
+    # Not an iterable of parameters: torch.optim's own check.
+    with pytest.raises(TypeError, match="iterable"):
+        pk.DropBack(torch.zeros(3), lr=0.1, budget=0.1)
 
 
 def test_load_state_dict_rejects_mismatch_and_changes_nothing():
     model = make("mlp")
-    opt = pk.DropBack(model, lr=0.1, budget=0.1, momentum=0.9)
+    opt = pk.DropBack(model.parameters(), lr=0.1, budget=0.1, momentum=0.9)
     train(model, opt, batches("mlp", 3), 3)
     saved = opt.state_dict()
     other = make("mlp")
-    opt_other = pk.DropBack(other, lr=0.1, budget=0.1, momentum=0.9)
+    opt_other = pk.DropBack(other.parameters(), lr=0.1, budget=0.1, momentum=0.9)
     before = _snapshot(other, opt_other)
     # The model's tracked sets were not loaded first: momentum does not line up.
     with pytest.raises(ValueError, match="momentum"):
         opt_other.load_state_dict(saved)
     _assert_same_state(before, _snapshot(other, opt_other))
-    quantile = pk.DropBack(model, lr=0.1, budget=0.1, selection="quantile")
+    quantile = pk.DropBack(model.parameters(), lr=0.1, budget=0.1, selection="quantile")
     with pytest.raises(ValueError, match="selection"):
         quantile.load_state_dict(saved)
     with pytest.raises(ValueError, match="DropBack"):
@@ -439,19 +510,19 @@ def test_decay_helpers():
 
 def test_load_state_dict_rejects_another_decay_schedule():
     model = make("mlp")
-    opt = pk.Procrustes(model, lr=0.1, budget=0.1, selection="topk", decay_steps=10)
+    opt = pk.Procrustes(model.parameters(), lr=0.1, budget=0.1, selection="topk", decay_steps=10)
     train(model, opt, batches("mlp", 2), 2)
     saved = opt.state_dict()
     for kw, key in (({"init_decay": 0.9}, "init_decay"), ({"decay_steps": 20}, "decay_steps")):
-        other = pk.Procrustes(model, lr=0.1, budget=0.1, selection="topk", **kw)
+        other = pk.Procrustes(model.parameters(), lr=0.1, budget=0.1, selection="topk", **kw)
         with pytest.raises(ValueError, match=key):
             other.load_state_dict(saved)
         assert other.step_count == 0
-    paper = pk.Procrustes(model, lr=0.1, budget=0.1, selection="topk").state_dict()
+    paper = pk.Procrustes(model.parameters(), lr=0.1, budget=0.1, selection="topk").state_dict()
     with pytest.raises(ValueError, match="init_decay"):
-        pk.Procrustes(model, lr=0.1, budget=0.1, selection="topk", init_decay=0.95).load_state_dict(
-            paper
-        )
-    same = pk.Procrustes(model, lr=0.1, budget=0.1, selection="topk", decay_steps=10)
+        pk.Procrustes(
+            model.parameters(), lr=0.1, budget=0.1, selection="topk", init_decay=0.95
+        ).load_state_dict(paper)
+    same = pk.Procrustes(model.parameters(), lr=0.1, budget=0.1, selection="topk", decay_steps=10)
     same.load_state_dict(saved)
     assert same.step_count == 2 and same.decay_at(3) == pytest.approx(0.8)

@@ -351,9 +351,12 @@ def train(model, opt, data, steps, start=0, on_step=None):
 
 
 def sparse_weights(model):
-    return [
-        layer.effective_weight() for layer in model.modules() if isinstance(layer, pk.SparseLayer)
-    ]
+    return [w.effective() for _, w in pk.budgeted_weights(model)]
+
+
+def budgeted_modules(model):
+    """The modules whose weight is budgeted, in model order (for their biases)."""
+    return [m for m in model.modules() if pk.is_budgeted(getattr(m, "weight", None))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,9 +397,8 @@ def emulate_tiles(sparse_model, data, steps, lr, budget, momentum, wd, init_deca
     budgeted = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     weights = [m.weight for m in budgeted]
     w0 = [
-        init_values(int(layer.seed), layer.numel, layer.bound).view(layer.weight_shape)
-        for layer in sparse_model.modules()
-        if isinstance(layer, pk.SparseLayer)
+        init_values(w.seed, w.weight_numel, w.bound).view(tuple(w.shape))
+        for _, w in pk.budgeted_weights(sparse_model)
     ]
     tiles = [dense_tiles(m, tile) for m in budgeted]
     others = [p for p in model.parameters() if all(p is not w for w in weights)]
@@ -448,9 +450,9 @@ def emulate_tiles(sparse_model, data, steps, lr, budget, momentum, wd, init_deca
 def assert_whole_tiles(opt):
     """Every layer's tracked set is a union of whole tiles (counted from the bits alone)."""
     bn, bc = opt.tile
-    for layer in opt.layers:
-        rows, cols, ksize, groups = layer.matrix_geometry
-        index = build_tile_index(layer.mask_bits, rows, cols, ksize, groups, bn, bc)
+    for w in opt.weights:
+        rows, cols, ksize, groups = w.geometry
+        index = build_tile_index(w.bits, rows, cols, ksize, groups, bn, bc)
         sizes = tile_sizes((rows, cols, ksize, groups), (bn, bc)).to(torch.int32)
         nnz = index.tile_nnz.cpu()
         assert torch.all((nnz == 0) | (nnz == sizes)), "a tile is partly tracked"
@@ -469,7 +471,7 @@ def test_matches_dense_tile_emulation_for_30_steps(kind, scope, init_decay, mome
     )
     cls = pk.DropBack if init_decay == 1.0 else pk.Procrustes  # Procrustes: 0.9, "quantile"
     opt = cls(
-        model,
+        model.parameters(),
         lr=lr,
         budget=budget,
         momentum=momentum,
@@ -481,8 +483,9 @@ def test_matches_dense_tile_emulation_for_30_steps(kind, scope, init_decay, mome
     assert opt.init_decay == init_decay
 
     def check(n):
-        for layer, want in zip(opt.layers, ref_masks[n]):
-            assert torch.equal(layer.storage.mask(), want.flatten()), (
+        assert len(opt.weights) == len(ref_masks[n])
+        for w, want in zip(opt.weights, ref_masks[n]):
+            assert torch.equal(w.storage.mask(), want.flatten()), (
                 f"mask differs at step {n + 1}"
             )
         assert_whole_tiles(opt)
@@ -495,7 +498,7 @@ def test_matches_dense_tile_emulation_for_30_steps(kind, scope, init_decay, mome
     for got, w in zip(sparse_weights(model), want):
         assert torch.equal(got, w.detach())
     want_biases = [m.bias for m in ref_model.modules() if getattr(m, "bias", None) is not None]
-    got_biases = [m.bias for m in opt.layers if m.bias is not None]
+    got_biases = [m.bias for m in budgeted_modules(model) if m.bias is not None]
     assert len(got_biases) == len(want_biases) > 0
     for got, w in zip(got_biases, want_biases):
         assert torch.equal(got.detach(), w.detach())
@@ -507,7 +510,12 @@ def test_tile_granularity_ignores_selection():
     for selection in ("topk", "quantile", "quantile_paper"):
         model = make("mlp")
         opt = pk.DropBack(
-            model, lr=0.1, budget=0.2, selection=selection, granularity="tile", tile=(4, 8)
+            model.parameters(),
+            lr=0.1,
+            budget=0.2,
+            selection=selection,
+            granularity="tile",
+            tile=(4, 8),
         )
         train(model, opt, data, 6)
         assert opt.selectors == [None]
@@ -523,7 +531,7 @@ def backend_run(kind, backend, scope, device="cpu", steps=3):
     model = make(kind).to(device)
     data = [(x.to(device), y.to(device)) for x, y in batches(kind, steps, seed=7)]
     opt = pk.DropBack(
-        model,
+        model.parameters(),
         lr=0.1,
         budget=0.25,
         momentum=0.9,
@@ -540,7 +548,7 @@ def backend_run(kind, backend, scope, device="cpu", steps=3):
             data,
             steps,
             on_step=lambda n: history.append(
-                [(layer.mask_bits.cpu(), layer.values.detach().cpu()) for layer in opt.layers]
+                [(w.bits.cpu(), w.values.cpu()) for w in opt.weights]
             ),
         )
     return history
@@ -585,18 +593,18 @@ def test_checkpoint_resume_is_bit_identical(cls, kw):
     kw = {**kw, "granularity": "tile", "tile": TILES["cnn"]}
     data = batches("cnn", n_steps + m_steps)
     straight = make("cnn")
-    opt = cls(straight, lr=0.05, budget=0.2, **kw)
+    opt = cls(straight.parameters(), lr=0.05, budget=0.2, **kw)
     train(straight, opt, data, n_steps + m_steps)
 
     first = make("cnn")
-    opt1 = cls(first, lr=0.05, budget=0.2, **kw)
+    opt1 = cls(first.parameters(), lr=0.05, budget=0.2, **kw)
     train(first, opt1, data, n_steps)
     blob = _save(first, opt1)
     extra = opt1.state_dict()["dropback"]
     assert extra["granularity"] == "tile" and tuple(extra["tile"]) == TILES["cnn"]
 
     resumed = make("cnn", seed=99)  # different init: everything must come from the checkpoint
-    opt2 = cls(resumed, lr=0.05, budget=0.2, **kw)
+    opt2 = cls(resumed.parameters(), lr=0.05, budget=0.2, **kw)
     ckpt = torch.load(io.BytesIO(blob))
     resumed.load_state_dict(ckpt["model"])
     opt2.load_state_dict(ckpt["opt"])
@@ -605,7 +613,7 @@ def test_checkpoint_resume_is_bit_identical(cls, kw):
     for a, b in zip(sparse_weights(straight), sparse_weights(resumed)):
         assert torch.equal(a, b)
     for a, b in zip(straight.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
+        assert same_param(a, b)
     assert opt.state_dict()["dropback"] == opt2.state_dict()["dropback"]
 
 
@@ -613,10 +621,25 @@ def _snapshot(model, opt):
     return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
 
 
+def same_param(a, b):
+    """Equal tensors; for budgeted weights, the same compressed form (tracked set, scale, seed)."""
+    if pk.is_budgeted(a) or pk.is_budgeted(b):
+        return (
+            pk.is_budgeted(a)
+            and pk.is_budgeted(b)
+            and a.seed == b.seed
+            and all(
+                torch.equal(getattr(a, k), getattr(b, k))
+                for k in ("values", "bits", "group_ptr", "scale")
+            )
+        )
+    return torch.equal(a, b)
+
+
 def _assert_same_state(a, b):
     (ma, oa), (mb, ob) = a, b
     assert ma.keys() == mb.keys()
-    assert all(torch.equal(ma[key], mb[key]) for key in ma)
+    assert all(same_param(ma[key], mb[key]) for key in ma)
     assert oa["dropback"] == ob["dropback"]
     assert oa["param_groups"] == ob["param_groups"]
     assert oa["state"].keys() == ob["state"].keys()
@@ -628,22 +651,28 @@ def _assert_same_state(a, b):
 def test_load_state_dict_checks_granularity_and_tile():
     data = batches("mlp", 3)
     model = make("mlp")
-    element = pk.DropBack(model, lr=0.1, budget=0.2, momentum=0.9)
+    element = pk.DropBack(model.parameters(), lr=0.1, budget=0.2, momentum=0.9)
     train(model, element, data, 3)
     saved_element = element.state_dict()
     assert saved_element["dropback"]["granularity"] == "element"
 
     tiled_model = make("mlp")
-    tiled = pk.DropBack(tiled_model, lr=0.1, budget=0.2, granularity="tile", tile=(4, 8))
+    tiled = pk.DropBack(
+        tiled_model.parameters(), lr=0.1, budget=0.2, granularity="tile", tile=(4, 8)
+    )
     train(tiled_model, tiled, data, 3)
     saved_tile = tiled.state_dict()
 
     fresh_model = make("mlp")
-    fresh = pk.DropBack(fresh_model, lr=0.1, budget=0.2, granularity="tile", tile=(4, 8))
+    fresh = pk.DropBack(
+        fresh_model.parameters(), lr=0.1, budget=0.2, granularity="tile", tile=(4, 8)
+    )
     before = _snapshot(fresh_model, fresh)
     with pytest.raises(ValueError, match="granularity"):
         fresh.load_state_dict(saved_element)
-    other_tile = pk.DropBack(make("mlp"), lr=0.1, budget=0.2, granularity="tile", tile=(8, 4))
+    other_tile = pk.DropBack(
+        make("mlp").parameters(), lr=0.1, budget=0.2, granularity="tile", tile=(8, 4)
+    )
     with pytest.raises(ValueError, match="tile"):
         other_tile.load_state_dict(saved_tile)
     # A checkpoint from before the granularity existed is element-granular.
@@ -655,20 +684,22 @@ def test_load_state_dict_checks_granularity_and_tile():
     assert fresh.step_count == 0
 
     plain_model = make("mlp")
-    plain = pk.DropBack(plain_model, lr=0.1, budget=0.2, momentum=0.9)
+    plain = pk.DropBack(plain_model.parameters(), lr=0.1, budget=0.2, momentum=0.9)
     plain_model.load_state_dict(model.state_dict())
     plain.load_state_dict(old)
     assert plain.step_count == 3
     # The tile of an element-granular optimizer is not used, so it is not compared.
     other_model = make("mlp")
     other_model.load_state_dict(model.state_dict())
-    other = pk.DropBack(other_model, lr=0.1, budget=0.2, momentum=0.9, tile=(2, 2))
+    other = pk.DropBack(other_model.parameters(), lr=0.1, budget=0.2, momentum=0.9, tile=(2, 2))
     other.load_state_dict(saved_element)
     assert other.step_count == 3
     # The tile may come back as a list (e.g. through JSON).
     listed = copy.deepcopy(saved_tile)
     listed["dropback"]["tile"] = list(listed["dropback"]["tile"])
-    same = pk.DropBack(make("mlp"), lr=0.1, budget=0.2, granularity="tile", tile=(4, 8))
+    same = pk.DropBack(
+        make("mlp").parameters(), lr=0.1, budget=0.2, granularity="tile", tile=(4, 8)
+    )
     same.load_state_dict(listed)
     assert same.step_count == 3
 
@@ -698,22 +729,24 @@ def test_bad_arguments_raise_and_leave_model_unchanged(kw, match):
     model = make("mlp")
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match=match) as err:
-        pk.DropBack(model, lr=0.1, budget=0.1, **kw)
+        pk.DropBack(model.parameters(), lr=0.1, budget=0.1, **kw)
     assert "expected" in str(err.value)
     with pytest.raises(ValueError, match=match):
-        pk.Procrustes(model, lr=0.1, budget=0.1, **kw)
+        pk.Procrustes(model.parameters(), lr=0.1, budget=0.1, **kw)
     after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(
-        layer.dense_grad is None for layer in model.modules() if isinstance(layer, pk.SparseLayer)
-    )
+    assert before.keys() == after.keys()
+    assert all(same_param(before[k], after[k]) for k in before)
+    weights = pk.budgeted_weights(model)
+    assert len(weights) == 3 and all(w.grad is None for _, w in weights)
 
 
 def test_repr_shows_granularity():
     model = make("mlp")
-    assert "granularity='element'" in repr(pk.DropBack(model, lr=0.1, budget=0.1))
-    assert "tile=" not in repr(pk.DropBack(model, lr=0.1, budget=0.1))
-    r = repr(pk.Procrustes(model, lr=0.1, budget=0.1, granularity="tile", tile=[8, 4]))
+    assert "granularity='element'" in repr(pk.DropBack(model.parameters(), lr=0.1, budget=0.1))
+    assert "tile=" not in repr(pk.DropBack(model.parameters(), lr=0.1, budget=0.1))
+    r = repr(
+        pk.Procrustes(model.parameters(), lr=0.1, budget=0.1, granularity="tile", tile=[8, 4])
+    )
     assert "granularity='tile', tile=(8, 4)" in r
 
 
@@ -721,15 +754,22 @@ def test_repr_shows_granularity():
 def test_element_granularity_is_unchanged(selection):
     data = batches("cnn", 6)
     a, b = make("cnn"), make("cnn")
-    opt_a = pk.DropBack(a, lr=0.1, budget=0.1, momentum=0.9, selection=selection)
+    opt_a = pk.DropBack(a.parameters(), lr=0.1, budget=0.1, momentum=0.9, selection=selection)
     opt_b = pk.DropBack(
-        b, lr=0.1, budget=0.1, momentum=0.9, selection=selection, granularity="element", tile=(3, 2)
+        b.parameters(),
+        lr=0.1,
+        budget=0.1,
+        momentum=0.9,
+        selection=selection,
+        granularity="element",
+        tile=(3, 2),
     )
     train(a, opt_a, data, 6)
     train(b, opt_b, data, 6)
-    for la, lb in zip(opt_a.layers, opt_b.layers):
-        assert torch.equal(la.mask_bits, lb.mask_bits)
-        assert torch.equal(la.values, lb.values)
+    assert len(opt_a.weights) == len(opt_b.weights) == 3
+    for wa, wb in zip(opt_a.weights, opt_b.weights):
+        assert torch.equal(wa.bits, wb.bits)
+        assert torch.equal(wa.values, wb.values)
     extra_a, extra_b = opt_a.state_dict()["dropback"], opt_b.state_dict()["dropback"]
     assert extra_a.pop("tile") == (32, 32) and extra_b.pop("tile") == (3, 2)
     assert extra_a == extra_b and extra_a["granularity"] == "element"

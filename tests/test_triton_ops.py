@@ -344,7 +344,7 @@ def small_model() -> nn.Module:
 def train(model, backend, selection, scope, mu, wd):
     g = torch.Generator().manual_seed(5)
     opt = pk.DropBack(
-        model,
+        model.parameters(),
         lr=0.2,
         budget=0.1,
         momentum=mu,
@@ -364,8 +364,8 @@ def train(model, backend, selection, scope, mu, wd):
             opt.step()
             history.append(
                 (
-                    [layer.mask_bits.cpu().clone() for layer in opt.layers],
-                    [layer.values.detach().cpu().clone() for layer in opt.layers],
+                    [w.bits.cpu().clone() for w in opt.weights],
+                    [w.values.cpu().clone() for w in opt.weights],
                     opt.tracked_count,
                 )
             )
