@@ -160,7 +160,9 @@ def optimizer_for(module: torch.nn.Module, provider: str, density: float, granul
         return torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
     kw = {"granularity": "tile", "tile": module.compute_tile} if granularity == "tile" else {}
     # Start past the decay (d_n = 0 from the next step on): untracked weights stay zeros.
-    opt = pk.Procrustes(module.parameters(), lr=1e-3, budget=float(density), momentum=0.9, init_decay=1e-9, **kw)
+    opt = pk.Procrustes(
+        module.parameters(), lr=1e-3, budget=float(density), momentum=0.9, init_decay=1e-9, **kw
+    )
     opt.step_count = 1
     return opt
 

@@ -73,9 +73,7 @@ def _check_dtype(x: Tensor, weight: Tensor, where: str) -> None:
     if not x.is_floating_point():
         raise TypeError(f"{where}: expected a floating-point input, got {x.dtype}")
     if x.dtype != weight.values.dtype and not torch.is_autocast_enabled(x.device.type):
-        raise TypeError(
-            f"{where}: expected input of dtype {weight.values.dtype}, got {x.dtype}"
-        )
+        raise TypeError(f"{where}: expected input of dtype {weight.values.dtype}, got {x.dtype}")
 
 
 class _SparseLinearFn(torch.autograd.Function):

@@ -197,9 +197,7 @@ class _BudgetedLayer:
             raise TypeError(f"{name}.forward(): expected a floating-point input, got {input.dtype}")
         dtype = self.weight.values.dtype
         if input.dtype != dtype and not torch.is_autocast_enabled(input.device.type):
-            raise TypeError(
-                f"{name}.forward(): expected input of dtype {dtype}, got {input.dtype}"
-            )
+            raise TypeError(f"{name}.forward(): expected input of dtype {dtype}, got {input.dtype}")
 
     def _sparse_repr(self) -> str:
         w = self.weight
@@ -256,7 +254,9 @@ class SparseLinear(_BudgetedLayer, nn.Linear):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name}: expected {arg} to be a positive int, got {v!r}")
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size <= 0:
-            raise ValueError(f"{name}: expected block_size to be a positive int, got {block_size!r}")
+            raise ValueError(
+                f"{name}: expected block_size to be a positive int, got {block_size!r}"
+            )
         seed = _check_common(name, dtype, seed, compute, compute_tile)
         # The nn constructor's dense weight lives on the meta device: nothing is allocated.
         super().__init__(in_features, out_features, bias, device="meta", dtype=dtype)
@@ -551,9 +551,7 @@ def sparsify(
         )
     target_device = _device_of(device, fn)
     holders = _holders(model)
-    out_projs = {
-        id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)
-    }
+    out_projs = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
 
     # Plan first (filter calls, checks), then convert: a failing check changes nothing.
     plan = []
@@ -623,7 +621,9 @@ def _materialise_meta(model: nn.Module, device: torch.device) -> None:
             module.reset_parameters()
 
 
-def _replace_modules(model: nn.Module, convert: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
+def _replace_modules(
+    model: nn.Module, convert: Callable[[nn.Module], nn.Module | None]
+) -> nn.Module:
     """Replace submodules by ``convert(module)`` when not None (a shared module once, everywhere)."""
     converted: dict[int, nn.Module | None] = {}
     targets = []

@@ -407,7 +407,9 @@ class DropBack(Optimizer):
                 )
             )
             params.append(
-                StepParams(lr=group["lr"], momentum=mu, weight_decay=group["weight_decay"], scale=d_n)
+                StepParams(
+                    lr=group["lr"], momentum=mu, weight_decay=group["weight_decay"], scale=d_n
+                )
             )
 
         # Everything new is computed first; nothing is written until all of it succeeded.

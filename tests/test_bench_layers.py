@@ -39,7 +39,9 @@ def test_quick_run_writes_csv_and_plot(tmp_path):
     assert min(float(r["tile_density"]) for r in elem) > 0.9
     # Compressed storage at 10% is far below the dense weight.
     for case in {r["case"] for r in tile}:
-        nn_bytes = next(int(r["bytes"]) for r in tile if r["case"] == case and r["provider"] == "nn")
+        nn_bytes = next(
+            int(r["bytes"]) for r in tile if r["case"] == case and r["provider"] == "nn"
+        )
         sparse_bytes = next(
             int(r["bytes"]) for r in tile if r["case"] == case and r["provider"] == "sparse"
         )

@@ -1096,9 +1096,7 @@ def test_host_scalars_follow_the_weight():
     assert w.scale is not old_scale and float(old_scale) == 1.0  # never written in place
     assert torch.equal(layer.effective_weight(), 0.25 * layer.initial_weight())
     # An old-layout checkpoint with another seed and init_scale.
-    layer.load_state_dict(
-        _old_layout(layer, seed=torch.tensor(9), init_scale=torch.tensor(0.5))
-    )
+    layer.load_state_dict(_old_layout(layer, seed=torch.tensor(9), init_scale=torch.tensor(0.5)))
     assert layer.weight is w
     assert w.seed == 9 and w.scale_value == 0.5 and float(w.scale) == 0.5
     assert torch.equal(layer.initial_weight().reshape(-1), init_values(9, 24, w.bound))

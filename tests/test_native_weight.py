@@ -52,9 +52,7 @@ def loss_of(model: nn.Module, kind: str, seed: int = 0) -> torch.Tensor:
 
 
 def effective(model: nn.Module) -> list[torch.Tensor]:
-    return [
-        p.effective() if pk.is_budgeted(p) else p.detach().clone() for p in model.parameters()
-    ]
+    return [p.effective() if pk.is_budgeted(p) else p.detach().clone() for p in model.parameters()]
 
 
 # -- 1. the design ----------------------------------------------------------------------------------
@@ -210,7 +208,7 @@ def test_grad_scaler_step_equals_an_unscaled_step():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     plain, scaled, unscaled_by_hand = zip(models, opts)
     for step in range(3):
-        for m, o in (plain, scaled, unscaled_by_hand):
+        for _, o in (plain, scaled, unscaled_by_hand):
             o.zero_grad()
         loss_of(plain[0], "cnn", step).backward()
         plain[1].step()
@@ -221,7 +219,10 @@ def test_grad_scaler_step_equals_an_unscaled_step():
         unscaled_by_hand[1].step()  # what a scaler that never unscales would do
     for a, b in zip(effective(plain[0]), effective(scaled[0])):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    diff = max(float((a - b).abs().max()) for a, b in zip(effective(plain[0]), effective(unscaled_by_hand[0])))
+    diff = max(
+        float((a - b).abs().max())
+        for a, b in zip(effective(plain[0]), effective(unscaled_by_hand[0]))
+    )
     assert diff > 1e-3  # the scale matters, so the equality above is not vacuous
 
 

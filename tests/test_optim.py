@@ -222,9 +222,7 @@ def test_full_budget_without_decay_is_plain_sgd(momentum, wd):
     model = make("cnn")
     dense = pk.densify(copy.deepcopy(model))
     data = batches("cnn", steps)
-    opt = pk.DropBack(
-        model.parameters(), lr=0.1, budget=1.0, momentum=momentum, weight_decay=wd
-    )
+    opt = pk.DropBack(model.parameters(), lr=0.1, budget=1.0, momentum=momentum, weight_decay=wd)
     sgd = torch.optim.SGD(dense.parameters(), lr=0.1, momentum=momentum, weight_decay=wd)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
     sched_dense = torch.optim.lr_scheduler.StepLR(sgd, step_size=5, gamma=0.5)

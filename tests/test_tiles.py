@@ -485,9 +485,7 @@ def test_matches_dense_tile_emulation_for_30_steps(kind, scope, init_decay, mome
     def check(n):
         assert len(opt.weights) == len(ref_masks[n])
         for w, want in zip(opt.weights, ref_masks[n]):
-            assert torch.equal(w.storage.mask(), want.flatten()), (
-                f"mask differs at step {n + 1}"
-            )
+            assert torch.equal(w.storage.mask(), want.flatten()), f"mask differs at step {n + 1}"
         assert_whole_tiles(opt)
         assert 0 < opt.tracked_count <= opt.budget
         if scope == "layer":
@@ -547,9 +545,7 @@ def backend_run(kind, backend, scope, device="cpu", steps=3):
             opt,
             data,
             steps,
-            on_step=lambda n: history.append(
-                [(w.bits.cpu(), w.values.cpu()) for w in opt.weights]
-            ),
+            on_step=lambda n: history.append([(w.bits.cpu(), w.values.cpu()) for w in opt.weights]),
         )
     return history
 
@@ -744,9 +740,7 @@ def test_repr_shows_granularity():
     model = make("mlp")
     assert "granularity='element'" in repr(pk.DropBack(model.parameters(), lr=0.1, budget=0.1))
     assert "tile=" not in repr(pk.DropBack(model.parameters(), lr=0.1, budget=0.1))
-    r = repr(
-        pk.Procrustes(model.parameters(), lr=0.1, budget=0.1, granularity="tile", tile=[8, 4])
-    )
+    r = repr(pk.Procrustes(model.parameters(), lr=0.1, budget=0.1, granularity="tile", tile=[8, 4]))
     assert "granularity='tile', tile=(8, 4)" in r
 
 

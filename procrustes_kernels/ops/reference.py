@@ -77,7 +77,9 @@ def candidates(seg: Segment, p: StepParams) -> tuple[Tensor, Tensor, Tensor, Ten
     cdt = _compute_dtype(seg.values.dtype)
     w0 = init_values(seg.seed, seg.numel, seg.bound, device=device)
     tracked = unpack_bits(seg.bits, seg.numel)
-    vdt = seg.values.dtype  # untracked weights round to the layer dtype, as the forward pass sees them
+    vdt = (
+        seg.values.dtype
+    )  # untracked weights round to the layer dtype, as the forward pass sees them
     W = (w0 * torch.tensor(seg.scale_prev, dtype=torch.float32, device=device)).to(vdt).to(cdt)
     W[tracked] = seg.values.to(cdt)
     g = seg.grad.reshape(-1).to(cdt)

@@ -26,7 +26,9 @@ class Segment:
     grad: Tensor  # dense gradient of the effective weight, numel elements, contiguous
     momentum: Tensor | None = None  # aligned with values; None when there is no buffer
     scale_prev: float = 1.0  # d_(n-1): untracked weights are scale_prev * w0 before the step
-    scratch: dict = field(default_factory=dict)  # per-step space a backend may use between the passes of one step
+    scratch: dict = field(
+        default_factory=dict
+    )  # per-step space a backend may use between the passes of one step
 
 
 @dataclass(frozen=True)
