@@ -3,9 +3,9 @@
 # already installed (no internet, nothing installed here: the repo is put on PYTHONPATH):
 #   1. the CUDA-relevant tests, with PROCRUSTES_BACKEND unset so CUDA tensors take the Triton path;
 #   2. per-kernel timings of the Triton ops at 16M weights (both log-histogram variants);
-#   3. benchmarks/bench_update.py --quick and benchmarks/bench_layers.py (full shapes: 4096x4096 x 8192
+#   3. benchmarks/bench_update.py --quick, benchmarks/bench_train_step.py and benchmarks/bench_layers.py (full shapes: 4096x4096 x 8192
 #      tokens and ResNet-18's 3x3 layers at batch 64, float32 and bfloat16, densities 100%..1%).
-# Every part has its own time limit (180 + 45 + 60 + 300 s at most) and log; a failing part does
+# Every part has its own time limit (180 + 45 + 60 + 30 + 270 s at most) and log; a failing part does
 # not stop the others. Logs, CSVs and summary.txt go to ${OUT:-benchmarks/results}; the summary
 # table is printed last. The exit status is 0 only if every part passed.
 #
@@ -101,7 +101,7 @@ with open(sys.argv[1], "w", newline="") as f:
 EOF
 
 # 3. Benchmarks written by others: pass --quick / --out only where the script has them.
-for bench in bench_update bench_layers; do
+for bench in bench_update bench_train_step bench_layers; do
     file="benchmarks/$bench.py"
     if [ ! -f "$file" ]; then
         echo "=== $bench: $file not present, skipped"
@@ -110,7 +110,10 @@ for bench in bench_update bench_layers; do
     args=()
     limit=60
     if [ "$bench" = bench_layers ]; then
-        limit=300  # the headline benchmark runs at full size
+        limit=270  # the headline benchmark runs at full size
+    elif [ "$bench" = bench_train_step ]; then
+        limit=30
+        args+=(--repeats 50)
     else
         has_flag "$file" --quick && args+=(--quick)
     fi

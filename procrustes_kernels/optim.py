@@ -645,6 +645,19 @@ class DropBack(Optimizer):
             if selector is not None:
                 selector.load_state_dict(s)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim keeps only defaults / state / param_groups; copies and pickles need the rest
+        # (parameter names are keyed by object id, which a copy does not keep).
+        state = super().__getstate__()
+        # torch.optim does not copy hooks either (its __setstate__ makes empty ones).
+        mine = {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
+        mine.pop("_names", None)
+        return {**mine, **state}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._names = {}
+
     def __repr__(self) -> str:
         g = self.param_groups[0]
         tile = f", tile={self.tile}" if self.granularity == "tile" else ""

@@ -612,3 +612,27 @@ def test_checkpoint_of_the_layer_layout_loads_and_resumes():
     opt.step()
     with torch.no_grad():
         torch.testing.assert_close(model(x), ckpt["out_after_4"], rtol=0, atol=0)
+
+
+def test_deepcopy_and_pickle_of_model_and_optimizer_train_on():
+    import pickle
+
+    model = pk.sparsify(mlp(), seed=28)
+    opt = pk.Procrustes(model, lr=0.2, budget=0.2, momentum=0.9, decay_steps=3)
+    loss_of(model, "mlp").backward()
+    opt.step()
+    copies = [
+        copy.deepcopy({"m": model, "o": opt}),
+        pickle.loads(pickle.dumps({"m": model, "o": opt})),
+    ]
+    for c in copies:
+        assert c["o"].weights[0] is c["m"][0].weight and c["o"].step_count == 1
+        assert repr(c["o"]) == repr(opt)
+    for m, o in [(model, opt)] + [(c["m"], c["o"]) for c in copies]:
+        for step in range(1, 4):
+            o.zero_grad()
+            loss_of(m, "mlp", step).backward()
+            o.step()
+    for c in copies:
+        for a, b in zip(effective(c["m"]), effective(model)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
