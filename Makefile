@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# A CPU build of torch is enough here; any torch >= 2.1 works (set TORCH_SPEC to choose).
+# A CPU build of torch is enough here; any torch >= 2.4 works (set TORCH_SPEC to choose).
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: demo test install clean

@@ -116,7 +116,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["procrustes_kernels", "procrustes_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.1", "numpy"],
+    install_requires=["torch>=2.4", "numpy"],  # add_safe_globals, autocast per device type
     extras_require={
         "triton": ["triton>=3.6"],
         "demo": ["tqdm", "matplotlib", "scikit-learn"],

@@ -564,6 +564,11 @@ def sparsify(
             old = module._parameters.get(pname)
             if old is None or is_budgeted(old) or id(old) in seen:
                 continue
+            if isinstance(old, nn.parameter.UninitializedParameter):
+                raise ValueError(
+                    f"{fn}: '{qname}.{pname}' is not initialised yet (a lazy module); run one "
+                    "forward pass before sparsify so that its shape is known"
+                )
             if old.device.type == "meta" and target_device is None:
                 raise ValueError(
                     f"{fn}: '{qname}.{pname}' is on the meta device; pass device= to build its "

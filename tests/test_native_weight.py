@@ -636,3 +636,13 @@ def test_deepcopy_and_pickle_of_model_and_optimizer_train_on():
     for c in copies:
         for a, b in zip(effective(c["m"]), effective(model)):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_lazy_modules_are_refused_until_initialised():
+    model = nn.Sequential(nn.Linear(4, 3), nn.LazyLinear(2))
+    with pytest.raises(ValueError, match="not initialised yet"):
+        pk.sparsify(model)
+    assert not pk.is_budgeted(model[0].weight)  # checked before anything changed
+    model(torch.randn(1, 4))
+    pk.sparsify(model)
+    assert pk.is_budgeted(model[1].weight) and model[1].weight.shape == (2, 3)
