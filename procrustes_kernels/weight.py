@@ -44,6 +44,31 @@ aten = torch.ops.aten
 _INNER = ("values", "bits", "group_ptr", "scale")
 
 
+class _Tracked:
+    """The state a budgeted weight shares with its aliases (``detach()``, ``.data``, the tensors of
+    ``state_dict()``), as a dense tensor shares its storage: a write through any of them (the
+    optimizer's step, ``copy_`` of a checkpoint) is seen by all. ``clone()`` / ``to()`` copy it."""
+
+    __slots__ = (*_INNER, "seed", "bound", "scale_value", "version", "tile_cache")
+
+    def __init__(self) -> None:
+        self.version = 0  # bumped whenever the tracked set is replaced
+        self.tile_cache = None
+
+
+def _shared(name: str, doc: str) -> property:
+    def get(self: BudgetedWeight) -> Any:
+        return getattr(self.__dict__["_store"], name)
+
+    def set_(self: BudgetedWeight, value: Any) -> None:
+        store = self.__dict__.get("_store")
+        if store is None:  # being rebuilt by unpickling
+            store = self.__dict__["_store"] = _Tracked()
+        setattr(store, name, value)
+
+    return property(get, set_, doc=doc)
+
+
 def is_budgeted(t: Any) -> bool:
     """Whether ``t`` is a budgeted weight (a :class:`BudgetedWeight`, e.g. a parameter that
     :func:`~procrustes_kernels.sparsify` converted)."""
@@ -76,10 +101,13 @@ def _check_scale(scale: Any, fn: str) -> float:
     return float(scale)
 
 
-def _write_error(func: Any, w: BudgetedWeight) -> RuntimeError:
-    name = getattr(func, "__name__", str(func))
+def _write_error(func: Any, w: Any, view: bool = False, what: str | None = None) -> RuntimeError:
+    name = what or getattr(func, "__name__", str(func))
+    target = (
+        "a view of a budgeted weight" if view else f"a budgeted weight of shape {tuple(w._shape)}"
+    )
     return RuntimeError(
-        f"{name}: cannot write into a budgeted weight of shape {tuple(w._shape)}: it is stored "
+        f"{name}: cannot write into {target}: a budgeted weight is stored "
         "as its tracked set plus a seed, and only pk.DropBack / pk.Procrustes change it (train it "
         "with pk.DropBack(model.parameters(), ...) or pk.Procrustes(...), not a torch.optim "
         "optimizer; weight.reset_tracked() returns it to its initial value; pk.densify(model) "
@@ -102,18 +130,19 @@ class BudgetedWeight(Tensor):
       it (see :mod:`procrustes_kernels.compute`).
     """
 
-    values: Tensor
-    bits: Tensor
-    group_ptr: Tensor
-    scale: Tensor
-    seed: int
-    bound: float
+    values = _shared("values", "Tracked values in ascending flat-index order.")
+    bits = _shared("bits", "uint8 tracked-bit mask, one bit per weight.")
+    group_ptr = _shared("group_ptr", "int64 pointers into ``values``, one per 256 weights (+1).")
+    scale = _shared("scale", "0-d float32 tensor: the decay factor of untracked weights.")
+    seed = _shared("seed", "The weight's random stream: ``w0`` is regenerated from it.")
+    bound = _shared("bound", "``w0 = bound * (2 * u(seed, i) - 1)``.")
+    _scale_value = _shared("scale_value", "``scale`` as a Python float.")
+    _tracked_version = _shared("version", "Count of tracked-set replacements.")
+    _tile_index_cache = _shared("tile_cache", "The sparse kernels' tile index, cached.")
     block_size: int
     groups: int
-    # Not pickled (see __getstate__): a rebuilt weight starts from these class defaults.
+    # Not pickled (see __getstate__): a rebuilt weight starts from this class default.
     last_path: str | None = None
-    _tracked_version: int = 0
-    _tile_index_cache: Any = None
 
     @staticmethod
     def __new__(
@@ -141,12 +170,13 @@ class BudgetedWeight(Tensor):
             requires_grad=requires_grad,
         )
         r._shape = tuple(int(s) for s in shape)
+        r._store = _Tracked()
         r.values, r.bits, r.group_ptr, r.scale = values, bits, group_ptr, scale
-        r.seed, r.bound, r.block_size, r.groups = int(seed), float(bound), int(block_size), groups
+        r.seed, r.bound = int(seed), float(bound)
         r._scale_value = float(scale) if scale_value is None else float(scale_value)
+        r.block_size, r.groups = int(block_size), groups
         r._compute, r._compute_tile = compute, compute_tile
         r.last_path = None
-        r._tracked_version = 0
         return r
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:  # everything happens in __new__
@@ -200,10 +230,26 @@ class BudgetedWeight(Tensor):
             requires_grad=requires_grad,
         )
 
+    def _alias(self) -> BudgetedWeight:
+        """A new tensor object on this weight's state (what ``detach()`` gives): writes through
+        either reach both."""
+        out = Tensor._make_wrapper_subclass(
+            BudgetedWeight, self._shape, dtype=self.values.dtype, device=self.values.device
+        )
+        out.__dict__.update(
+            _shape=self._shape,
+            _store=self._store,
+            block_size=self.block_size,
+            groups=self.groups,
+            _compute=self._compute,
+            _compute_tile=self._compute_tile,
+        )
+        return out
+
     def _with(self, **inner: Tensor) -> BudgetedWeight:
-        """A new weight with this one's metadata and the given inner tensors (default: shared)."""
-        t = {k: inner.get(k, getattr(self, k)) for k in _INNER}
-        out = BudgetedWeight(
+        """A new weight with this one's metadata and the given inner tensors: its own state."""
+        t = {k: inner[k] for k in _INNER}
+        return BudgetedWeight(
             t["values"],
             t["bits"],
             t["group_ptr"],
@@ -217,8 +263,6 @@ class BudgetedWeight(Tensor):
             compute=self._compute,
             compute_tile=self._compute_tile,
         )
-        out._tracked_version = self._tracked_version
-        return out
 
     # -- the tracked set -------------------------------------------------------------------------
     @property
@@ -284,7 +328,7 @@ class BudgetedWeight(Tensor):
         self.set_tracked(empty, scale=1.0)
 
     def set_scale(self, scale: float) -> None:
-        """Set the decay factor of untracked weights (a new 0-d tensor: aliases keep theirs)."""
+        """Set the decay factor of untracked weights (a new 0-d tensor)."""
         scale = _check_scale(scale, "BudgetedWeight.set_scale()")
         self.scale = torch.full((), scale, dtype=torch.float32, device=self.values.device)
         self._scale_value = float(np.float32(scale))  # what the float32 tensor holds
@@ -385,7 +429,7 @@ class BudgetedWeight(Tensor):
 
     def __getstate__(self) -> dict[str, Any]:
         # What pickling (torch.save) keeps: the compressed form, never a cache.
-        state = {k: self.__dict__[k] for k in self._STATE}
+        state = {k: getattr(self, k) for k in self._STATE}
         if self.__dict__.get("_is_param"):
             state["_is_param"] = True
         return state
@@ -398,6 +442,9 @@ class BudgetedWeight(Tensor):
             out = impl(*args, **kwargs)
             if out is not NotImplemented:
                 return out
+        _refuse_host_writes(func, args)
+        if func in _HOST_READS:  # need real memory: read the effective weight
+            return func(*tree_map(_effective_of, args), **kwargs)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
@@ -407,21 +454,117 @@ class BudgetedWeight(Tensor):
         handler = _DISPATCH.get(func)
         if handler is not None:
             return handler(func, args, kwargs)
-        schema = func._schema
-        if schema.is_mutable:
-            for i, arg in enumerate(schema.arguments):
-                if arg.alias_info is None or not arg.alias_info.is_write:
-                    continue
-                value = args[i] if i < len(args) else kwargs.get(arg.name)
-                if isinstance(value, BudgetedWeight):
-                    raise _write_error(func, value)
+        _refuse_writes(func, args, kwargs)
         if func in _LIKE_OPS:  # only the metadata of the weight is read
             return func(*tree_map(_empty_like_weight, args), **tree_map(_empty_like_weight, kwargs))
-        return func(*tree_map(_effective_of, args), **tree_map(_effective_of, kwargs))
+        out = func(*tree_map(_effective_of, args), **tree_map(_effective_of, kwargs))
+        return _protect_views(func, out)
+
+
+class _DenseView(Tensor):
+    """A view of a budgeted weight's effective weight (``w.t()``, ``w[0]``, ``w.view(-1)``,
+    ``w.split(...)``): it reads as the dense values, and writes into it raise, since they could
+    not reach the budgeted weight (a view of a dense weight would write into it)."""
+
+    @staticmethod
+    def __new__(cls, dense: Tensor) -> _DenseView:
+        r = Tensor._make_wrapper_subclass(
+            cls,
+            dense.shape,
+            strides=dense.stride(),
+            storage_offset=dense.storage_offset(),
+            dtype=dense.dtype,
+            device=dense.device,
+        )
+        r._dense = dense
+        return r
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        return f"view of a budgeted weight: {self._dense!r}"
+
+    def __tensor_flatten__(self) -> tuple[list[str], None]:
+        return ["_dense"], None
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict, ctx: Any, size: Any, stride: Any) -> _DenseView:
+        return _DenseView(inner["_dense"])
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        _refuse_host_writes(func, args)
+        if func in _HOST_READS:
+            return func(*tree_map(_effective_of, args), **kwargs)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func in (aten.detach.default, aten.alias.default):
+            return _DenseView(args[0]._dense.detach())
+        _refuse_writes(func, args, kwargs)
+        out = func(*tree_map(_effective_of, args), **tree_map(_effective_of, kwargs))
+        return _protect_views(func, out)
+
+
+_READ_ONLY = (BudgetedWeight, _DenseView)
+
+
+def _refuse_writes(func: Any, args: tuple, kwargs: dict) -> None:
+    """Raise if ``func`` writes into a budgeted weight or a view of one (also inside the tensor
+    lists of ``_foreach_*_`` ops)."""
+    schema = func._schema
+    if not schema.is_mutable:
+        return
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = args[i] if i < len(args) else kwargs.get(arg.name)
+        for v in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(v, BudgetedWeight):
+                raise _write_error(func, v)
+            if isinstance(v, _DenseView):
+                raise _write_error(func, v, view=True)
+
+
+def _refuse_host_writes(func: Any, args: tuple) -> None:
+    """Writes that bypass the dispatcher: ``t.data = ...`` and shared memory."""
+    target = args[0] if args else None
+    if not isinstance(target, _READ_ONLY):
+        return
+    if getattr(func, "__name__", None) == "__set__" and getattr(func, "__self__", None) is _DATA:
+        raise _write_error(func, target, what=".data = ...")
+    if func is Tensor.share_memory_:
+        raise RuntimeError(
+            "share_memory_(): a budgeted weight cannot live in shared memory: pk.DropBack / "
+            "pk.Procrustes replace its tracked set at every step, so processes would not see "
+            "each other's updates (train across processes with torch.distributed instead)"
+        )
+
+
+_DATA = torch._C.TensorBase.__dict__["data"]
+_HOST_READS = {Tensor.tolist, Tensor.numpy, Tensor.__array__}
+
+
+def _protect_views(func: Any, out: Any) -> Any:
+    """Outputs of ``func`` that alias its input (views) become read-only :class:`_DenseView`."""
+    if not any(r.alias_info is not None for r in func._schema.returns):
+        return out
+    if isinstance(out, Tensor):
+        return _DenseView(out)
+    if isinstance(out, (list, tuple)):
+        return type(out)(_DenseView(t) if isinstance(t, Tensor) else t for t in out)
+    return out
 
 
 def _effective_of(t: Any) -> Any:
-    return t.effective() if isinstance(t, BudgetedWeight) else t
+    if isinstance(t, BudgetedWeight):
+        return t.effective()
+    return t._dense if isinstance(t, _DenseView) else t
 
 
 def _empty_like_weight(t: Any) -> Any:
@@ -446,7 +589,7 @@ _LIKE_OPS = {
 
 
 def _detach(func: Any, args: tuple, kwargs: dict) -> BudgetedWeight:
-    return args[0]._with()
+    return args[0]._alias()
 
 
 def _clone(func: Any, args: tuple, kwargs: dict) -> BudgetedWeight:
@@ -466,6 +609,28 @@ def _to_copy(func: Any, args: tuple, kwargs: dict) -> Tensor:
     }
     moved["values"] = moved["values"].to(dtype)
     return w._with(**moved)
+
+
+def _to(func: Any, args: tuple, kwargs: dict) -> Tensor:
+    """``aten.to.*`` (reached in inference mode): itself when nothing changes, else a copy."""
+    bound = {a.name: v for a, v in zip(func._schema.arguments, args)} | kwargs
+    w = bound["self"]
+    other = bound.get("other")
+    dtype = other.dtype if other is not None else bound.get("dtype")
+    device = other.device if other is not None else bound.get("device")
+    dtype = dtype or w.values.dtype
+    device = torch.device(device) if device is not None else w.values.device
+    same_device = device.type == w.values.device.type and device.index in (
+        None,
+        w.values.device.index,
+    )
+    if dtype == w.values.dtype and same_device and not bound.get("copy", False):
+        return w
+    return _to_copy(
+        aten._to_copy.default,
+        (w,),
+        {"dtype": dtype, "device": device, "non_blocking": bound.get("non_blocking", False)},
+    )
 
 
 def _copy(func: Any, args: tuple, kwargs: dict) -> Tensor:
@@ -508,6 +673,10 @@ _DISPATCH = {
     aten.alias.default: _detach,
     aten.clone.default: _clone,
     aten._to_copy.default: _to_copy,
+    aten.to.dtype_layout: _to,
+    aten.to.device: _to,
+    aten.to.dtype: _to,
+    aten.to.other: _to,
     aten.copy_.default: _copy,
 }
 

@@ -646,3 +646,72 @@ def test_lazy_modules_are_refused_until_initialised():
     model(torch.randn(1, 4))
     pk.sparsify(model)
     assert pk.is_budgeted(model[1].weight) and model[1].weight.shape == (2, 3)
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda m: m[2].weight.__setitem__((slice(None), slice(0, 4)), 0.0),
+        lambda m: m[0].weight.view(-1).zero_(),
+        lambda m: m[0].weight.t().mul_(2.0),
+        lambda m: m[0].weight[0].copy_(torch.ones(12)),
+        lambda m: m[0].weight.split(4)[1].fill_(1.0),
+        lambda m: setattr(m[0].weight, "data", torch.zeros(16, 12)),
+        lambda m: torch._foreach_add_(
+            list(m.parameters()), [torch.ones(p.shape) for p in m.parameters()]
+        ),
+        lambda m: torch._foreach_mul_(list(m.parameters()), 0.0),
+        lambda m: nn.utils.vector_to_parameters(
+            torch.zeros(sum(p.numel() for p in m.parameters())), m.parameters()
+        ),
+    ],
+)
+def test_writes_through_views_data_and_foreach_raise_and_change_nothing(write):
+    model = pk.sparsify(mlp(), seed=29)
+    before = effective(model)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="cannot write into"):
+        write(model)
+    for a, b in zip(effective(model)[::2], before[::2]):  # the weights
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_views_read_the_effective_weight_and_keep_gradients():
+    model = pk.sparsify(mlp(), seed=30)
+    w = model[0].weight
+    dense = w.effective()
+    row, cols = w[2], w[:, 3:5]
+    torch.testing.assert_close(row * 1, dense[2], rtol=0, atol=0)
+    assert row.tolist() == dense[2].tolist() and w.tolist() == dense.tolist()
+    assert w.numpy().shape == (16, 12) and cols.shape == (16, 2)
+    (cols.sum() + w.t()[0].sum()).backward()
+    want = torch.zeros(16, 12)
+    want[:, 3:5] += 1
+    want[:, 0] += 1
+    torch.testing.assert_close(w.grad, want)
+
+
+def test_aliases_share_the_weight_as_dense_tensors_share_storage():
+    src = pk.sparsify(mlp(), seed=31)
+    opt = pk.DropBack(src.parameters(), lr=0.2, budget=0.3)
+    loss_of(src, "mlp").backward()
+    opt.step()
+    dst = pk.sparsify(mlp(), seed=32)
+    sd = dst.state_dict()
+    with torch.no_grad():
+        sd["0.weight"].copy_(src.state_dict()["0.weight"])  # through the alias
+        dst[2].weight.detach().copy_(src[2].weight)
+    for a, b in zip(effective(dst)[::2], effective(src)[::2]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    before = sd["0.weight"]
+    loss_of(dst, "mlp").backward()
+    pk.DropBack(dst.parameters(), lr=0.2, budget=0.3).step()
+    torch.testing.assert_close(before.effective(), dst[0].weight.effective(), rtol=0, atol=0)
+    clone = dst[0].weight.clone()  # a copy: its own state
+    dst[0].weight.reset_tracked()
+    assert clone.nnz > 0 and dst[0].weight.nnz == 0
+
+
+def test_share_memory_is_refused():
+    model = pk.sparsify(mlp(), seed=33)
+    with pytest.raises(RuntimeError, match="shared memory"):
+        model.share_memory()
