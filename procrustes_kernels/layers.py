@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .compute import DEFAULT_COMPUTE_TILE, check_compute, check_compute_tile
 from .philox import derive_seed, init_values
@@ -95,6 +96,12 @@ def _load_old_layout(module: nn.Module, state_dict: dict, prefix: str, *rest: An
     if not all(k in state_dict for k in old):
         return  # incomplete: load_state_dict reports the missing and unexpected keys
     values, bits, group_ptr, seed, scale = (state_dict.pop(k) for k in old)
+    if bits.numel() != (w.weight_numel + 7) // 8:
+        rest[-1].append(
+            f"{prefix}values / mask_bits (layer-based layout): the checkpoint's bits hold "
+            f"{bits.numel()} bytes, the weight of shape {w._shape} needs {(w.weight_numel + 7) // 8}"
+        )
+        return
     state_dict[prefix + "weight"] = BudgetedWeight(
         values.detach(),
         bits,
@@ -525,7 +532,9 @@ def sparsify(
     ``model.named_modules()``), with PyTorch's default distribution for each: U(-1/sqrt(fan_in),
     1/sqrt(fan_in)) for linear and conv weights (the bias continues the weight's stream),
     ``xavier_uniform_``'s bound and zero biases for attention projections. Trained weights of the
-    original modules are not kept. Weights that are budgeted already are left alone.
+    original modules are not kept. Weights that are budgeted already are left alone, and a position
+    whose seed one of them has is skipped (so sparsifying a grown model again gives the new weights
+    streams of their own).
 
     A weight tied between modules (an embedding and an output head) stays one shared parameter,
     budgeted wherever it is used (the embedding then reads the effective weight).
@@ -561,9 +570,19 @@ def sparsify(
         if not targets or (filter is not None and not filter(qname, module)):
             continue
         for pname, bound in targets:
+            if parametrize.is_parametrized(module, pname):
+                raise ValueError(
+                    f"{fn}: '{qname}.{pname}' is parametrized (weight_norm, spectral_norm, ...); "
+                    "sparsify the model first and register the parametrization after, or leave "
+                    "the module out with filter="
+                )
             old = module._parameters.get(pname)
             if old is None or is_budgeted(old) or id(old) in seen:
                 continue
+            if not old.dtype.is_floating_point:
+                raise TypeError(
+                    f"{fn}: expected '{qname}.{pname}' to be a floating-point weight, got {old.dtype}"
+                )
             if isinstance(old, nn.parameter.UninitializedParameter):
                 raise ValueError(
                     f"{fn}: '{qname}.{pname}' is not initialised yet (a lazy module); run one "
@@ -577,11 +596,19 @@ def sparsify(
             seen.add(id(old))
             plan.append((module, pname, old, bound))
 
-    for position, (module, pname, old, bound) in enumerate(plan):
+    # Positions count the converted weights; one whose seed a budgeted weight of the model already
+    # has (a second sparsify of a grown model) moves on, so no two weights share a stream.
+    taken = {p.seed for p in model.parameters() if is_budgeted(p)}
+    position = 0
+    for module, pname, old, bound in plan:
+        while derive_seed(seed, position) in taken:
+            position += 1
+        wseed = derive_seed(seed, position)
+        taken.add(wseed)
         conv = isinstance(module, nn.Conv2d) and pname == "weight"
         new = _new_weight(
             old,
-            seed=derive_seed(seed, position),
+            seed=wseed,
             bound=bound,
             block_size=math.prod(old.shape[2:]) if conv else linear_block_size,
             groups=module.groups if conv else 1,

@@ -34,7 +34,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from .compute import COMPUTE_TILE_SIZES
 from .ops import Compacted, Segment, StepParams, get_ops, reference
 from .selection import PaperQuantileSelector, QuantileSelector
-from .storage import BlockStorage
+from .storage import BlockStorage, unpack_bits
 from .tiles import check_tile, select_tiles, tile_element_mask, tile_scores, tile_sizes
 from .weight import BudgetedWeight, is_budgeted
 
@@ -119,8 +119,17 @@ def _select_topk(segments: list[Segment], params: list[StepParams], k: int) -> l
 _STATE_FORMAT = 2  # 1: the layer-based layout (sparse layers' ``values`` first, then the rest)
 
 
+_SGD_DEFAULTS = {"nesterov": False, "dampening": 0, "maximize": False}
+
+
 def _check_group_hyper(group: dict, name: str) -> None:
     """Checks the hyperparameters a param group sets (torch.optim keeps them per group)."""
+    for key, default in _SGD_DEFAULTS.items():
+        if key in group and group[key] != default:
+            raise ValueError(
+                f"{name}: expected {key}={default!r} (the base rule is SGD with plain momentum), "
+                f"got {group[key]!r}"
+            )
     if "lr" in group:
         lr = group["lr"]
         if not _is_number(lr) or not lr >= 0 or not math.isfinite(lr):
@@ -145,6 +154,8 @@ def _first_nonfinite(tensors: list[torch.Tensor]) -> int | None:
         flags = []
         for i in idx:
             t = tensors[i].detach()
+            if t.is_sparse:
+                t = t.coalesce().values()
             if t.numel() == 0:
                 flags.append(torch.zeros((), dtype=torch.bool, device=t.device))
                 continue
@@ -154,6 +165,21 @@ def _first_nonfinite(tensors: list[torch.Tensor]) -> int | None:
         if bool(stacked.any()):
             bad += [idx[j] for j in torch.nonzero(stacked).flatten().tolist()]
     return min(bad) if bad else None
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.shape == b.shape and torch.equal(a.to(b.device), b))
+
+
+def _remap_momentum(
+    buf: torch.Tensor, old_bits: torch.Tensor, new_bits: torch.Tensor, numel: int
+) -> torch.Tensor:
+    """Momentum of tracked set ``old_bits`` re-aligned to ``new_bits``: weights tracked in both keep
+    theirs, newly tracked ones start from 0 (so their next ``m`` is ``g'``, as for a weight
+    entering the tracked set)."""
+    dense = torch.zeros(numel, dtype=buf.dtype, device=buf.device)
+    dense[unpack_bits(old_bits.to(buf.device), numel)] = buf
+    return dense[unpack_bits(new_bits.to(buf.device), numel)]
 
 
 class DropBack(Optimizer):
@@ -275,6 +301,8 @@ class DropBack(Optimizer):
         self.tile = tile
         self._drift_window, self._warmup = drift_window, quantile_warmup
         self.weights: list[BudgetedWeight] = []
+        # Per weight with momentum: the bits its buffer is aligned with (None: trust the count).
+        self._momentum_bits: dict[int, torch.Tensor] = {}
         self.selectors: list[Any] = [self._new_selector()] if scope == "global" else []
         self._tile_size_cache: dict[tuple, torch.Tensor] = {}
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
@@ -300,7 +328,7 @@ class DropBack(Optimizer):
         _check_group_hyper(param_group, name)
         super().add_param_group(param_group)
         for p in self.param_groups[-1]["params"]:
-            if is_budgeted(p):
+            if is_budgeted(p) and not any(p is q for q in self.weights):
                 self.weights.append(p)
                 if self.scope == "layer":
                     self.selectors.append(self._new_selector())
@@ -367,6 +395,14 @@ class DropBack(Optimizer):
                 f"{name}: non-finite gradient in {self._param_name(with_grad[bad])}; "
                 "model and optimizer left unchanged"
             )
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse and group["weight_decay"] != 0:
+                    raise ValueError(
+                        f"{name}: {self._param_name(p)} has a sparse gradient, which "
+                        "weight_decay != 0 cannot be added to (as in torch.optim.SGD); expected "
+                        "weight_decay=0 for its group"
+                    )
 
     # -- the step ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -387,6 +423,11 @@ class DropBack(Optimizer):
             group = group_of[id(w)]
             mu = group["momentum"]
             buf = self.state[w].get("momentum_buffer") if mu != 0 else None
+            ref = self._momentum_bits.get(id(w))
+            if buf is not None and ref is not None and not _same_bits(ref, w.bits):
+                # The tracked set was replaced outside step() (a model checkpoint loaded under a
+                # live optimizer, reset_tracked): move each momentum to its weight's new position.
+                buf = _remap_momentum(buf, ref, w.bits, w.weight_numel)
             if buf is not None and buf.numel() != w.nnz:
                 raise RuntimeError(
                     f"{type(self).__name__}.step(): the momentum of {self._param_name(w)} has "
@@ -401,7 +442,7 @@ class DropBack(Optimizer):
                     values=w.values,
                     bits=w.bits,
                     group_ptr=w.group_ptr,
-                    grad=w.grad.reshape(-1).contiguous(),
+                    grad=(w.grad.to_dense() if w.grad.is_sparse else w.grad).reshape(-1).contiguous(),
                     momentum=buf,
                     scale_prev=w.scale_value,
                 )
@@ -443,8 +484,10 @@ class DropBack(Optimizer):
             )
             if p.momentum != 0:
                 self.state[w]["momentum_buffer"] = res.momentum
+                self._momentum_bits[id(w)] = w.bits
             else:
                 self.state[w].pop("momentum_buffer", None)
+                self._momentum_bits.pop(id(w), None)
         for i, plan in plans:
             if plan is not None:
                 self.selectors[i].load_state_dict(plan)
@@ -615,7 +658,7 @@ class DropBack(Optimizer):
         saved = {**extra, "granularity": extra.get("granularity", "element")}
         # ... and decayed exponentially (no decay_steps).
         saved["decay_steps"] = extra.get("decay_steps")
-        keys = ["selection", "scope", "granularity", "init_decay", "decay_steps"]
+        keys = ["selection", "scope", "granularity", "init_decay", "decay_steps", "budget"]
         if self.granularity == "tile" and saved["granularity"] == "tile":
             saved["tile"] = tuple(extra.get("tile", ()))
             keys.append("tile")
@@ -639,6 +682,7 @@ class DropBack(Optimizer):
                 )
         rest = {k: v for k, v in state_dict.items() if k != "dropback"}
         super().load_state_dict(rest)
+        self._momentum_bits = {}  # the loaded buffers belong to the loaded model: trust them
         self.step_count = int(extra["step"])
         self.tracked_count = int(extra["tracked_count"])
         for selector, s in zip(self.selectors, extra["selectors"]):
@@ -652,11 +696,13 @@ class DropBack(Optimizer):
         # torch.optim does not copy hooks either (its __setstate__ makes empty ones).
         mine = {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
         mine.pop("_names", None)
+        mine.pop("_momentum_bits", None)
         return {**mine, **state}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._names = {}
+        self._momentum_bits = {}
 
     def __repr__(self) -> str:
         g = self.param_groups[0]

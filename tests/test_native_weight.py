@@ -715,3 +715,110 @@ def test_share_memory_is_refused():
     model = pk.sparsify(mlp(), seed=33)
     with pytest.raises(RuntimeError, match="shared memory"):
         model.share_memory()
+
+
+def test_momentum_follows_the_tracked_set_when_it_is_replaced_under_a_live_optimizer():
+    # What nn + SGD do: momentum stays with its weight. Here the buffer is per tracked weight, so a
+    # model checkpoint loaded under a live optimizer re-aligns it to the loaded tracked set.
+    a, b = pk.sparsify(mlp(), seed=34), pk.sparsify(mlp(), seed=35)
+    opts = [
+        pk.DropBack(m.parameters(), lr=0.2, budget=0.2, momentum=0.9, scope="layer") for m in (a, b)
+    ]
+    for step in range(3):
+        for m, o in zip((a, b), opts):
+            o.zero_grad()
+            loss_of(m, "mlp", step + (0 if m is a else 7)).backward()
+            o.step()
+    old_bits = a[0].weight.bits.clone()
+    old_mom = opts[0].state[a[0].weight]["momentum_buffer"].clone()
+    a.load_state_dict(b.state_dict())
+    assert a[0].weight.nnz == old_mom.numel() and not torch.equal(a[0].weight.bits, old_bits)
+    # The expected buffer: dense momentum of the old positions, read at the new positions.
+    dense = torch.zeros(a[0].weight.numel())
+    dense[pk.storage.unpack_bits(old_bits, dense.numel())] = old_mom
+    want = dense[pk.storage.unpack_bits(a[0].weight.bits, dense.numel())]
+    seen = {}
+    orig = pk.optim._remap_momentum
+    pk.optim._remap_momentum = lambda *args: seen.setdefault(len(seen), orig(*args))
+    try:
+        opts[0].zero_grad()
+        loss_of(a, "mlp", 9).backward()
+        opts[0].step()
+    finally:
+        pk.optim._remap_momentum = orig
+    torch.testing.assert_close(seen[0], want, rtol=0, atol=0)
+
+
+def test_sparsifying_a_grown_model_again_gives_new_streams():
+    model = pk.sparsify(nn.Sequential(nn.Linear(8, 8)), seed=0)
+    model.append(nn.Linear(8, 8))
+    pk.sparsify(model, seed=0)
+    s0, s1 = model[0].weight.seed, model[1].weight.seed
+    assert s0 == pk.derive_seed(0, 0) and s1 == pk.derive_seed(0, 1)
+
+
+def test_sparsify_refuses_parametrized_and_integer_weights_before_changing_anything():
+    from torch.nn.utils import parametrizations
+
+    model = nn.Sequential(nn.Linear(4, 4), parametrizations.weight_norm(nn.Linear(4, 4)))
+    with pytest.raises(ValueError, match="'1.weight' is parametrized"):
+        pk.sparsify(model)
+    assert not pk.is_budgeted(model[0].weight)
+    pk.sparsify(model, filter=lambda name, m: name != "1")
+    assert pk.is_budgeted(model[0].weight)
+    bad = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    bad[1].weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.int32), requires_grad=False)
+    with pytest.raises(TypeError, match="'1.weight' to be a floating-point weight"):
+        pk.sparsify(bad)
+    assert not pk.is_budgeted(bad[0].weight)
+
+
+def test_optimizer_refuses_sgd_options_it_does_not_implement():
+    model = pk.sparsify(mlp(), seed=36)
+    for key, value in (("nesterov", True), ("dampening", 0.1), ("maximize", True)):
+        with pytest.raises(ValueError, match=f"expected {key}="):
+            pk.DropBack([{"params": model.parameters(), key: value}], lr=0.1, budget=0.1)
+
+
+def test_a_weight_listed_twice_counts_once():
+    model = pk.sparsify(mlp(), seed=37)
+    params = list(model.parameters())
+    with pytest.warns(UserWarning, match="duplicate"):
+        opt = pk.DropBack(params + params[:1], lr=0.1, budget=0.1)
+    assert len(opt.weights) == 2 and opt.total_weights == 12 * 16 + 16 * 5
+
+
+def test_loading_an_optimizer_state_of_another_budget_is_refused():
+    model = pk.sparsify(mlp(), seed=38)
+    opt = pk.DropBack(model.parameters(), lr=0.1, budget=0.2)
+    loss_of(model, "mlp").backward()
+    opt.step()
+    other = pk.DropBack(model.parameters(), lr=0.1, budget=0.5)
+    with pytest.raises(ValueError, match="expected budget="):
+        other.load_state_dict(opt.state_dict())
+    assert other.step_count == 0
+
+
+def test_sparse_embedding_gradients_train_like_sgd():
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4, sparse=True)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, idx):
+            return self.head(self.emb(idx).mean(1))
+
+    model = pk.sparsify(Bag(), seed=39)
+    dense = copy.deepcopy(model.emb)
+    opt = pk.DropBack(model.parameters(), lr=0.5, budget=0.5)
+    idx = torch.randint(0, 10, (5, 3))
+    F.cross_entropy(model(idx), torch.randint(0, 3, (5,))).backward()
+    assert model.emb.weight.grad.is_sparse
+    want = dense.weight.detach() - 0.5 * model.emb.weight.grad.to_dense()
+    opt.step()
+    torch.testing.assert_close(model.emb.weight, want)
+    wd = pk.DropBack(model.parameters(), lr=0.5, budget=0.5, weight_decay=0.1)
+    F.cross_entropy(model(idx), torch.randint(0, 3, (5,))).backward()
+    with pytest.raises(ValueError, match="sparse gradient"):
+        wd.step()
