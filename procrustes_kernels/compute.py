@@ -6,7 +6,7 @@ Two paths give the same function:
   cuDNN). Always valid.
 * ``"sparse"``: compute the forward pass and the input gradient directly from the compressed
   storage (:mod:`procrustes_kernels.ops.sparse`), skipping weight tiles with no tracked weight.
-  Valid only when every untracked weight is exactly zero (``init_scale == 0``: Procrustes after its
+  Valid only when every untracked weight is exactly zero (``weight.scale_value == 0``: Procrustes after its
   decay), and for float32 / float16 / bfloat16. The weight gradient stays a dense GEMM
   (``dY^T X`` / cuDNN's weight gradient): the optimizer needs the gradient of every weight.
 
@@ -118,7 +118,7 @@ def choose_path(weight: BudgetedWeight, x: torch.Tensor, where: str) -> str:
         if scale != 0.0:
             raise ValueError(
                 f"{where}: compute='sparse' expects untracked weights to be exact zeros "
-                f"(init_scale == 0), got init_scale {scale:.6g}; use compute='auto' or 'dense'"
+                f"(weight scale 0), got scale {scale:.6g}; use compute='auto' or 'dense'"
             )
         if not valid:
             raise TypeError(

@@ -212,7 +212,7 @@ class _BudgetedLayer:
             return "dense weight"
         return (
             f"block_size={w.block_size}, seed={w.seed}, nnz={w.nnz}/{w.weight_numel}, "
-            f"init_scale={w.scale_value:.3g}"
+            f"scale={w.scale_value:.3g}"
         )
 
 

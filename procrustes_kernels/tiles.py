@@ -47,7 +47,7 @@ __all__ = [
     "tile_element_mask",
 ]
 
-Geometry = tuple[int, int, int, int]  # (rows, cols, ksize, groups): SparseLayer.matrix_geometry
+Geometry = tuple[int, int, int, int]  # (rows, cols, ksize, groups): BudgetedWeight.geometry
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -104,7 +104,7 @@ def tile_sizes(
     """Weights per tile, int64 ``[groups * tiles_n, tiles_c]``: ``rows * cols * ksize`` of the tile.
 
     Args:
-        geometry: ``(rows, cols, ksize, groups)`` of the layer (``SparseLayer.matrix_geometry``).
+        geometry: ``(rows, cols, ksize, groups)`` of the layer (``BudgetedWeight.geometry``).
         tile: ``(rows, cols)`` of a full tile.
     """
     fn = "tile_sizes()"
@@ -121,7 +121,7 @@ def tile_scores(scores_flat: Tensor, geometry: Geometry, tile: tuple[int, int]) 
     Args:
         scores_flat: the layer's ``rows * cols * ksize`` element scores in storage order (what a
             backend's ``scores(seg, p)`` returns; any floating dtype, any device).
-        geometry: ``(rows, cols, ksize, groups)`` of the layer (``SparseLayer.matrix_geometry``).
+        geometry: ``(rows, cols, ksize, groups)`` of the layer (``BudgetedWeight.geometry``).
         tile: ``(rows, cols)`` of a full tile.
 
     Row tile ``t`` of group ``g`` is row ``g * tiles_n + t`` of the result and covers rows

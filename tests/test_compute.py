@@ -215,7 +215,7 @@ def test_bf16_sparse_path():
 def test_forced_sparse_needs_zero_untracked():
     layer = pk.SparseLinear(8, 4, seed=0, compute="sparse")
     before = layer.weight.scale.clone()
-    with pytest.raises(ValueError, match="init_scale == 0"):
+    with pytest.raises(ValueError, match=r"weight scale 0"):
         layer(torch.randn(2, 8))
     assert torch.equal(layer.weight.scale, before) and layer.weight.scale_value == 1.0
     assert layer.last_path is None
