@@ -420,6 +420,7 @@ class DropBack(Optimizer):
         segments, params = [], []
         for i in active:
             w = self.weights[i]
+            grad = w.grad.to_dense() if w.grad.is_sparse else w.grad
             group = group_of[id(w)]
             mu = group["momentum"]
             buf = self.state[w].get("momentum_buffer") if mu != 0 else None
@@ -442,7 +443,7 @@ class DropBack(Optimizer):
                     values=w.values,
                     bits=w.bits,
                     group_ptr=w.group_ptr,
-                    grad=(w.grad.to_dense() if w.grad.is_sparse else w.grad).reshape(-1).contiguous(),
+                    grad=grad.reshape(-1).contiguous(),
                     momentum=buf,
                     scale_prev=w.scale_value,
                 )
