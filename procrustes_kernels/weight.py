@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from .compute import DEFAULT_COMPUTE_TILE, check_compute, check_compute_tile
-from .ops import get_ops
+from .ops import library as _library
 from .philox import init_bound, init_values
 from .storage import GROUP_SIZE, BlockStorage
 
@@ -335,18 +335,21 @@ class BudgetedWeight(Tensor):
 
     def effective(self) -> Tensor:
         """The dense weight that ``F.linear`` / ``F.conv2d`` compute with: tracked values, every
-        other weight ``scale * w0``. A plain tensor, outside autograd."""
-        flat = get_ops(self.values.device).materialize(
-            self.seed,
-            self.bound,
-            self._scale_value,
+        other weight ``scale * w0``. A plain tensor, outside autograd (the custom op
+        ``procrustes::materialize``, so ``torch.compile`` traces it)."""
+        args = (
             self.values,
             self.bits,
             self.group_ptr,
+            self.scale,
+            self.seed,
+            self.bound,
             self.weight_numel,
-            self.values.dtype,
+            self._scale_value != 0.0,
         )
-        return flat.view(self._shape)
+        if _library.eager(self.values, self.bits, self.group_ptr, self.scale):
+            return _library.materialize_impl(*args).view(self._shape)
+        return torch.ops.procrustes.materialize(*args).view(self._shape)
 
     def initial_values(self) -> Tensor:
         """``w0`` regenerated from the seed: float32, shaped like the dense weight."""
@@ -383,13 +386,15 @@ class BudgetedWeight(Tensor):
         )
 
     def __tensor_flatten__(self) -> tuple[list[str], tuple]:
+        # The decay factor is data (the ``scale`` tensor): only whether it is zero is part of the
+        # context, so a traced graph does not depend on its value (no recompile per decay step).
         ctx = (
             self._shape,
             self.seed,
             self.bound,
             self.block_size,
             self.groups,
-            self._scale_value,
+            self._scale_value != 0.0,
             self._compute,
             self._compute_tile,
         )
@@ -399,7 +404,9 @@ class BudgetedWeight(Tensor):
     def __tensor_unflatten__(
         inner: dict[str, Tensor], ctx: tuple, outer_size: Any, outer_stride: Any
     ) -> BudgetedWeight:
-        shape, seed, bound, block_size, groups, scale_value, compute, tile = ctx
+        shape, seed, bound, block_size, groups, has_init, compute, tile = ctx
+        # Inside a traced graph the host mirror only tells zero from non-zero (NaN: non-zero).
+        scale_value = float("nan") if has_init else 0.0
         return BudgetedWeight(
             inner["values"],
             inner["bits"],

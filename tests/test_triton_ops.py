@@ -215,6 +215,20 @@ def test_materialize_matches_reference(poison, n, density, scale, dtype, block):
     assert torch.equal(out.cpu(), ref.materialize(*args).cpu())
 
 
+@pytest.mark.parametrize("n,density,scale,dtype,block", MATERIALIZE_CASES)
+def test_materialize_with_a_device_scale_matches_the_float_scale(
+    poison, n, density, scale, dtype, block
+):
+    # The decay factor read by the kernel from a 0-d float32 tensor (no host read of it).
+    seg = random_segment(n, density, torch.float32 if dtype == torch.bfloat16 else dtype)
+    args = (SEED, BOUND, scale, seg.values, seg.bits, seg.group_ptr, n, dtype)
+    s = torch.tensor(scale, dtype=torch.float32, device=seg.values.device)
+    out = tri.materialize(SEED, BOUND, s, *args[3:], has_init=scale != 0.0, block=block)
+    assert torch.equal(out.cpu(), ref.materialize(*args).cpu())
+    with pytest.raises(ValueError, match="has_init"):
+        tri.materialize(SEED, BOUND, s, *args[3:])
+
+
 def test_materialize_int64_offsets(poison, monkeypatch):
     monkeypatch.setattr(tri, "_OFFS64_FROM", 0)
     seg = random_segment(1000, 0.3)
@@ -412,7 +426,12 @@ def test_kernels_compile_for_sm90(tmp_path):
         jobs = [
             (T._materialize_kernel, {"out_ptr": "*bf16", "values_ptr": "*fp32", "bits_ptr": "*u8",
              "group_ptr_ptr": "*i64", "seed": "i64", "bound": "fp32", "scale": "fp32",
-             "numel": "i64", "ngroups": "i64"}, {"HAS_INIT": True, "OFFS64": True, "BLOCK": 1024}),
+             "numel": "i64", "ngroups": "i64"},
+             {"HAS_INIT": True, "SCALE_IS_PTR": False, "OFFS64": True, "BLOCK": 1024}),
+            (T._materialize_kernel, {"out_ptr": "*fp32", "values_ptr": "*fp32", "bits_ptr": "*u8",
+             "group_ptr_ptr": "*i64", "seed": "i64", "bound": "fp32", "scale": "*fp32",
+             "numel": "i32", "ngroups": "i32"},
+             {"HAS_INIT": True, "SCALE_IS_PTR": True, "OFFS64": False, "BLOCK": 1024}),
             (T._score_stats_kernel, {"hist_ptr": "*i64", **STEP, "numel": "i32", "ngroups": "i32",
              "high": "i32"}, {"MODE": 2, "LOCAL_HIST": False, **FLAGS}),
             (T._compact_count_kernel, {"kept_ptr": "*i32", "ties_ptr": "*i32", "hist_ptr": "*i64",
@@ -436,7 +455,7 @@ def test_kernels_compile_for_sm90(tmp_path):
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("compiled") == 4
+    assert out.stdout.count("compiled") == 5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on the GPU)")

@@ -243,13 +243,15 @@ def _materialize_kernel(
     numel,
     ngroups,
     HAS_INIT: tl.constexpr,
+    SCALE_IS_PTR: tl.constexpr,
     OFFS64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """``out[e] = tracked[e] ? values[rank[e]] : OUT(float32(scale * w0[e]))``.
 
     ``w0[e] = (2 * tl.rand(seed, e) - 1) * bound`` (float32); without ``HAS_INIT`` (scale 0) the
-    untracked elements are +0 and nothing is generated.
+    untracked elements are +0 and nothing is generated. With ``SCALE_IS_PTR`` the scale is read
+    from a float32 device scalar (no host read of the decay factor).
     """
     group, cols, offs, in_range = _tile(tl.program_id(0), numel, BLOCK // _GROUP, OFFS64)
     tracked, rank = _tracked_rank(bits_ptr, group_ptr_ptr, group, cols, offs, in_range, ngroups)
@@ -257,7 +259,11 @@ def _materialize_kernel(
     v = _cast(tl.load(values_ptr + rank, mask=in_range & tracked, other=0.0), out_ty)
     if HAS_INIT:
         w0 = _init_values(seed, offs, tl.cast(bound, tl.float32))
-        init = _cast(w0 * tl.cast(scale, tl.float32), out_ty)
+        if SCALE_IS_PTR:
+            s = tl.load(scale).to(tl.float32)
+        else:
+            s = tl.cast(scale, tl.float32)
+        init = _cast(w0 * s, out_ty)
     else:
         init = tl.zeros(offs.shape, out_ty)
     tl.store(out_ptr + offs, tl.where(tracked, v, init), mask=in_range)
@@ -617,24 +623,36 @@ def _step_args(fn: str, seg: Segment, p: StepParams) -> tuple[list, dict]:
 def materialize(
     seed: int,
     bound: float,
-    scale: float,
+    scale: float | Tensor,
     values: Tensor,
     bits: Tensor,
     group_ptr: Tensor,
     numel: int,
     dtype: torch.dtype,
     *,
+    has_init: bool | None = None,
     block: int | None = None,
     num_warps: int | None = None,
 ) -> Tensor:
-    """Flat effective weight (``numel`` elements of ``dtype``): tracked values, else ``scale * w0``."""
+    """Flat effective weight (``numel`` elements of ``dtype``): tracked values, else ``scale * w0``.
+
+    ``scale`` may be a 0-d float32 tensor on the device (read by the kernel, no host read); then
+    ``has_init`` says whether it is non-zero (False: untracked weights are +0, nothing generated).
+    """
     fn = "materialize()"
     _check_device(fn, values)
     out = torch.empty(numel, dtype=dtype, device=values.device)
     if numel == 0:
         return out
     block, num_warps = _launch_config(fn, numel, values.device, block, num_warps)
-    scale = _f32(scale)
+    scale_is_ptr = isinstance(scale, Tensor)
+    if scale_is_ptr:
+        if has_init is None:
+            raise ValueError(f"{fn}: expected has_init with a tensor scale")
+        scale = scale.to(device=values.device, dtype=torch.float32).reshape(1)
+    else:
+        scale = _f32(scale)
+        has_init = scale != 0.0
     _materialize_kernel[(triton.cdiv(numel, block),)](
         out,
         _nonempty(values.contiguous()),
@@ -645,7 +663,8 @@ def materialize(
         scale,
         numel,
         triton.cdiv(numel, GROUP_SIZE),
-        HAS_INIT=scale != 0.0,
+        HAS_INIT=bool(has_init),
+        SCALE_IS_PTR=scale_is_ptr,
         OFFS64=numel >= _OFFS64_FROM,
         BLOCK=block,
         num_warps=num_warps,
