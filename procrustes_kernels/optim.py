@@ -1,4 +1,4 @@
-"""The DropBack / Procrustes optimizer (docs: algorithm section 1), a ``torch.optim.Optimizer``.
+"""The DropBack / Procrustes optimizer (docs/training_rule.md), a ``torch.optim.Optimizer``.
 
 One ``step()`` over all budgeted weights (:class:`~procrustes_kernels.weight.BudgetedWeight`
 parameters) for weights ``W`` with dense gradient ``g`` (their ``.grad``):

@@ -1,4 +1,4 @@
-"""Selecting the tracked set from the scores (docs: algorithm section 3).
+"""Selecting the tracked set from the scores (docs/training_rule.md, "Selection").
 
 Three rules, all returning a boolean mask over a flat score vector:
 

@@ -3,7 +3,7 @@
 A budgeted weight is an ``nn.Parameter`` with the shape, dtype and device of the dense weight it
 stands for, whose data is the compressed tracked set (:class:`~procrustes_kernels.storage.
 BlockStorage`: packed ``values``, one bit per element in ``bits``, ``group_ptr``), the ``seed``
-that regenerates every untracked weight and the decay factor ``scale`` (``d`` of docs/algorithm.md:
+that regenerates every untracked weight and the decay factor ``scale`` (``d`` of docs/training_rule.md:
 an untracked weight is ``scale * w0``). Nothing dense is stored.
 
 It is a traceable wrapper tensor subclass, so the standard tools see a tensor:

@@ -4,7 +4,7 @@ Two kinds of op, per sparse layer ("segment"):
 
 * :func:`materialize` writes the effective weight: ``scale * w0`` regenerated from the seed, with the
   tracked values scattered in from the compressed storage.
-* The update ops run one DropBack/Procrustes step (docs: algorithm section 1) in passes over the
+* The update ops run one DropBack/Procrustes step (docs/training_rule.md) in passes over the
   dense gradient, each recomputing the candidate and the score of every weight on the fly:
   :func:`log_histogram` and :func:`radix_histogram` gather statistics of the scores, the host picks a
   threshold from them, and :func:`compact` keeps the weights above it (plus a quota of ties at it)

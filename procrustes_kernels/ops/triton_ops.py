@@ -70,7 +70,7 @@ _OFFS64_FROM = 2**31
 
 _GPU_BLOCK = 1024
 _GPU_WARPS = 4
-_INTERPRETER_BLOCK = 1 << 16  # ~44 ms per 1M elements instead of ~570 ms at 1024 (docs/platform.md)
+_INTERPRETER_BLOCK = 1 << 16  # ~44 ms per 1M elements instead of ~570 ms at 1024 (docs/dispatch.md)
 
 
 # ---------------------------------------------------------------------------------- device helpers

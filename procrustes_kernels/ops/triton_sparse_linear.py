@@ -46,7 +46,7 @@ dtype, products are accumulated in float32 by ``tl.dot`` (``out_dtype=float32``)
 in float32 and the result is rounded once to the input's dtype. float32 inputs use the ``"tf32"``
 dot precision only on a GPU with ``torch.backends.cuda.matmul.allow_tf32`` set, else ``"ieee"``.
 Under the interpreter the operands of the dot are upcast to float32 (exact for float16 / bfloat16
-values, and the interpreter's bfloat16 dot is wrong, docs/platform.md); on a GPU float16 / bfloat16
+values, and the interpreter's bfloat16 dot is wrong, docs/dispatch.md); on a GPU float16 / bfloat16
 operands go to the tensor cores as they are. Roundings to bfloat16 are done to nearest even on the
 bit pattern (the interpreter truncates a plain conversion). Accumulation order is free, so results
 agree with the reference to the rounding of a float32 sum, not bit for bit.
