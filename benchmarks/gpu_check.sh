@@ -52,7 +52,7 @@ has_flag() { grep -q -- "\"$2\"" "$1" 2>/dev/null; }
 } | tee "$OUT_DIR/env.txt"
 
 # 1. Tests. Without CUDA they would still pass through the interpreter, which is not the point.
-run_part tests 180 "$PY" -m pytest tests/test_triton_ops.py tests/test_layers.py tests/test_optim.py tests/test_native_weight.py \
+run_part tests 180 "$PY" -m pytest tests/test_triton_ops.py tests/test_layers.py tests/test_optim.py tests/test_native_weight.py tests/test_compile.py \
     tests/test_triton_sparse_linear.py tests/test_triton_sparse_conv.py tests/test_compute.py tests/test_tiles.py \
     -q -p no:cacheprovider -rs --junitxml "$OUT_DIR/pytest.xml"
 

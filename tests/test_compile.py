@@ -20,6 +20,8 @@ from procrustes_kernels.ops import available_backends, use_backend
 from procrustes_kernels.storage import BlockStorage
 
 BACKENDS = [b for b, ok in available_backends().items() if ok]
+# Triton runs on CUDA tensors where there is a GPU, through the interpreter on CPU tensors otherwise.
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _weight(numel_shape=(7, 45), density=0.3, scale=0.6, seed=3):
@@ -33,6 +35,8 @@ def _weight(numel_shape=(7, 45), density=0.3, scale=0.6, seed=3):
 @pytest.mark.parametrize("scale", [0.6, 0.0])
 def test_materialize_op_passes_opcheck_and_matches_the_reference(backend, scale):
     st, s = _weight(scale=scale)
+    if backend == "triton":
+        st, s = st.to(DEV), s.to(DEV)
     args = (st.values, st.bits, st.group_ptr, s, 12345, 0.125, st.numel, scale != 0.0)
     with use_backend(backend):
         torch.library.opcheck(torch.ops.procrustes.materialize, args)
@@ -40,7 +44,7 @@ def test_materialize_op_passes_opcheck_and_matches_the_reference(backend, scale)
     want = pk.ops.reference.materialize(
         12345, 0.125, scale, st.values, st.bits, st.group_ptr, st.numel, torch.float32
     )
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=0)
 
 
 def test_materialize_op_golden_tiny_case():
