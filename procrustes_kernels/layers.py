@@ -577,6 +577,12 @@ def sparsify(
                     "the module out with filter="
                 )
             old = module._parameters.get(pname)
+            if old is None and isinstance(getattr(module, pname, None), torch.Tensor):
+                raise ValueError(
+                    f"{fn}: '{qname}.{pname}' is not a parameter but computed (the hooks of "
+                    "nn.utils.weight_norm / spectral_norm?); sparsify the model first and add "
+                    "them after, or leave the module out with filter="
+                )
             if old is None or is_budgeted(old) or id(old) in seen:
                 continue
             if not old.dtype.is_floating_point:

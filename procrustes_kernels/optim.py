@@ -302,7 +302,11 @@ class DropBack(Optimizer):
         self._drift_window, self._warmup = drift_window, quantile_warmup
         self.weights: list[BudgetedWeight] = []
         # Per weight with momentum: the bits its buffer is aligned with (None: trust the count).
-        self._momentum_bits: dict[int, torch.Tensor] = {}
+        self._momentum_bits: list[torch.Tensor | None] = []  # aligned with self.weights
+        # The "dropback" entry of state_dict(): one dict refreshed in place after every step, so a
+        # state_dict taken earlier and saved later is consistent with the live momentum buffers it
+        # references (as torch.optim's state_dicts are).
+        self._live_state: dict[str, Any] = {}
         self.selectors: list[Any] = [self._new_selector()] if scope == "global" else []
         self._tile_size_cache: dict[tuple, torch.Tensor] = {}
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
@@ -330,6 +334,7 @@ class DropBack(Optimizer):
         for p in self.param_groups[-1]["params"]:
             if is_budgeted(p) and not any(p is q for q in self.weights):
                 self.weights.append(p)
+                self._momentum_bits.append(None)
                 if self.scope == "layer":
                     self.selectors.append(self._new_selector())
                 if self.granularity == "tile" and all(v in COMPUTE_TILE_SIZES for v in self.tile):
@@ -424,7 +429,7 @@ class DropBack(Optimizer):
             group = group_of[id(w)]
             mu = group["momentum"]
             buf = self.state[w].get("momentum_buffer") if mu != 0 else None
-            ref = self._momentum_bits.get(id(w))
+            ref = self._momentum_bits[i]
             if buf is not None and ref is not None and not _same_bits(ref, w.bits):
                 # The tracked set was replaced outside step() (a model checkpoint loaded under a
                 # live optimizer, reset_tracked): move each momentum to its weight's new position.
@@ -485,16 +490,17 @@ class DropBack(Optimizer):
             )
             if p.momentum != 0:
                 self.state[w]["momentum_buffer"] = res.momentum
-                self._momentum_bits[id(w)] = w.bits
+                self._momentum_bits[i] = w.bits
             else:
                 self.state[w].pop("momentum_buffer", None)
-                self._momentum_bits.pop(id(w), None)
+                self._momentum_bits[i] = None
         for i, plan in plans:
             if plan is not None:
                 self.selectors[i].load_state_dict(plan)
         self._dense_sgd()
         self.step_count = n
         self.tracked_count = sum(w.nnz for w in self.weights)
+        self._refresh_live_state()
         return loss
 
     @staticmethod
@@ -602,9 +608,22 @@ class DropBack(Optimizer):
         return decay_factor(step, self.init_decay, self.zero_cutoff)
 
     # -- state -------------------------------------------------------------------------------------
+    def _refresh_live_state(self) -> dict[str, Any]:
+        live = self.__dict__.setdefault("_live_state", {})
+        live.clear()
+        live.update(self._extra_state())
+        return live
+
     def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state plus a ``"dropback"`` entry (step, selection state, configuration).
+        Like torch.optim's, it references the live state (momentum buffers, and this entry, which
+        each step refreshes in place): ``copy.deepcopy`` it for a snapshot."""
         sd = super().state_dict()
-        sd["dropback"] = {
+        sd["dropback"] = self._refresh_live_state()
+        return sd
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {
             "format": _STATE_FORMAT,
             "step": self.step_count,
             "selection": self.selection,
@@ -617,7 +636,6 @@ class DropBack(Optimizer):
             "tracked_count": self.tracked_count,
             "selectors": [s.state_dict() if s is not None else None for s in self.selectors],
         }
-        return sd
 
     def _from_layer_layout(self, state_dict: dict[str, Any], name: str) -> dict[str, Any]:
         """A state of the layer-based layout (the sparse layers' ``values`` first, then every
@@ -683,7 +701,11 @@ class DropBack(Optimizer):
                 )
         rest = {k: v for k, v in state_dict.items() if k != "dropback"}
         super().load_state_dict(rest)
-        self._momentum_bits = {}  # the loaded buffers belong to the loaded model: trust them
+        # The loaded buffers belong to the model state loaded before them (the count check above
+        # holds them to it): align them with the current tracked sets.
+        self._momentum_bits = [
+            w.bits if "momentum_buffer" in self.state[w] else None for w in self.weights
+        ]
         self.step_count = int(extra["step"])
         self.tracked_count = int(extra["tracked_count"])
         for selector, s in zip(self.selectors, extra["selectors"]):
@@ -697,13 +719,11 @@ class DropBack(Optimizer):
         # torch.optim does not copy hooks either (its __setstate__ makes empty ones).
         mine = {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
         mine.pop("_names", None)
-        mine.pop("_momentum_bits", None)
         return {**mine, **state}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._names = {}
-        self._momentum_bits = {}
 
     def __repr__(self) -> str:
         g = self.param_groups[0]

@@ -405,8 +405,13 @@ class BudgetedWeight(Tensor):
         inner: dict[str, Tensor], ctx: tuple, outer_size: Any, outer_stride: Any
     ) -> BudgetedWeight:
         shape, seed, bound, block_size, groups, has_init, compute, tile = ctx
-        # Inside a traced graph the host mirror only tells zero from non-zero (NaN: non-zero).
-        scale_value = float("nan") if has_init else 0.0
+        scale = inner["scale"]
+        if not has_init:
+            scale_value = 0.0
+        elif type(scale) is Tensor and not torch.compiler.is_compiling():
+            scale_value = float(scale)  # a real weight coming out of a compiled region
+        else:
+            scale_value = float("nan")  # traced: only zero / non-zero is known (NaN: non-zero)
         return BudgetedWeight(
             inner["values"],
             inner["bits"],
@@ -492,6 +497,13 @@ class _DenseView(Tensor):
     def __repr__(self) -> str:  # type: ignore[override]
         return f"view of a budgeted weight: {self._dense!r}"
 
+    def __format__(self, spec: str) -> str:
+        return self._dense.__format__(spec)
+
+    def __deepcopy__(self, memo: dict) -> Tensor:
+        # A copy is no view of the weight any more: a plain tensor, free to write.
+        return self._dense.clone()
+
     def __tensor_flatten__(self) -> tuple[list[str], None]:
         return ["_dense"], None
 
@@ -544,7 +556,7 @@ def _refuse_host_writes(func: Any, args: tuple) -> None:
     if not isinstance(target, _READ_ONLY):
         return
     if getattr(func, "__name__", None) == "__set__" and getattr(func, "__self__", None) is _DATA:
-        raise _write_error(func, target, what=".data = ...")
+        raise _write_error(func, target, view=isinstance(target, _DenseView), what=".data = ...")
     if func is Tensor.share_memory_:
         raise RuntimeError(
             "share_memory_(): a budgeted weight cannot live in shared memory: pk.DropBack / "
@@ -554,17 +566,19 @@ def _refuse_host_writes(func: Any, args: tuple) -> None:
 
 
 _DATA = torch._C.TensorBase.__dict__["data"]
-_HOST_READS = {Tensor.tolist, Tensor.numpy, Tensor.__array__}
+_HOST_READS = {Tensor.tolist, Tensor.numpy, Tensor.__array__, Tensor.__dlpack__}
 
 
 def _protect_views(func: Any, out: Any) -> Any:
     """Outputs of ``func`` that alias its input (views) become read-only :class:`_DenseView`."""
     if not any(r.alias_info is not None for r in func._schema.returns):
         return out
-    if isinstance(out, Tensor):
-        return _DenseView(out)
-    if isinstance(out, (list, tuple)):
-        return type(out)(_DenseView(t) if isinstance(t, Tensor) else t for t in out)
+    # In inference mode too: the wrapper itself needs a version counter.
+    with torch.inference_mode(False):
+        if isinstance(out, Tensor):
+            return _DenseView(out)
+        if isinstance(out, (list, tuple)):
+            return type(out)(_DenseView(t) if isinstance(t, Tensor) else t for t in out)
     return out
 
 
@@ -704,4 +718,4 @@ def _function_table() -> dict:
 
 
 # torch.load(weights_only=True), the default, may rebuild budgeted weights.
-torch.serialization.add_safe_globals([BudgetedWeight])
+torch.serialization.add_safe_globals([BudgetedWeight, _DenseView])

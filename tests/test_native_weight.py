@@ -822,3 +822,130 @@ def test_sparse_embedding_gradients_train_like_sgd():
     F.cross_entropy(model(idx), torch.randint(0, 3, (5,))).backward()
     with pytest.raises(ValueError, match="sparse gradient"):
         wd.step()
+
+
+def test_a_checkpoint_of_references_saved_later_is_consistent():
+    # torch.optim's state_dict references live state; a checkpoint dict taken early and saved
+    # later must describe one moment (here: after the 5th step), as it does for nn + SGD.
+    model = pk.sparsify(mlp(), seed=40)
+    opt = pk.Procrustes(
+        model.parameters(), lr=0.2, budget=0.2, momentum=0.9, decay_steps=10, scope="layer"
+    )
+
+    def step(m, o, i):
+        o.zero_grad()
+        loss_of(m, "mlp", i).backward()
+        o.step()
+
+    for i in range(2):
+        step(model, opt, i)
+    ckpt = {"model": model.state_dict(), "opt": opt.state_dict()}
+    for i in range(2, 5):
+        step(model, opt, i)
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    buf.seek(0)
+    loaded = torch.load(buf)
+    resumed = pk.sparsify(mlp(), seed=0)
+    resumed.load_state_dict(loaded["model"])
+    ropt = pk.Procrustes(
+        resumed.parameters(), lr=0.2, budget=0.2, momentum=0.9, decay_steps=10, scope="layer"
+    )
+    ropt.load_state_dict(loaded["opt"])
+    assert ropt.step_count == 5
+    for i in range(5, 8):
+        step(model, opt, i)
+        step(resumed, ropt, i)
+    for a, b in zip(effective(model), effective(resumed)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_momentum_alignment_survives_an_optimizer_reload():
+    model = pk.sparsify(mlp(), seed=41)
+    opt = pk.DropBack(model.parameters(), lr=0.2, budget=0.2, momentum=0.9, scope="layer")
+    old = None
+    for i in range(4):
+        opt.zero_grad()
+        loss_of(model, "mlp", i).backward()
+        opt.step()
+        if i == 1:
+            old = copy.deepcopy(model.state_dict())
+    opt.load_state_dict(opt.state_dict())  # a no-op reload ...
+    bits = model[0].weight.bits.clone()
+    buf = opt.state[model[0].weight]["momentum_buffer"].clone()
+    model.load_state_dict(old)  # ... then an older model under the live optimizer
+    assert not torch.equal(model[0].weight.bits, bits)
+    dense = torch.zeros(model[0].weight.numel())
+    dense[pk.storage.unpack_bits(bits, dense.numel())] = buf
+    want = dense[pk.storage.unpack_bits(model[0].weight.bits, dense.numel())]
+    got = pk.optim._remap_momentum(buf, opt._momentum_bits[0], model[0].weight.bits, dense.numel())
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert opt._momentum_bits[0] is not None and torch.equal(opt._momentum_bits[0], bits)
+
+
+def test_host_reads_formatting_copies_and_saving_of_views():
+    import numpy as np
+
+    w = pk.sparsify(mlp(), seed=42)[0].weight
+    dense = w.effective()
+    assert np.array_equal(np.from_dlpack(w.detach()), dense.numpy())
+    assert torch.equal(torch.from_dlpack(w.detach()), dense)
+    assert f"{w[0, 0]:.4f}" == f"{float(dense[0, 0]):.4f}"
+    row = copy.deepcopy(w[1])
+    assert type(row) is torch.Tensor and torch.equal(row, dense[1])
+    row.zero_()  # a copy, not a view: free to write
+    buf = io.BytesIO()
+    torch.save(w.t(), buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf) * 1, dense.t())
+    with torch.no_grad(), pytest.raises(RuntimeError, match="view of a budgeted weight"):
+        w.t().data = torch.zeros(12, 16)
+
+
+def test_inference_mode_views_and_cross_attention():
+    attn = pk.sparsify(nn.MultiheadAttention(8, 2, kdim=6, vdim=5, batch_first=True), seed=43)
+    dense = pk.densify(copy.deepcopy(attn))
+    q, k, v = torch.randn(2, 3, 8), torch.randn(2, 4, 6), torch.randn(2, 4, 5)
+    with torch.inference_mode():
+        out = attn(q, k, v)[0]
+        assert attn.q_proj_weight.t().shape == (8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(out, dense(q, k, v)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_traced_and_meta_weights_take_the_custom_op():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    lin = pk.sparsify(nn.Linear(5, 3), seed=44)
+    x = torch.randn(2, 5)
+    for pre_dispatch in (False, True):
+        gm = make_fx(lambda x: lin(x), pre_dispatch=pre_dispatch)(x)
+        assert "procrustes.materialize" in str(gm.graph)
+        torch.testing.assert_close(gm(x), lin(x), rtol=0, atol=0)
+    meta = pk.BudgetedWeight.initial((3, 4), seed=1, block_size=16, device="meta")
+    assert meta.effective().device.type == "meta" and meta.effective().shape == (3, 4)
+
+
+def test_a_weight_returned_by_a_compiled_function_keeps_its_decay_factor():
+    model = pk.sparsify(mlp(), seed=45)
+    opt = pk.Procrustes(model.parameters(), lr=0.2, budget=0.2, decay_steps=4)
+    for i in range(2):
+        opt.zero_grad()
+        loss_of(model, "mlp", i).backward()
+        opt.step()
+    w = model[0].weight
+    out = torch.compile(lambda t: t.clone())(w)
+    torch._dynamo.reset()
+    assert pk.is_budgeted(out) and out.scale_value == w.scale_value and 0 < w.scale_value < 1
+    torch.testing.assert_close(out.effective(), w.effective(), rtol=0, atol=0)
+
+
+def test_sparsify_refuses_hook_based_weight_norm():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = nn.Sequential(nn.Linear(4, 4), nn.utils.weight_norm(nn.Linear(4, 4)))
+    with pytest.raises(ValueError, match="'1.weight' is not a parameter but computed"):
+        pk.sparsify(model)
+    assert not pk.is_budgeted(model[0].weight)

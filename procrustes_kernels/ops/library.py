@@ -27,9 +27,10 @@ def eager(*tensors: Tensor) -> bool:
     plain tensors, no tracing, no dispatch mode. A custom op costs ~25 us of Python per call, more
     than a small layer's kernel; what it is for (tracing, fake tensors, modes) is absent then."""
     return (
-        all(type(t) is Tensor for t in tensors)
+        all(type(t) is Tensor and t.device.type != "meta" for t in tensors)
         and not torch.compiler.is_compiling()
         and torch._C._len_torch_dispatch_stack() == 0
+        and torch._ops._len_torch_dispatch_stack_pre_dispatch() == 0
     )
 
 
