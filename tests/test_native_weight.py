@@ -949,3 +949,22 @@ def test_sparsify_refuses_hook_based_weight_norm():
     with pytest.raises(ValueError, match="'1.weight' is not a parameter but computed"):
         pk.sparsify(model)
     assert not pk.is_budgeted(model[0].weight)
+
+
+def test_deployment_paths_of_a_trained_model():
+    model = pk.sparsify(cnn(), seed=46)
+    opt = pk.Procrustes(model.parameters(), lr=0.2, budget=0.2, momentum=0.9, decay_steps=2)
+    for i in range(4):
+        opt.zero_grad()
+        loss_of(model, "cnn", i).backward()
+        opt.step()
+    model.eval()
+    x = batch("cnn", 9)[0]
+    with torch.no_grad():
+        want = model(x)
+    plain = cnn().eval()  # the model code without the library
+    plain.load_state_dict(model.state_dict())
+    exported = torch.export.export(pk.densify(copy.deepcopy(model)), (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), want, rtol=0, atol=0)
+        torch.testing.assert_close(exported.module()(x), want, rtol=1e-6, atol=1e-6)
