@@ -12,6 +12,7 @@ machine) are appended to ``results/bench_train_step_<device>.csv``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import sys
 from pathlib import Path
@@ -54,12 +55,57 @@ def optimizer(provider: str, model: nn.Module) -> torch.optim.Optimizer:
     return pk.Procrustes(model.parameters(), lr=0.05, budget=0.1, momentum=0.9, decay_steps=10)
 
 
+COLUMNS = [
+    "model",
+    "provider",
+    "compiled",
+    "fwd_ms",
+    "step_ms",
+    "x_nn_fwd",
+    "x_nn_step",
+    "x_eager_step",
+]
+
+
+def measure(name, provider, sparse, x, y, device, repeats, compiled) -> dict:
+    model = pk.densify(copy.deepcopy(sparse)) if provider == "nn" else copy.deepcopy(sparse)
+    opt = optimizer(provider, model)
+    fwd_model = torch.compile(model) if compiled else model
+    scope = pk.dynamic_tracked_counts() if compiled else contextlib.nullcontext()
+
+    def step() -> None:
+        opt.zero_grad()
+        F.cross_entropy(fwd_model(x), y).backward()
+        opt.step()
+
+    def forward() -> None:
+        with torch.no_grad():
+            fwd_model(x)
+
+    with scope:
+        for _ in range(20):  # past Procrustes' decay (its untracked weights are zeros), compiled
+            step()
+        forward()
+        t_step = time_ms(step, device, repeats)["median_ms"]
+        t_fwd = time_ms(forward, device, repeats)["median_ms"]
+    if compiled:
+        torch._dynamo.reset()
+    return {
+        "model": name,
+        "provider": provider,
+        "compiled": compiled,
+        "fwd_ms": round(t_fwd, 3),
+        "step_ms": round(t_step, 3),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=200)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile-d models")
     ap.add_argument(
         "--out", default=None, help="CSV path (default results/bench_train_step_<device>.csv)"
     )
@@ -72,44 +118,23 @@ def main(argv: list[str] | None = None) -> None:
         sparse = pk.sparsify(copy.deepcopy(dense), seed=0).to(device)
         x = torch.randn(shape, device=device, generator=gen)
         y = torch.randint(0, 10, (shape[0],), device=device, generator=gen)
-        base = {}
-        for provider in PROVIDERS:
-            model = pk.densify(copy.deepcopy(sparse)) if provider == "nn" else copy.deepcopy(sparse)
-            opt = optimizer(provider, model)
-
-            def step(model=model, opt=opt, x=x, y=y) -> None:
-                opt.zero_grad()
-                F.cross_entropy(model(x), y).backward()
-                opt.step()
-
-            def forward(model=model, x=x) -> None:
-                with torch.no_grad():
-                    model(x)
-
-            for _ in range(20):  # past Procrustes' decay: its untracked weights are zeros
-                step()
-            t_step = time_ms(step, device, args.repeats)["median_ms"]
-            t_fwd = time_ms(forward, device, args.repeats)["median_ms"]
-            if provider == "nn":
-                base = {"step": t_step, "fwd": t_fwd}
-            rows.append(
-                {
-                    "model": name,
-                    "provider": provider,
-                    "fwd_ms": round(t_fwd, 3),
-                    "step_ms": round(t_step, 3),
-                    "x_nn_fwd": round(t_fwd / base["fwd"], 3),
-                    "x_nn_step": round(t_step / base["step"], 3),
-                    **info,
-                }
-            )
-            print_table(
-                rows[-1:], ["model", "provider", "fwd_ms", "step_ms", "x_nn_fwd", "x_nn_step"]
-            )
+        base, eager_step = {}, {}
+        for compiled in (False, True) if args.compile else (False,):
+            for provider in PROVIDERS:
+                row = measure(name, provider, sparse, x, y, device, args.repeats, compiled)
+                if provider == "nn" and not compiled:
+                    base = {"step": row["step_ms"], "fwd": row["fwd_ms"]}
+                if not compiled:
+                    eager_step[provider] = row["step_ms"]
+                row["x_nn_fwd"] = round(row["fwd_ms"] / base["fwd"], 3)
+                row["x_nn_step"] = round(row["step_ms"] / base["step"], 3)
+                row["x_eager_step"] = round(row["step_ms"] / eager_step[provider], 3)
+                rows.append({**row, **info})
+                print_table(rows[-1:], COLUMNS)
     out = Path(args.out) if args.out else RESULTS / f"bench_train_step_{device.type}.csv"
     write_csv(rows, out)
     print()
-    print_table(rows, ["model", "provider", "fwd_ms", "step_ms", "x_nn_fwd", "x_nn_step"])
+    print_table(rows, COLUMNS)
     print(f"rows appended to {out}")
 
 

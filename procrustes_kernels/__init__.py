@@ -16,6 +16,7 @@ from .layers import SparseConv2d, SparseLinear, densify, set_compute, sparsify
 from .optim import DropBack, Procrustes, decay_factor, decay_for_steps, linear_decay_factor
 from .philox import derive_seed, init_values, philox_uniform
 from .storage import BlockStorage
+from .tracing import dynamic_tracked_counts
 from .weight import BudgetedWeight, budgeted_weights, is_budgeted
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ __all__ = [
     "decay_for_steps",
     "densify",
     "derive_seed",
+    "dynamic_tracked_counts",
     "init_values",
     "is_budgeted",
     "linear_decay_factor",

@@ -64,6 +64,10 @@ def _shared(name: str, doc: str) -> property:
         store = self.__dict__.get("_store")
         if store is None:  # being rebuilt by unpickling
             store = self.__dict__["_store"] = _Tracked()
+        if name == "values" and type(value) is Tensor and not torch.compiler.is_compiling():
+            # The tracked count changes from step to step: a compiled graph should take it as a
+            # dynamic size (see procrustes_kernels.tracing).
+            torch._dynamo.maybe_mark_dynamic(value, 0)
         setattr(store, name, value)
 
     return property(get, set_, doc=doc)

@@ -124,3 +124,40 @@ def test_compiled_model_trains_to_the_eager_weights():
         b = b.effective() if pk.is_budgeted(b) else b.detach()
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("method", ["dropback", "procrustes"])
+def test_tracked_counts_are_dynamic_sizes_not_recompiles(method):
+    import torch._dynamo.utils as dynamo_utils
+
+    eager = _cnn()
+    comp = copy.deepcopy(eager)
+
+    def make(m):
+        if method == "dropback":
+            return pk.DropBack(m.parameters(), lr=0.1, budget=0.1, momentum=0.9)
+        return pk.Procrustes(m.parameters(), lr=0.1, budget=0.1, momentum=0.9, decay_steps=4)
+
+    opts = [make(eager), make(comp)]
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    fwd = torch.compile(comp)
+    counts = set()
+    with pk.dynamic_tracked_counts():
+        for i in range(10):
+            x, y = _batch(i)
+            for model, opt in ((eager, opts[0]), (fwd, opts[1])):
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+            counts.add(tuple(w.nnz for w in opts[1].weights))
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    assert len(counts) > 3  # the counts did change from step to step
+    # nothing tracked at the first call; one graph for every count after it; for Procrustes one
+    # more once untracked weights are zeros
+    assert graphs <= (2 if method == "dropback" else 3), graphs
+    for a, b in zip(eager.parameters(), comp.parameters()):
+        a = a.effective() if pk.is_budgeted(a) else a.detach()
+        b = b.effective() if pk.is_budgeted(b) else b.detach()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
