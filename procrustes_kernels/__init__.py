@@ -11,8 +11,9 @@ Quick use::
     opt = pk.DropBack(model.parameters(), lr=0.1, budget=0.1)  # or pk.Procrustes(...)
 """
 
+from .convert import densify, set_compute, sparsify
 from .data import Dataset, load_cifar10, load_dataset, load_digits, load_mnist
-from .layers import SparseConv2d, SparseLinear, densify, set_compute, sparsify
+from .layers import SparseConv2d, SparseLinear
 from .optim import DropBack, Procrustes, decay_factor, decay_for_steps, linear_decay_factor
 from .philox import derive_seed, init_values, philox_uniform
 from .storage import BlockStorage

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .convert import densify, sparsify
 from .data import Dataset, load_cifar10, load_digits, load_mnist
-from .layers import densify, sparsify
 from .optim import DropBack, Procrustes
 from .weight import is_budgeted
 

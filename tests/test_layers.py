@@ -18,12 +18,8 @@ from conftest import assert_close_verbose
 from torch import nn
 
 import procrustes_kernels as pk
-from procrustes_kernels.layers import (
-    SparseConv2d,
-    SparseLinear,
-    densify,
-    sparsify,
-)
+from procrustes_kernels.convert import densify, sparsify
+from procrustes_kernels.layers import SparseConv2d, SparseLinear
 from procrustes_kernels.philox import derive_seed, init_bound, init_values
 from procrustes_kernels.storage import BlockStorage
 from procrustes_kernels.weight import BudgetedWeight
