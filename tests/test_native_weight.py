@@ -968,3 +968,34 @@ def test_deployment_paths_of_a_trained_model():
     with torch.no_grad():
         torch.testing.assert_close(plain(x), want, rtol=0, atol=0)
         torch.testing.assert_close(exported.module()(x), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on the GPU)")
+def test_on_the_gpu_moves_trains_and_never_syncs_in_the_forward_pass():
+    cpu = pk.sparsify(cnn(), seed=47)
+    opt = pk.Procrustes(cpu.parameters(), lr=0.2, budget=0.2, momentum=0.9, decay_steps=3)
+    loss_of(cpu, "cnn").backward()
+    opt.step()
+    gpu = copy.deepcopy(cpu).to("cuda")
+    w = gpu[0].weight
+    assert pk.is_budgeted(w) and w.device.type == "cuda" and w.values.device.type == "cuda"
+    x, y = (t.to("cuda") for t in batch("cnn", 3))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
+    try:
+        out = gpu(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with torch.no_grad():
+        torch.testing.assert_close(out.cpu(), cpu(batch("cnn", 3)[0]), rtol=1e-4, atol=1e-5)
+    gopt = pk.Procrustes(gpu.parameters(), lr=0.2, budget=0.2, momentum=0.9, decay_steps=3)
+    gopt.load_state_dict(opt.state_dict())
+    scaler = torch.amp.GradScaler("cuda")
+    for _ in range(3):
+        gopt.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(gpu(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(gopt)
+        scaler.update()
+    assert gopt.step_count == 4 and gopt.tracked_count > 0 and torch.isfinite(loss)
