@@ -42,6 +42,8 @@ __all__ = ["BudgetedWeight", "is_budgeted", "budgeted_weights"]
 aten = torch.ops.aten
 
 _INNER = ("values", "bits", "group_ptr", "scale")
+# The names the tracer sees (__tensor_flatten__): ``values`` would shadow ``Tensor.values()``.
+_FLAT = {"values": "tracked_values", "bits": "bits", "group_ptr": "group_ptr", "scale": "scale"}
 
 
 class _Tracked:
@@ -135,6 +137,7 @@ class BudgetedWeight(Tensor):
     """
 
     values = _shared("values", "Tracked values in ascending flat-index order.")
+    tracked_values = values
     bits = _shared("bits", "uint8 tracked-bit mask, one bit per weight.")
     group_ptr = _shared("group_ptr", "int64 pointers into ``values``, one per 256 weights (+1).")
     scale = _shared("scale", "0-d float32 tensor: the decay factor of untracked weights.")
@@ -402,7 +405,7 @@ class BudgetedWeight(Tensor):
             self._compute,
             self._compute_tile,
         )
-        return list(_INNER), ctx
+        return [_FLAT[k] for k in _INNER], ctx
 
     @staticmethod
     def __tensor_unflatten__(
@@ -417,7 +420,7 @@ class BudgetedWeight(Tensor):
         else:
             scale_value = float("nan")  # traced: only zero / non-zero is known (NaN: non-zero)
         return BudgetedWeight(
-            inner["values"],
+            inner["tracked_values"],
             inner["bits"],
             inner["group_ptr"],
             inner["scale"],

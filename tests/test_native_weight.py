@@ -965,9 +965,20 @@ def test_deployment_paths_of_a_trained_model():
     plain = cnn().eval()  # the model code without the library
     plain.load_state_dict(model.state_dict())
     exported = torch.export.export(pk.densify(copy.deepcopy(model)), (x,))
+    # The sparse model itself: budgeted weights exported compressed, with the custom op.
+    sparse = torch.export.export(model, (x,))
+    ops = [str(n.target) for n in sparse.graph.nodes if n.op == "call_function"]
+    assert ops.count("procrustes.materialize.default") == 2
+    assert all(pk.is_budgeted(sparse.state_dict[k]) for k in ("0.weight", "3.weight"))
+    buf = io.BytesIO()
+    torch.export.save(sparse, buf)
+    buf.seek(0)
+    reloaded = torch.export.load(buf)
     with torch.no_grad():
         torch.testing.assert_close(plain(x), want, rtol=0, atol=0)
         torch.testing.assert_close(exported.module()(x), want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(sparse.module()(x), want, rtol=0, atol=0)
+        torch.testing.assert_close(reloaded.module()(x), want, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on the GPU)")
