@@ -98,9 +98,18 @@ def tile_index(weight: BudgetedWeight) -> TileIndex:
     return index
 
 
+def autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (False for types autocast does not know, such
+    as ``meta``)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def input_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype ``x`` computes in (the autocast dtype where autocast is on)."""
-    if torch.is_autocast_enabled(x.device.type):
+    if autocast_on(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
-from .compute import choose_path, input_dtype, tile_index
+from .compute import autocast_on, choose_path, input_dtype, tile_index
 from .ops.sparse import get_sparse_ops
 
 __all__ = ["linear", "conv2d"]
@@ -72,7 +72,7 @@ def _cast_for_autocast(x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor |
 def _check_dtype(x: Tensor, weight: Tensor, where: str) -> None:
     if not x.is_floating_point():
         raise TypeError(f"{where}: expected a floating-point input, got {x.dtype}")
-    if x.dtype != weight.values.dtype and not torch.is_autocast_enabled(x.device.type):
+    if x.dtype != weight.values.dtype and not autocast_on(x.device.type):
         raise TypeError(f"{where}: expected input of dtype {weight.values.dtype}, got {x.dtype}")
 
 

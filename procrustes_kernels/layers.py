@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compute import DEFAULT_COMPUTE_TILE, check_compute, check_compute_tile
+from .compute import DEFAULT_COMPUTE_TILE, autocast_on, check_compute, check_compute_tile
 from .philox import init_values
 from .storage import BlockStorage
 from .weight import BudgetedWeight, check_seed, is_budgeted
@@ -200,7 +200,7 @@ class _BudgetedLayer:
         if not input.is_floating_point():
             raise TypeError(f"{name}.forward(): expected a floating-point input, got {input.dtype}")
         dtype = self.weight.values.dtype
-        if input.dtype != dtype and not torch.is_autocast_enabled(input.device.type):
+        if input.dtype != dtype and not autocast_on(input.device.type):
             raise TypeError(f"{name}.forward(): expected input of dtype {dtype}, got {input.dtype}")
 
     def _sparse_repr(self) -> str:

@@ -1010,3 +1010,11 @@ def test_on_the_gpu_moves_trains_and_never_syncs_in_the_forward_pass():
         scaler.step(gopt)
         scaler.update()
     assert gopt.step_count == 4 and gopt.tracked_count > 0 and torch.isfinite(loss)
+
+
+def test_forward_on_the_meta_device_gives_shapes():
+    lin = pk.SparseLinear(4, 3, device="meta", seed=1)
+    conv = pk.sparsify(nn.Conv2d(2, 5, 3), seed=2).to("meta")
+    assert lin(torch.randn(2, 4, device="meta")).shape == (2, 3)
+    out = conv(torch.randn(1, 2, 6, 6, device="meta"))
+    assert out.device.type == "meta" and out.shape == (1, 5, 4, 4)
