@@ -169,6 +169,37 @@ class _BudgetedLayer:
         """``w0`` regenerated from the seed: float32, shaped like the nn weight."""
         return self.weight.initial_values()
 
+    def _budget_weight(
+        self,
+        seed: int,
+        block_size: int,
+        groups: int,
+        device: Any,
+        compute: str,
+        compute_tile: tuple[int, int],
+    ) -> None:
+        """Replace the (meta) weight the nn constructor made by a budgeted one on ``device`` and
+        seed the bias from it."""
+        device = torch.empty(0, device=device).device if device is not None else torch.device("cpu")
+        self.weight = _new_weight(
+            self.weight,
+            seed=seed,
+            block_size=block_size,
+            groups=groups,
+            device=device,
+            compute=compute,
+            compute_tile=compute_tile,
+        )
+        if self.bias is not None:
+            self.bias = _seeded_bias(self.weight, self.bias, self.weight.values.device)
+        _watch_old_layout(self)
+
+    def reset_parameters(self) -> None:
+        """Back to the initial state: nothing tracked, weight ``w0`` and bias from the seed.
+        (Called by the nn constructor too, while the weight is still its dense meta one.)"""
+        if not self._reset_budgeted():
+            super().reset_parameters()
+
     def _reset_budgeted(self) -> bool:
         """Back to the initial state (nothing tracked, bias from the seed); False when the weight
         is not budgeted yet (during the nn constructor)."""
@@ -264,23 +295,7 @@ class SparseLinear(_BudgetedLayer, nn.Linear):
         seed = _check_common(name, dtype, seed, compute, compute_tile)
         # The nn constructor's dense weight lives on the meta device: nothing is allocated.
         super().__init__(in_features, out_features, bias, device="meta", dtype=dtype)
-        device = torch.empty(0, device=device).device if device is not None else None
-        self.weight = _new_weight(
-            self.weight,
-            seed=seed,
-            block_size=block_size,
-            device=device or torch.device("cpu"),
-            compute=compute,
-            compute_tile=compute_tile,
-        )
-        if self.bias is not None:
-            self.bias = _seeded_bias(self.weight, self.bias, self.weight.values.device)
-        _watch_old_layout(self)
-
-    def reset_parameters(self) -> None:
-        """Back to the initial state: nothing tracked, weight ``w0`` and bias from the seed."""
-        if not self._reset_budgeted():
-            super().reset_parameters()
+        self._budget_weight(seed, block_size, 1, device, compute, compute_tile)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input(input, -1, self.in_features, tuple(range(1, 9)))
@@ -403,24 +418,8 @@ class SparseConv2d(_BudgetedLayer, nn.Conv2d):
             device="meta",
             dtype=dtype,
         )
-        device = torch.empty(0, device=device).device if device is not None else None
-        self.weight = _new_weight(
-            self.weight,
-            seed=seed,
-            block_size=self.kernel_size[0] * self.kernel_size[1],
-            groups=groups,
-            device=device or torch.device("cpu"),
-            compute=compute,
-            compute_tile=compute_tile,
-        )
-        if self.bias is not None:
-            self.bias = _seeded_bias(self.weight, self.bias, self.weight.values.device)
-        _watch_old_layout(self)
-
-    def reset_parameters(self) -> None:
-        """Back to the initial state: nothing tracked, weight ``w0`` and bias from the seed."""
-        if not self._reset_budgeted():
-            super().reset_parameters()
+        block = self.kernel_size[0] * self.kernel_size[1]
+        self._budget_weight(seed, block, groups, device, compute, compute_tile)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input(input, -3, self.in_channels, (3, 4))

@@ -461,11 +461,7 @@ class BudgetedWeight(Tensor):
             out = impl(*args, **kwargs)
             if out is not NotImplemented:
                 return out
-        _refuse_host_writes(func, args)
-        if func in _HOST_READS:  # need real memory: read the effective weight
-            return func(*tree_map(_effective_of, args), **kwargs)
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+        return _plain_function(func, args, kwargs)
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
@@ -476,8 +472,7 @@ class BudgetedWeight(Tensor):
         _refuse_writes(func, args, kwargs)
         if func in _LIKE_OPS:  # only the metadata of the weight is read
             return func(*tree_map(_empty_like_weight, args), **tree_map(_empty_like_weight, kwargs))
-        out = func(*tree_map(_effective_of, args), **tree_map(_effective_of, kwargs))
-        return _protect_views(func, out)
+        return _on_effective(func, args, kwargs)
 
 
 class _DenseView(Tensor):
@@ -520,12 +515,7 @@ class _DenseView(Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
-        kwargs = kwargs or {}
-        _refuse_host_writes(func, args)
-        if func in _HOST_READS:
-            return func(*tree_map(_effective_of, args), **kwargs)
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+        return _plain_function(func, args, kwargs or {})
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
@@ -533,11 +523,26 @@ class _DenseView(Tensor):
         if func in (aten.detach.default, aten.alias.default):
             return _DenseView(args[0]._dense.detach())
         _refuse_writes(func, args, kwargs)
-        out = func(*tree_map(_effective_of, args), **tree_map(_effective_of, kwargs))
-        return _protect_views(func, out)
+        return _on_effective(func, args, kwargs)
 
 
 _READ_ONLY = (BudgetedWeight, _DenseView)
+
+
+def _plain_function(func: Any, args: tuple, kwargs: dict) -> Any:
+    """A torch function on a budgeted weight or a view of one, below the library's own ones:
+    host-side writes refused, host reads on the effective weight, the rest to the dispatcher."""
+    _refuse_host_writes(func, args)
+    if func in _HOST_READS:  # need real memory: read the effective weight
+        return func(*tree_map(_effective_of, args), **kwargs)
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*args, **kwargs)
+
+
+def _on_effective(func: Any, args: tuple, kwargs: dict) -> Any:
+    """An aten op run on the effective weight; views of it come back read-only."""
+    out = func(*tree_map(_effective_of, args), **tree_map(_effective_of, kwargs))
+    return _protect_views(func, out)
 
 
 def _refuse_writes(func: Any, args: tuple, kwargs: dict) -> None:
