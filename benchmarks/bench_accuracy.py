@@ -397,7 +397,7 @@ _DATA: dict = {}
 def _worker_init() -> None:
     torch.set_num_threads(1)
     if "cpp" in pk.ops.available_backends() and pk.ops.available_backends()["cpp"]:
-        from procrustes_kernels.ops import cpp_ops
+        from procrustes_kernels.ops.update import cpp as cpp_ops
 
         cpp_ops.set_num_threads(1)
 

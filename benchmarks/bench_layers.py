@@ -55,8 +55,8 @@ from _common import RESULTS, machine_info, print_table, time_ms, write_csv  # no
 
 import procrustes_kernels as pk  # noqa: E402
 from procrustes_kernels import compute  # noqa: E402
-from procrustes_kernels.ops.sparse import get_sparse_ops, sparse_backend  # noqa: E402
-from procrustes_kernels.ops.sparse_index import (  # noqa: E402
+from procrustes_kernels.ops import backend_for, kernel  # noqa: E402
+from procrustes_kernels.ops.compute.index import (  # noqa: E402
     build_schedule,
     build_tile_index,
     schedule_makespan,
@@ -70,6 +70,11 @@ PROVIDERS = ("nn", "materialise", "sparse")
 # pairs with their 3x3 kernels (2304 weights) for convolutions, so that a 64-channel layer has 16.
 TILES = {"linear": (32, 32), "conv": (16, 16)}
 TILE = TILES["linear"]
+
+
+def _sparse_backend(device: torch.device) -> str:
+    """Which implementation runs the sparse compute ops here (the C++ backend has none)."""
+    return "triton" if backend_for(device) == "triton" else "reference"
 
 
 def cases(device: torch.device, quick: bool, kinds: list[str]) -> list[dict]:
@@ -238,7 +243,7 @@ def run_layers(args, device, info, out: Path) -> list[dict]:
                             "density": density,
                             "tile_density": round(index.tile_density, 4),
                             "provider": provider,
-                            "backend": sparse_backend(device) if provider == "sparse" else "",
+                            "backend": _sparse_backend(device) if provider == "sparse" else "",
                             "auto": auto,
                             "fwd_ms": round(m["fwd_ms"], 3),
                             "bwd_ms": round(m["bwd_ms"], 3),
@@ -297,7 +302,7 @@ def run_schedules(args, device, info) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     x = torch.randn(tokens, d, device=device, dtype=dtype)
     values = torch.randn(index.nnz, device=device, dtype=dtype)
-    ops = get_sparse_ops(device)
+    sparse_linear = kernel("sparse_linear", device)
     for schedule in ("grid", "balanced", "unbalanced"):
         if schedule == "grid":
             makespan = ""
@@ -306,8 +311,8 @@ def run_schedules(args, device, info) -> list[dict]:
             longest, mean = schedule_makespan(s, work)
             makespan = round(longest / mean, 3)
         ms = ""
-        if ops.name == "triton" and device.type == "cuda":
-            fn = lambda s=schedule: ops.sparse_linear(x, values, bits, index, schedule=s)  # noqa: E731
+        if _sparse_backend(device) == "triton" and device.type == "cuda":
+            fn = lambda s=schedule: sparse_linear(x, values, bits, index, schedule=s)  # noqa: E731
             ms = round(time_ms(fn, device, args.repeats, warmup=2)["median_ms"], 3)
         rows.append(
             {
@@ -428,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
         "bytes",
     ]
     print(
-        f"\nlayers ({info['device']}, torch {info['torch']}, sparse backend {sparse_backend(device)}):"
+        f"\nlayers ({info['device']}, torch {info['torch']}, sparse backend {_sparse_backend(device)}):"
     )
     print_table(rows, cols)
     plot(rows, out.with_suffix(".png"))

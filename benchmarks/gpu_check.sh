@@ -61,8 +61,8 @@ run_part kernels 45 "$PY" - "$OUT_DIR/kernel_times.csv" <<'EOF'
 import csv, sys
 import torch, triton
 from triton.testing import do_bench
-from procrustes_kernels.ops import reference as ref, triton_ops as tri
-from procrustes_kernels.ops.types import Segment, StepParams
+from procrustes_kernels.ops.update import reference as ref, triton_kernels as tri
+from procrustes_kernels.ops.contract import Segment, StepParams
 from procrustes_kernels.storage import group_pointers, pack_bits
 
 assert torch.cuda.is_available(), "no CUDA device"

@@ -5,7 +5,7 @@ Two paths give the same function:
 * ``"dense"`` (materialise): write the effective weight, call ``F.linear`` / ``F.conv2d`` (cuBLAS /
   cuDNN). Always valid.
 * ``"sparse"``: compute the forward pass and the input gradient directly from the compressed
-  storage (:mod:`procrustes_kernels.ops.sparse`), skipping weight tiles with no tracked weight.
+  storage (:mod:`procrustes_kernels.ops.compute`), skipping weight tiles with no tracked weight.
   Valid only when every untracked weight is exactly zero (``weight.scale_value == 0``: Procrustes after its
   decay), and for float32 / float16 / bfloat16. The weight gradient stays a dense GEMM
   (``dY^T X`` / cuDNN's weight gradient): the optimizer needs the gradient of every weight.
@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .ops.sparse import sparse_backend
-from .ops.sparse_index import TileIndex, build_tile_index
+from .ops import backend_for
+from .ops.compute.index import TileIndex, cached_tile_index
 
 if TYPE_CHECKING:
     from .weight import BudgetedWeight
@@ -78,24 +78,9 @@ def check_compute_tile(value: Any, where: str) -> tuple[int, int]:
 
 
 def tile_index(weight: BudgetedWeight) -> TileIndex:
-    """The weight's :class:`TileIndex` for its ``compute_tile``, cached until the tracked set changes.
-
-    The cache key is the bits tensor itself (``set_tracked`` installs a new one), the weight's own
-    count of tracked-set changes and, outside inference mode, the bits' version counter (in-place
-    writes). Bits made in inference mode have no version counter; their index is rebuilt on every
-    call.
-    """
-    bits = weight.bits
-    version = None if bits.is_inference() else bits._version
-    key = (weight._tracked_version, version, weight.compute_tile)
-    cached = weight._tile_index_cache
-    if version is not None and cached is not None and cached[0] is bits and cached[1] == key:
-        return cached[2]
-    rows, cols, ksize, groups = weight.geometry
-    bn, bc = weight.compute_tile
-    index = build_tile_index(bits, rows, cols, ksize, groups, bn, bc)
-    weight._tile_index_cache = (bits, key, index)  # holds ``bits``, so its identity stays unique
-    return index
+    """The weight's :class:`TileIndex` for its ``compute_tile``, cached on its bits tensor until
+    the tracked set changes (:func:`~procrustes_kernels.ops.compute.index.cached_tile_index`)."""
+    return cached_tile_index(weight.bits, *weight.geometry, *weight.compute_tile)
 
 
 def autocast_on(device_type: str) -> bool:
@@ -135,6 +120,10 @@ def choose_path(weight: BudgetedWeight, x: torch.Tensor, where: str) -> str:
                 f"input and weights, got {dtype} / {weight.values.dtype}"
             )
         return "sparse"
-    if not valid or sparse_backend(x.device) != "triton" or weight.weight_numel < AUTO_MIN_WEIGHTS:
+    if not valid or backend_for(x.device) != "triton" or weight.weight_numel < AUTO_MIN_WEIGHTS:
+        return "dense"
+    if torch.compiler.is_compiling():
+        # The tile density is data: a traced graph cannot branch on it. Compiled, "auto" takes
+        # the materialise path; compute="sparse" traces the sparse kernels as custom ops.
         return "dense"
     return "sparse" if tile_index(weight).tile_density <= AUTO_MAX_TILE_DENSITY else "dense"

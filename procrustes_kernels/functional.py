@@ -25,8 +25,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
-from .compute import autocast_on, choose_path, input_dtype, tile_index
-from .ops.sparse import get_sparse_ops
+from . import ops
+from .compute import autocast_on, choose_path, input_dtype
 
 __all__ = ["linear", "conv2d"]
 
@@ -76,14 +76,21 @@ def _check_dtype(x: Tensor, weight: Tensor, where: str) -> None:
         raise TypeError(f"{where}: expected input of dtype {weight.values.dtype}, got {x.dtype}")
 
 
+def _geometry(weight: Any) -> tuple[int, ...]:
+    return (*weight.geometry, *weight.compute_tile)
+
+
 class _SparseLinearFn(torch.autograd.Function):
+    """``x @ W^T + b`` from the compressed weight; the weight's gradient is the dense ``dY^T X``
+    (the optimizer needs the gradient of every weight)."""
+
     @staticmethod
-    def forward(ctx, x2d, weight, bias, index, ops):  # type: ignore[override]
-        vals, bits = weight.values, weight.bits
+    def forward(ctx, x2d, weight, bias):  # type: ignore[override]
+        vals, bits, geo = weight.values, weight.bits, _geometry(weight)
         with _no_autocast(x2d):
-            out = ops.sparse_linear(x2d, vals, bits, index, None if bias is None else bias.detach())
+            out = ops.sparse_linear(x2d, vals, bits, None if bias is None else bias.detach(), geo)
         ctx.save_for_backward(x2d, vals, bits)
-        ctx.index, ctx.ops, ctx.weight_dtype = index, ops, vals.dtype
+        ctx.geo, ctx.weight_dtype = geo, vals.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 
@@ -95,24 +102,26 @@ class _SparseLinearFn(torch.autograd.Function):
         dx = dw = dbias = None
         with _no_autocast(dy):
             if ctx.needs_input_grad[0]:
-                dx = ctx.ops.sparse_linear_t(dy, vals, bits, ctx.index)
+                dx = ops.sparse_linear_t(dy, vals, bits, ctx.geo)
             if ctx.needs_input_grad[1]:
                 dw = dy.t().mm(x2d).to(ctx.weight_dtype)
             if ctx.needs_input_grad[2]:
                 dbias = dy.sum(0).to(ctx.bias_dtype)
-        return dx, dw, dbias, None, None
+        return dx, dw, dbias
 
 
 class _SparseConv2dFn(torch.autograd.Function):
+    """``conv2d`` from the compressed weight; the weight's gradient is cuDNN's / ATen's dense one."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, index, ops, geo, groups):  # type: ignore[override]
-        vals, bits = weight.values, weight.bits
+    def forward(ctx, x, weight, bias, conv, groups):  # type: ignore[override]
+        vals, bits, geo = weight.values, weight.bits, _geometry(weight)
         with _no_autocast(x):
             out = ops.sparse_conv2d(
-                x, vals, bits, index, *geo, bias=None if bias is None else bias.detach()
+                x, vals, bits, None if bias is None else bias.detach(), geo, conv
             )
         ctx.save_for_backward(x, vals, bits)
-        ctx.index, ctx.ops, ctx.geo, ctx.groups = index, ops, geo, groups
+        ctx.geo, ctx.conv, ctx.groups = geo, conv, groups
         ctx.weight_shape, ctx.weight_dtype = tuple(weight._shape), vals.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
@@ -121,22 +130,19 @@ class _SparseConv2dFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):  # type: ignore[override]
         x, vals, bits = ctx.saved_tensors
-        kernel_size, stride, padding, dilation = ctx.geo
+        _, stride, padding, dilation = ctx.conv
         dy = dy.contiguous()
         dx = dw = dbias = None
         with _no_autocast(dy):
             if ctx.needs_input_grad[0]:
-                hw = tuple(x.shape[-2:])
-                dx = ctx.ops.sparse_conv2d_t(
-                    dy, vals, bits, ctx.index, hw, kernel_size, stride, padding, dilation
-                )
+                dx = ops.sparse_conv2d_t(dy, vals, bits, ctx.geo, tuple(x.shape[-2:]), ctx.conv)
             if ctx.needs_input_grad[1]:
                 dw = torch.nn.grad.conv2d_weight(
                     x, ctx.weight_shape, dy, stride, padding, dilation, ctx.groups
                 ).to(ctx.weight_dtype)
             if ctx.needs_input_grad[2]:
                 dbias = dy.sum((0, 2, 3)).to(ctx.bias_dtype)
-        return dx, dw, dbias, None, None, None, None
+        return dx, dw, dbias, None, None
 
 
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Any:
@@ -163,8 +169,7 @@ def _sparse_linear(input: Tensor, weight: Any, bias: Tensor | None, where: str) 
     x, bias = _cast_for_autocast(input, bias)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, in_features).contiguous()
-    ops = get_sparse_ops(x.device)
-    out = _SparseLinearFn.apply(x2d, weight, bias, tile_index(weight), ops)
+    out = _SparseLinearFn.apply(x2d, weight, bias)
     return out.view(*lead, out_features)
 
 
@@ -244,6 +249,5 @@ def _sparse_conv2d(
     else:
         pad_hw = (pads[2], pads[0])
     geo = (kernel_size, _pair(stride), pad_hw, dilation)
-    ops = get_sparse_ops(x.device)
-    out = _SparseConv2dFn.apply(x, weight, bias, tile_index(weight), ops, geo, groups)
+    out = _SparseConv2dFn.apply(x, weight, bias, geo, groups)
     return out.squeeze(0) if unbatched else out

@@ -31,8 +31,9 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from . import ops
 from .compute import COMPUTE_TILE_SIZES
-from .ops import Compacted, Segment, StepParams, get_ops, reference
+from .ops import Compacted, Segment, StepParams
 from .selection import PaperQuantileSelector, QuantileSelector
 from .storage import BlockStorage, unpack_bits
 from .tiles import check_tile, select_tiles, tile_element_mask, tile_scores, tile_sizes
@@ -98,10 +99,10 @@ def _select_topk(segments: list[Segment], params: list[StepParams], k: int) -> l
     the remaining quota of ties at ``v`` to the segments in order, so ties go to the lower flat
     index across all layers. Zero scores are never kept.
     """
-    ops = [get_ops(s.grad.device) for s in segments]
-    high = sum(o.radix_histogram(s, p).cpu() for o, s, p in zip(ops, segments, params)).numpy()
+    sp = list(zip(segments, params))
+    high = sum(ops.radix_histogram(s, p).cpu() for s, p in sp).numpy()
     b, above = _highest_bin_reaching(high, k)
-    low = sum(o.radix_histogram(s, p, b).cpu() for o, s, p in zip(ops, segments, params)).numpy()
+    low = sum(ops.radix_histogram(s, p, b).cpu() for s, p in sp).numpy()
     lo, above_low = _highest_bin_reaching(low, k - above)
     v = (b << 16) | lo
     if v == 0:  # fewer than k positive scores: keep them all
@@ -109,8 +110,8 @@ def _select_topk(segments: list[Segment], params: list[StepParams], k: int) -> l
     else:
         threshold, quota = _float32_of_bits(v), k - above - above_low
     results = []
-    for o, s, p in zip(ops, segments, params):
-        res = o.compact(s, p, threshold, quota)
+    for s, p in sp:
+        res = ops.compact(s, p, threshold, quota)
         quota -= res.ties_used
         results.append(res)
     return results
@@ -226,7 +227,7 @@ class DropBack(Optimizer):
         tile: ``(rows, cols)`` of a tile with ``granularity="tile"``: ``rows`` output features /
             channels of one group times ``cols`` input features / channels per group, each with its
             whole kernel (all ``kh * kw`` positions); cut per group, the last tiles of a weight are
-            partial where the sizes do not divide (the tiles of ``ops.sparse_index.tile_mask``
+            partial where the sizes do not divide (the tiles of ``ops.compute.index.tile_mask``
             with ``block_n, block_c = tile``). Positive ints; ignored with
             ``granularity="element"``. When both are kernel tile sizes (16, 32 or 64), the weights'
             ``compute_tile`` is set to ``tile``, so the sparse kernels skip exactly the dropped tiles.
@@ -527,36 +528,19 @@ class DropBack(Optimizer):
         if self.selection == "quantile":
             sp = list(zip(segments, params))
             if selector.two_pass:
-                hist = sum(get_ops(s.grad.device).log_histogram(s, p).cpu() for s, p in sp)
+                hist = sum(ops.log_histogram(s, p).cpu() for s, p in sp)
                 theta = selector.own_threshold(hist, k)
-                results = [get_ops(s.grad.device).compact(s, p, theta) for s, p in sp]
+                results = [ops.compact(s, p, theta) for s, p in sp]
             else:
-                results = [
-                    get_ops(s.grad.device).compact(s, p, selector.theta, with_histogram=True)
-                    for s, p in sp
-                ]
+                results = [ops.compact(s, p, selector.theta, with_histogram=True) for s, p in sp]
                 hist = sum(r.histogram.cpu() for r in results)
             return results, selector.advance(hist, k, sum(r.kept for r in results))
-        # quantile_paper walks the scores one by one on the host (in C++ when it is built); scores
-        # and compaction use the backend's own functions where it has them (the Triton backend has
-        # no compact_mask) and the reference's otherwise.
-        seg_ops = [get_ops(s.grad.device) for s in segments]
-        scores = torch.cat(
-            [
-                getattr(o, "scores", reference.scores)(s, p).cpu()
-                for o, s, p in zip(seg_ops, segments, params)
-            ]
-        )
-        walk = getattr(get_ops("cpu"), "paper_walk", None)
-        if walk is not None:
-            mask, theta = walk(scores, selector.theta, selector.lam, k)
-            plan = {"theta": theta}
-        else:
-            mask, plan = selector.step(scores, k)
+        # quantile_paper walks the scores one by one on the host (in C++ when it is built).
+        scores = torch.cat([ops.scores(s, p).cpu() for s, p in zip(segments, params)])
+        mask, plan = selector.step(scores, k)
         masks = torch.split(mask, [s.numel for s in segments])
         return [
-            getattr(o, "compact_mask", reference.compact_mask)(s, p, m.to(s.grad.device))
-            for o, s, p, m in zip(seg_ops, segments, params, masks)
+            ops.compact_mask(s, p, m.to(s.grad.device)) for s, p, m in zip(segments, params, masks)
         ], plan
 
     def _tile_sizes(self, geo: tuple) -> torch.Tensor:
@@ -569,19 +553,16 @@ class DropBack(Optimizer):
     ) -> list[Compacted]:
         """Tile granularity: keep whole tiles by mean score within the budget ``k`` (module
         :mod:`procrustes_kernels.tiles`), then compact each weight with the expanded mask."""
-        seg_ops = [get_ops(s.grad.device) for s in segments]
         geos = [self.weights[i].geometry for i in ids]
         # One weight's element scores at a time; only its tile means (a ~1/1000 of it) stay.
         means = [
-            tile_scores(getattr(o, "scores", reference.scores)(s, p), geo, self.tile).cpu()
-            for o, s, p, geo in zip(seg_ops, segments, params, geos)
+            tile_scores(ops.scores(s, p), geo, self.tile).cpu()
+            for s, p, geo in zip(segments, params, geos)
         ]
         kept = select_tiles(means, k, [self._tile_sizes(geo) for geo in geos])
         return [
-            getattr(o, "compact_mask", reference.compact_mask)(
-                s, p, tile_element_mask(t.to(s.grad.device), geo, self.tile)
-            )
-            for o, s, p, geo, t in zip(seg_ops, segments, params, geos, kept)
+            ops.compact_mask(s, p, tile_element_mask(t.to(s.grad.device), geo, self.tile))
+            for s, p, geo, t in zip(segments, params, geos, kept)
         ]
 
     def _dense_sgd(self) -> None:

@@ -23,6 +23,7 @@ __all__ = [
     "init_bound",
     "init_values",
     "derive_seed",
+    "seed_words",
     "MASK32",
 ]
 
@@ -50,7 +51,9 @@ def _mul_hi_lo(a: torch.Tensor, const: int) -> tuple[torch.Tensor, torch.Tensor]
     return hi, lo
 
 
-def _seed_words(seed: int) -> tuple[int, int]:
+def seed_words(seed: int) -> tuple[int, int]:
+    """The two 32-bit key words of ``seed`` (checked: a Python int in [-2**63, 2**64), taken as
+    its uint64 reinterpretation, as ``tl.rand`` does)."""
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"philox: expected seed to be a Python int, got {type(seed).__name__}")
     if not -(2**63) <= seed < 2**64:
@@ -69,7 +72,7 @@ def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
         raise TypeError(
             f"philox_randint(): expected offsets of dtype int32 or int64, got {offsets.dtype}"
         )
-    k0, k1 = _seed_words(seed)
+    k0, k1 = seed_words(seed)
     off = offsets.to(torch.int64)
     c0 = off & MASK32
     if offsets.dtype == torch.int64:

@@ -20,6 +20,8 @@ import math
 import numpy as np
 import torch
 
+from .ops.contract import HIST_BASE, HIST_BINS, HIST_SHIFT, score_histogram
+
 __all__ = [
     "topk_mask",
     "HIST_BINS",
@@ -29,16 +31,6 @@ __all__ = [
     "QuantileSelector",
     "PaperQuantileSelector",
 ]
-
-# Log-spaced bins on the float32 bit pattern: 2**HIST_MANTISSA_BITS bins per octave, from
-# 2**HIST_MIN_EXP up to 2**HIST_MAX_EXP. Scores below the range fall into bin 0 and above it into
-# the last bin; a 2.2% bin width keeps the interpolation error small next to the step-to-step drift.
-HIST_MANTISSA_BITS = 5
-HIST_MIN_EXP = -40
-HIST_MAX_EXP = 25
-_SHIFT = 23 - HIST_MANTISSA_BITS
-_BASE = (127 + HIST_MIN_EXP) << HIST_MANTISSA_BITS
-HIST_BINS = (HIST_MAX_EXP - HIST_MIN_EXP) << HIST_MANTISSA_BITS
 
 
 def _float32(x: float) -> float:
@@ -76,20 +68,10 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-def _bins_of(scores: torch.Tensor) -> torch.Tensor:
-    bits = scores.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
-    return ((bits >> _SHIFT) - _BASE).clamp_(0, HIST_BINS - 1)
-
-
-def score_histogram(scores: torch.Tensor) -> torch.Tensor:
-    """Counts of ``scores`` per log-spaced bin (int64, length :data:`HIST_BINS`)."""
-    return torch.bincount(_bins_of(scores.flatten()), minlength=HIST_BINS)
-
-
 def bin_edges(b: int) -> tuple[float, float]:
     """Lower and upper score edge of bin ``b`` (bin 0 starts at 0: it also holds tiny scores)."""
-    lo_bits = (b + _BASE) << _SHIFT
-    hi_bits = (b + 1 + _BASE) << _SHIFT
+    lo_bits = (b + HIST_BASE) << HIST_SHIFT
+    hi_bits = (b + 1 + HIST_BASE) << HIST_SHIFT
     as_float = np.array([lo_bits, hi_bits], dtype=np.int32).view(np.float32)
     lo = 0.0 if b == 0 else float(as_float[0])
     return lo, float(as_float[1])
@@ -221,19 +203,12 @@ class PaperQuantileSelector:
         self.theta = theta0
 
     def step(self, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, dict]:
-        """Mask of one sequential pass and the next state (not applied)."""
-        n = scores.numel()
-        q = 1.0 - k / n if n else 0.0
-        up, down = 1.0 + self.lam * q, 1.0 - self.lam * (1.0 - q)
-        theta = self.theta
-        kept = np.zeros(n, dtype=np.bool_)
-        for i, s in enumerate(scores.detach().to("cpu", torch.float64).numpy().tolist()):
-            if s > theta:
-                kept[i] = True
-                theta *= up
-            else:
-                theta *= down
-        return torch.from_numpy(kept).to(scores.device), {"theta": theta}
+        """Mask of one sequential pass and the next state (not applied); the walk runs in the
+        CPU backend (C++ when built)."""
+        from . import ops
+
+        mask, theta = ops.paper_walk(scores, self.theta, self.lam, k)
+        return mask, {"theta": theta}
 
     def select(self, scores: torch.Tensor, k: int) -> torch.Tensor:
         mask, state = self.step(scores, k)

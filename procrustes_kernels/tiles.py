@@ -2,7 +2,7 @@
 
 With ``DropBack(..., granularity="tile", tile=(bn, bc))`` the optimizer does not pick single
 weights but whole tiles of the weight matrix, the unit of work of the sparse compute kernels
-(:mod:`procrustes_kernels.ops.sparse_index`): ``bn`` rows (output features / channels of one
+(:mod:`procrustes_kernels.ops.compute.index`): ``bn`` rows (output features / channels of one
 group) times ``bc`` columns (input features / channels of the group), each with its whole kernel
 (all ``kh * kw`` positions of a convolution). Tiles are cut per group; the last tile of a group's
 rows or of the columns is partial when the size does not divide. A GPU then skips whole tiles
@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .ops.sparse_index import tile_mask
+from .ops.compute.index import tile_mask
 
 __all__ = [
     "check_tile",

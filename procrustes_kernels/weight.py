@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
+from . import ops as _ops
 from .compute import DEFAULT_COMPUTE_TILE, check_compute, check_compute_tile
-from .ops import library as _library
 from .philox import init_bound, init_values
 from .storage import GROUP_SIZE, BlockStorage
 
@@ -51,11 +51,10 @@ class _Tracked:
     ``state_dict()``), as a dense tensor shares its storage: a write through any of them (the
     optimizer's step, ``copy_`` of a checkpoint) is seen by all. ``clone()`` / ``to()`` copy it."""
 
-    __slots__ = (*_INNER, "seed", "bound", "scale_value", "version", "tile_cache")
+    __slots__ = (*_INNER, "seed", "bound", "scale_value", "version")
 
     def __init__(self) -> None:
         self.version = 0  # bumped whenever the tracked set is replaced
-        self.tile_cache = None
 
 
 def _shared(name: str, doc: str) -> property:
@@ -145,7 +144,6 @@ class BudgetedWeight(Tensor):
     bound = _shared("bound", "``w0 = bound * (2 * u(seed, i) - 1)``.")
     _scale_value = _shared("scale_value", "``scale`` as a Python float.")
     _tracked_version = _shared("version", "Count of tracked-set replacements.")
-    _tile_index_cache = _shared("tile_cache", "The sparse kernels' tile index, cached.")
     block_size: int
     groups: int
     # Not pickled (see __getstate__): a rebuilt weight starts from this class default.
@@ -293,7 +291,7 @@ class BudgetedWeight(Tensor):
 
         ``rows`` output features / channels, ``cols`` input features / channels per group,
         ``ksize`` kernel positions per (row, column) pair (1 for a linear weight); see
-        :mod:`procrustes_kernels.ops.sparse_index`.
+        :mod:`procrustes_kernels.ops.compute.index`.
         """
         shape = self._shape
         cols = shape[1] if len(shape) > 1 else 1
@@ -354,9 +352,7 @@ class BudgetedWeight(Tensor):
             self.weight_numel,
             self._scale_value != 0.0,
         )
-        if _library.eager(self.values, self.bits, self.group_ptr, self.scale):
-            return _library.materialize_impl(*args).view(self._shape)
-        return torch.ops.procrustes.materialize(*args).view(self._shape)
+        return _ops.materialize(*args).view(self._shape)
 
     def initial_values(self) -> Tensor:
         """``w0`` regenerated from the seed: float32, shaped like the dense weight."""

@@ -426,17 +426,20 @@ def test_tile_granularity_makes_empty_kernel_tiles(monkeypatch):
 
 
 def test_sparse_ops_dispatch():
-    from procrustes_kernels.ops.sparse import SPARSE_FUNCTIONS, get_sparse_ops, sparse_backend
+    from procrustes_kernels import ops
+    from procrustes_kernels.ops.compute import reference, triton_conv, triton_linear
 
-    for forced, expected in (
-        ("reference", "reference"),
-        ("cpp", "reference"),
-        ("triton", "triton"),
-    ):
+    triton_impl = {
+        "sparse_linear": triton_linear.sparse_linear,
+        "sparse_linear_t": triton_linear.sparse_linear_t,
+        "sparse_conv2d": triton_conv.sparse_conv2d,
+        "sparse_conv2d_t": triton_conv.sparse_conv2d_t,
+    }
+    for forced in ("reference", "cpp", "triton"):  # the C++ backend has no sparse compute
         with use_backend(forced):
-            ops = get_sparse_ops("cpu")
-            assert sparse_backend("cpu") == ops.name == expected
-            assert all(callable(getattr(ops, f)) for f in SPARSE_FUNCTIONS)
+            for op in ops.COMPUTE_OPS:
+                want = triton_impl[op] if forced == "triton" else getattr(reference, op)
+                assert ops.kernel(op, "cpu") is want
 
 
 def test_tf32_setting_read_through_either_api():
@@ -447,7 +450,7 @@ def test_tf32_setting_read_through_either_api():
 
     code = (
         "import torch\n"
-        "from procrustes_kernels.ops.triton_sparse_common import allows_tf32\n"
+        "from procrustes_kernels.ops.compute.triton_common import allows_tf32\n"
         "assert allows_tf32('matmul') == torch.backends.cuda.matmul.allow_tf32\n"
         "torch.backends.cuda.matmul.allow_tf32 = True\n"
         "assert allows_tf32('matmul')\n"

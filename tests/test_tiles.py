@@ -24,10 +24,10 @@ from torch import nn
 
 import procrustes_kernels as pk
 from procrustes_kernels import ops
-from procrustes_kernels.ops import reference as ref
-from procrustes_kernels.ops import triton_ops as tri
-from procrustes_kernels.ops.sparse_index import build_tile_index
-from procrustes_kernels.ops.types import Segment, StepParams
+from procrustes_kernels.ops.compute.index import build_tile_index
+from procrustes_kernels.ops.contract import Segment, StepParams
+from procrustes_kernels.ops.update import reference as ref
+from procrustes_kernels.ops.update import triton_kernels as tri
 from procrustes_kernels.optim import decay_factor
 from procrustes_kernels.philox import init_bound, init_values
 from procrustes_kernels.storage import group_pointers, pack_bits
@@ -278,7 +278,7 @@ def test_scores_kernel_compiles_for_sm90(tmp_path):
         import triton, triton.language as tl
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from procrustes_kernels.ops import triton_ops as T
+        from procrustes_kernels.ops.update import triton_kernels as T
 
         sig = {"out_ptr": "*fp32", "values_ptr": "*bf16", "mom_ptr": "*bf16", "bits_ptr": "*u8",
                "group_ptr_ptr": "*i64", "grad_ptr": "*bf16", "seed": "i64", "bound": "fp32",

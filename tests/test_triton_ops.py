@@ -2,7 +2,7 @@
 
 Without a GPU every kernel runs on CPU tensors through Triton's interpreter (conftest sets
 ``TRITON_INTERPRET=1``); with one, the same tests run on CUDA tensors. Order: tiny cases checked by
-hand, then random odd sizes and flags against :mod:`procrustes_kernels.ops.reference`, then whole
+hand, then random odd sizes and flags against :mod:`procrustes_kernels.ops.update.reference`, then whole
 training runs with each backend from identical states. Kernel outputs are poisoned (NaN, 0xFF) at
 allocation so that an element a kernel never wrote cannot pass for a right one.
 
@@ -28,9 +28,10 @@ from torch import nn
 
 import procrustes_kernels as pk
 from procrustes_kernels import ops
-from procrustes_kernels.ops import reference as ref
-from procrustes_kernels.ops import triton_ops as tri
-from procrustes_kernels.ops.types import RADIX_HIGH_BINS, RADIX_LOW_BINS, Segment, StepParams
+from procrustes_kernels.ops import triton_util
+from procrustes_kernels.ops.contract import RADIX_HIGH_BINS, RADIX_LOW_BINS, Segment, StepParams
+from procrustes_kernels.ops.update import reference as ref
+from procrustes_kernels.ops.update import triton_kernels as tri
 from procrustes_kernels.philox import init_bound, philox_uniform
 from procrustes_kernels.selection import HIST_BINS, score_histogram
 from procrustes_kernels.storage import group_pointers, pack_bits
@@ -230,7 +231,7 @@ def test_materialize_with_a_device_scale_matches_the_float_scale(
 
 
 def test_materialize_int64_offsets(poison, monkeypatch):
-    monkeypatch.setattr(tri, "_OFFS64_FROM", 0)
+    monkeypatch.setattr(triton_util, "OFFS64_FROM", 0)
     seg = random_segment(1000, 0.3)
     args = (SEED, BOUND, 0.37, seg.values, seg.bits, seg.group_ptr, 1000, torch.float32)
     assert torch.equal(tri.materialize(*args, block=256).cpu(), ref.materialize(*args).cpu())
@@ -311,7 +312,7 @@ def test_compact_keeps_nothing_or_everything(poison):
 
 
 def test_compact_int64_offsets(poison, monkeypatch):
-    monkeypatch.setattr(tri, "_OFFS64_FROM", 0)
+    monkeypatch.setattr(triton_util, "OFFS64_FROM", 0)
     seg = exact_segment(700)
     p = StepParams(lr=1.0, momentum=0.0, weight_decay=0.0, scale=0.0)
     got = tri.compact(seg, p, 0.5, 20, with_histogram=True, block=256)
@@ -415,7 +416,7 @@ def test_kernels_compile_for_sm90(tmp_path):
         import triton, triton.language as tl
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from procrustes_kernels.ops import triton_ops as T
+        from procrustes_kernels.ops.update import triton_kernels as T
 
         STEP = {"values_ptr": "*fp32", "mom_ptr": "*fp32", "bits_ptr": "*u8",
                 "group_ptr_ptr": "*i64", "grad_ptr": "*fp32", "seed": "i64", "bound": "fp32",

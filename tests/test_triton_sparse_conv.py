@@ -3,7 +3,7 @@
 Without a GPU the kernels run on CPU tensors through Triton's interpreter (conftest sets
 ``TRITON_INTERPRET=1``); with one, the same tests run on CUDA tensors. Order: tiny cases checked by
 hand, then random masks over odd shapes, kernels, strides, paddings, dilations, groups, dtypes and
-layouts against :mod:`procrustes_kernels.ops.sparse_reference`, then edge cases (empty tiles, no
+layouts against :mod:`procrustes_kernels.ops.compute.reference`, then edge cases (empty tiles, no
 tracked weight, int64 offsets), argument errors and an sm_90 compile check. Outputs are poisoned
 (NaN) at allocation so that an element a kernel never wrote cannot pass for a right one.
 
@@ -23,9 +23,10 @@ import pytest
 import torch
 from conftest import assert_close_verbose
 
-from procrustes_kernels.ops import sparse_reference as ref
-from procrustes_kernels.ops import triton_sparse_conv as tsc
-from procrustes_kernels.ops.sparse_index import build_tile_index
+from procrustes_kernels.ops import triton_util
+from procrustes_kernels.ops.compute import reference as ref
+from procrustes_kernels.ops.compute import triton_conv as tsc
+from procrustes_kernels.ops.compute.index import build_tile_index
 from procrustes_kernels.storage import pack_bits
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -294,7 +295,7 @@ def test_empty_batch():
 
 
 def test_int64_offsets(poison, monkeypatch):
-    monkeypatch.setattr(tsc, "_OFFS64_FROM", 0)
+    monkeypatch.setattr(triton_util, "OFFS64_FROM", 0)
     weight = random_weight(6, 4, 6, 2, 0.5)
     x = torch.randn(2, 8, 5, 7, device=DEVICE)
     check_both(x, weight, (2, 3), (2, 1), (1, 1), (1, 2), torch.randn(6, device=DEVICE))
@@ -380,7 +381,7 @@ def test_kernels_compile_for_sm90(tmp_path):
         import triton, triton.language as tl
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from procrustes_kernels.ops import triton_sparse_conv as T
+        from procrustes_kernels.ops.compute import triton_conv as T
 
         GEO = ["M", "H", "W", "OH", "OW"]
         STRIDES = ["b", "c", "h", "w"]

@@ -1,4 +1,4 @@
-"""The Triton sparse linear kernels against the reference (:mod:`procrustes_kernels.ops.sparse_reference`).
+"""The Triton sparse linear kernels against the reference (:mod:`procrustes_kernels.ops.compute.reference`).
 
 Without a GPU the kernels run on CPU tensors through Triton's interpreter (conftest sets
 ``TRITON_INTERPRET=1``); with one, the same tests run on CUDA tensors. Order: tiny cases checked by
@@ -23,9 +23,10 @@ import torch
 import triton
 from conftest import assert_close_verbose
 
-from procrustes_kernels.ops import sparse_reference as ref
-from procrustes_kernels.ops import triton_sparse_linear as tsl
-from procrustes_kernels.ops.sparse_index import build_schedule, build_tile_index, schedule_makespan
+from procrustes_kernels.ops import triton_util
+from procrustes_kernels.ops.compute import reference as ref
+from procrustes_kernels.ops.compute import triton_linear as tsl
+from procrustes_kernels.ops.compute.index import build_schedule, build_tile_index, schedule_makespan
 from procrustes_kernels.storage import pack_bits
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -247,7 +248,7 @@ def test_int64_offsets_and_strided_input(poison, monkeypatch):
     values, bits, index = storage(random_mask(33, 45, 0.3))
     x = randn(45, 37).t()  # not contiguous
     y_want, dx_want = check_both(x, values, bits, index)
-    monkeypatch.setattr(tsl, "_OFFS64_FROM", 1)
+    monkeypatch.setattr(triton_util, "OFFS64_FROM", 1)
     dy = randn(37, 33, seed=7)
     assert torch.equal(tsl.sparse_linear(x, values, bits, index), y_want)
     assert torch.equal(tsl.sparse_linear_t(dy, values, bits, index), dx_want)
@@ -404,8 +405,8 @@ def test_tf32_only_on_gpu_and_when_allowed():
     before = matmul.allow_tf32
     try:
         matmul.allow_tf32 = True
-        want = "ieee" if tsl._INTERPRETED else "tf32"
-        assert tsl._dot_config(F32) == (tsl._INTERPRETED, want)
+        want = "ieee" if triton_util.INTERPRETED else "tf32"
+        assert tsl._dot_config(F32) == (triton_util.INTERPRETED, want)
         assert tsl._dot_config(BF16)[1] == "ieee"
         matmul.allow_tf32 = False
         assert tsl._dot_config(F32)[1] == "ieee"
@@ -428,7 +429,7 @@ def test_kernels_compile_for_sm90(tmp_path):
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from procrustes_kernels.ops import triton_sparse_linear as T
+        from procrustes_kernels.ops.compute import triton_linear as T
 
         def common(x, v, ro):
             return {"values_ptr": v, "bits_ptr": "*u8", "row_off_ptr": ro}

@@ -26,13 +26,20 @@ them on their bit pattern.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from ..philox import init_values
-from ..selection import score_histogram
-from ..storage import group_pointers, pack_bits, unpack_bits
-from .types import RADIX_HIGH_BINS, RADIX_LOW_BINS, Compacted, Segment, StepParams
+from ...philox import init_values
+from ...storage import group_pointers, pack_bits, unpack_bits
+from ..contract import (
+    RADIX_HIGH_BINS,
+    RADIX_LOW_BINS,
+    Compacted,
+    Segment,
+    StepParams,
+    score_histogram,
+)
 
 __all__ = [
     "materialize",
@@ -42,6 +49,7 @@ __all__ = [
     "radix_histogram",
     "compact",
     "compact_mask",
+    "paper_walk",
 ]
 
 
@@ -158,3 +166,23 @@ def compact_mask(seg: Segment, p: StepParams, keep: Tensor) -> Compacted:
     """Compaction with an explicit keep mask (for selections that need all scores at once)."""
     c, m, _, _ = candidates(seg, p)
     return _compacted(seg, p, c, m, keep.reshape(-1))
+
+
+def paper_walk(scores: Tensor, theta: float, lam: float, k: int) -> tuple[Tensor, float]:
+    """The authors' sequential quantile walk over ``scores`` in flat order, from ``theta``.
+
+    An element is kept when ``score > theta``; after each element ``theta *= 1 + lam * q`` if it
+    was kept, else ``theta *= 1 - lam * (1 - q)``, with ``q = 1 - k / N``, in float64. Returns the
+    mask (on ``scores.device``) and the final ``theta``.
+    """
+    n = scores.numel()
+    q = 1.0 - k / n if n else 0.0
+    up, down = 1.0 + lam * q, 1.0 - lam * (1.0 - q)
+    kept = np.zeros(n, dtype=np.bool_)
+    for i, s in enumerate(scores.detach().to("cpu", torch.float64).reshape(-1).numpy().tolist()):
+        if s > theta:
+            kept[i] = True
+            theta *= up
+        else:
+            theta *= down
+    return torch.from_numpy(kept).to(scores.device), theta

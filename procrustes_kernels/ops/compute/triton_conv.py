@@ -1,11 +1,11 @@
 """Triton kernels for the sparse convolution: forward and backward-data straight from the storage.
 
-Same functions, arguments and results as :func:`.sparse_reference.sparse_conv2d` and
-:func:`.sparse_reference.sparse_conv2d_t` (the definition), for CUDA tensors, and for CPU tensors
+Same functions, arguments and results as :func:`.reference.sparse_conv2d` and
+:func:`.reference.sparse_conv2d_t` (the definition), for CUDA tensors, and for CPU tensors
 under Triton's interpreter (``TRITON_INTERPRET=1``, what the CPU tests use). No dense weight is
 ever built: every program decodes the weight tiles it needs from the tracked bits and the packed
-values (:mod:`.triton_sparse_common`), and skips the tiles that hold no tracked weight
-(:class:`.sparse_index.TileIndex`).
+values (:mod:`.triton_common`), and skips the tiles that hold no tracked weight
+(:class:`.index.TileIndex`).
 
 Implicit GEMM. The weight is ``W[N, Cg, kh, kw]`` (flat order ``(n, c, r, s)``, ``KS = kh * kw``
 kernel positions ``k = r * kw + s``), ``N`` output channels in ``groups`` groups, group ``g``
@@ -72,16 +72,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .sparse_index import TileIndex
-from .triton_sparse_common import (
+from .. import triton_util as tu
+from ..triton_util import check_device, check_launch, default_block, nonempty, round_to
+from .index import TileIndex
+from .triton_common import (
     INPUT_DTYPES,
     MIN_DOT,
     allows_tf32,
     check_index_tiles,
-    check_launch,
     check_storage,
-    nonempty,
-    round_to,
     tile_at,
     tile_start,
 )
@@ -89,10 +88,6 @@ from .triton_sparse_common import (
 __all__ = ["sparse_conv2d", "sparse_conv2d_t"]
 
 _BIAS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-# Tensors spanning this many elements get int64 offsets (a module constant so that tests can force
-# the int64 path).
-_OFFS64_FROM = 2**31
 
 # GPU defaults (module docstring): the backward pass gathers [BLOCK_M, BLOCK_N] of dy per step,
 # the forward pass [BLOCK_M, BLOCK_C] of x, so the backward pass takes the smaller m-tile.
@@ -406,18 +401,6 @@ def _sparse_conv2d_t_kernel(
 
 # ---------------------------------------------------------------------------------------- launchers
 
-# triton.jit chose interpreter or compiler when this module was imported, whatever the environment
-# says now; only the interpreter takes CPU tensors.
-_INTERPRETED = not isinstance(_sparse_conv2d_kernel, triton.runtime.jit.JITFunction)
-
-
-def _check_device(fn: str, t: Tensor) -> None:
-    if t.device.type == "cpu" and not _INTERPRETED:
-        raise RuntimeError(
-            f"{fn}: expected CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, "
-            f"for CPU tensors), got a tensor on {t.device}"
-        )
-
 
 def _check_activation(fn: str, name: str, t: object, channels: int) -> Tensor:
     if not isinstance(t, Tensor):
@@ -434,7 +417,7 @@ def _check_activation(fn: str, name: str, t: object, channels: int) -> Tensor:
         raise TypeError(
             f"{fn}: expected {name} of dtype float32, float16 or bfloat16, got {t.dtype}"
         )
-    _check_device(fn, t)
+    check_device(fn, t, name)
     return t
 
 
@@ -490,7 +473,7 @@ def _span(t: Tensor) -> int:
 
 
 def _precision(dtype: torch.dtype, device: torch.device) -> str:
-    if dtype == torch.float32 and device.type == "cuda" and not _INTERPRETED:
+    if dtype == torch.float32 and device.type == "cuda" and not tu.INTERPRETED:
         return "tf32" if allows_tf32("conv") else "ieee"
     return "ieee"
 
@@ -504,12 +487,9 @@ def _launch_config(
     num_warps: int | None,
     num_stages: int | None,
 ) -> tuple[int, int, int]:
-    check_launch(fn, block_m, num_warps, num_stages)
+    check_launch(fn, block_m, num_warps, num_stages, block_min=MIN_DOT)
     if block_m is None:
-        if device.type == "cpu":
-            block_m = min(_INTERPRETER_BLOCK_M, max(MIN_DOT, triton.next_power_of_2(m)))
-        else:
-            block_m = gpu_block_m
+        block_m = default_block(m, MIN_DOT, gpu_block_m, _INTERPRETER_BLOCK_M, shrink=False)
     if num_warps is None:
         num_warps = _GPU_WARPS
     if num_stages is None:
@@ -604,10 +584,10 @@ def sparse_conv2d(
         KS=index.ksize,
         KW=kw,
         HAS_BIAS=bias is not None,
-        WHILE_LOOP=_INTERPRETED,
-        DOT_F32=_INTERPRETED and x.dtype == torch.bfloat16,
+        WHILE_LOOP=tu.INTERPRETED,
+        DOT_F32=tu.INTERPRETED and x.dtype == torch.bfloat16,
         PRECISION=_precision(x.dtype, x.device),
-        OFFS64=max(_span(x), out.numel()) >= _OFFS64_FROM,
+        OFFS64=tu.needs_offs64(_span(x), out.numel()),
         BLOCK_M=block_m,
         BLOCK_N=index.block_n,
         BLOCK_C=index.block_c,
@@ -707,10 +687,10 @@ def sparse_conv2d_t(
         dw,
         KS=index.ksize,
         KW=kw,
-        WHILE_LOOP=_INTERPRETED,
-        DOT_F32=_INTERPRETED and dy.dtype == torch.bfloat16,
+        WHILE_LOOP=tu.INTERPRETED,
+        DOT_F32=tu.INTERPRETED and dy.dtype == torch.bfloat16,
         PRECISION=_precision(dy.dtype, dy.device),
-        OFFS64=max(_span(dy), dx.numel()) >= _OFFS64_FROM,
+        OFFS64=tu.needs_offs64(_span(dy), dx.numel()),
         BLOCK_M=block_m,
         BLOCK_N=index.block_n,
         BLOCK_C=index.block_c,

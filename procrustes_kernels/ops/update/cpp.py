@@ -17,9 +17,9 @@ Bit-identical to the reference, including the rounding of the candidate: PyTorch
 ``a.add(b, alpha=s)`` is one fused multiply-add in its AVX2 / AVX-512 kernels and two roundings in
 its generic one, and the kernels do whatever this PyTorch build does (probed once).
 
-float32 and float64 layers run in C++; other floating dtypes (float16, bfloat16, mixed dtypes) go
-to the reference. Tensors must be CPU and contiguous; wrong dtypes, layouts or sizes raise
-``TypeError`` / ``ValueError``.
+float32 and float64 segments run in C++ (:func:`accepts`: the dispatcher of :mod:`..dispatch`
+sends other dtypes, float16, bfloat16 or mixed, to the reference). Tensors must be CPU and
+contiguous; wrong dtypes, layouts or sizes raise ``TypeError`` / ``ValueError``.
 """
 
 from __future__ import annotations
@@ -30,29 +30,38 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import selection, storage
-from ..philox import _seed_words
-from . import reference
-from .types import RADIX_HIGH_BINS, RADIX_LOW_BINS, Compacted, Segment, StepParams
+from ...philox import seed_words
+from ..contract import (
+    GROUP_SIZE,
+    HIST_BASE,
+    HIST_BINS,
+    HIST_SHIFT,
+    RADIX_HIGH_BINS,
+    RADIX_LOW_BINS,
+    Compacted,
+    Segment,
+    StepParams,
+)
 
 try:
-    from .. import _C
+    from ... import _C
 except ImportError as err:  # the dispatcher turns this into one warning and uses the reference
     raise ImportError(
-        "procrustes_kernels.ops.cpp_ops: the compiled extension procrustes_kernels._C is not "
+        "procrustes_kernels.ops.update.cpp: the compiled extension procrustes_kernels._C is not "
         f"built ({err}). Build it with `pip install -e .` or `python setup.py build_ext "
         "--inplace` (needs a C++17 compiler)."
     ) from err
 
-if _C.GROUP_SIZE != storage.GROUP_SIZE:
+if _C.GROUP_SIZE != GROUP_SIZE:
     raise ImportError(
-        f"procrustes_kernels.ops.cpp_ops: _C was built for GROUP_SIZE={_C.GROUP_SIZE}, the "
-        f"package uses {storage.GROUP_SIZE}; rebuild the extension"
+        f"procrustes_kernels.ops.update.cpp: _C was built for GROUP_SIZE={_C.GROUP_SIZE}, the "
+        f"package uses {GROUP_SIZE}; rebuild the extension"
     )
 if RADIX_HIGH_BINS != 1 << 15 or RADIX_LOW_BINS != 1 << 16:
-    raise ImportError("procrustes_kernels.ops.cpp_ops: _C assumes 15 + 16 radix bits")
+    raise ImportError("procrustes_kernels.ops.update.cpp: _C assumes 15 + 16 radix bits")
 
 __all__ = [
+    "accepts",
     "materialize",
     "candidates",
     "scores",
@@ -69,9 +78,9 @@ __all__ = [
 
 _NATIVE = (torch.float32, torch.float64)
 _HIST = {
-    "hist_shift": selection._SHIFT,
-    "hist_base": selection._BASE,
-    "hist_bins": selection.HIST_BINS,
+    "hist_shift": HIST_SHIFT,
+    "hist_base": HIST_BASE,
+    "hist_bins": HIST_BINS,
 }
 
 
@@ -97,6 +106,12 @@ def set_num_threads(n: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ checks
+def accepts(dtypes: set[torch.dtype]) -> bool:
+    """Whether the kernels take a call whose floating tensors have ``dtypes``: one dtype, float32
+    or float64."""
+    return len(dtypes) <= 1 and dtypes <= set(_NATIVE)
+
+
 @functools.cache
 def _add_alpha_is_fused(dtype: torch.dtype) -> bool:
     """Whether this PyTorch build rounds ``a.add(b, alpha=s)`` once (an FMA) for ``dtype``."""
@@ -130,25 +145,27 @@ def _check_storage(fn: str, values: object, bits: object, group_ptr: object) -> 
     _check_dtype(fn, "group_ptr", _check_cpu_tensor(fn, "group_ptr", group_ptr), torch.int64)
 
 
-def _native_segment(fn: str, seg: Segment) -> bool:
-    """Checks a segment; True when C++ takes it, False when its dtypes need the reference."""
+def _check_segment(fn: str, seg: Segment) -> None:
+    """A segment the kernels take (CPU, contiguous, one dtype: float32 or float64)."""
     if not isinstance(seg, Segment):
         raise TypeError(f"{fn}(): expected a Segment, got {type(seg).__name__}")
     _check_storage(fn, seg.values, seg.bits, seg.group_ptr)
     grad = _check_cpu_tensor(fn, "grad", seg.grad)
     if not grad.is_floating_point():
         raise TypeError(f"{fn}(): expected grad of a floating dtype, got {grad.dtype}")
-    dtypes = {seg.values.dtype, grad.dtype}
     if seg.momentum is not None:
         mom = _check_cpu_tensor(fn, "momentum", seg.momentum)
         if not mom.is_floating_point():
             raise TypeError(f"{fn}(): expected momentum of a floating dtype, got {mom.dtype}")
-        dtypes.add(mom.dtype)
-    return len(dtypes) == 1 and seg.values.dtype in _NATIVE
+    if not accepts(seg.dtypes):
+        raise TypeError(
+            f"{fn}(): expected values, grad and momentum of one dtype, float32 or float64, got "
+            f"{sorted(map(str, seg.dtypes))} (other dtypes run in the reference)"
+        )
 
 
 def _seed(seed: int) -> int:
-    k0, k1 = _seed_words(seed)  # the range checks and uint64 reinterpretation of philox.py
+    k0, k1 = seed_words(seed)  # the range checks and uint64 reinterpretation of philox.py
     return k0 | (k1 << 32)
 
 
@@ -270,9 +287,13 @@ def materialize(
     """Flat effective weight (``numel`` elements of ``dtype``): tracked values, else ``scale * w0``."""
     fn = "materialize"
     _check_storage(fn, values, bits, group_ptr)
-    numel = storage._check_int(f"{fn}()", "numel", numel, 0)
-    if dtype not in _NATIVE or values.dtype != dtype:
-        return reference.materialize(seed, bound, scale, values, bits, group_ptr, numel, dtype)
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+        raise ValueError(f"{fn}(): expected numel >= 0 (an int), got {numel!r}")
+    if not accepts({values.dtype, dtype}):
+        raise TypeError(
+            f"{fn}(): expected values and dtype both float32 or both float64, got "
+            f"{values.dtype} / {dtype} (other dtypes run in the reference)"
+        )
     out = torch.empty(int(numel), dtype=dtype)
     _C.materialize(
         seed=_seed(seed),
@@ -289,8 +310,7 @@ def materialize(
 
 def candidates(seg: Segment, p: StepParams) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(c, m, s, tracked)`` for every weight of the segment (flat, transient)."""
-    if not _native_segment("candidates", seg):
-        return reference.candidates(seg, p)
+    _check_segment("candidates", seg)
     n = int(seg.numel)
     c = torch.empty(n, dtype=seg.values.dtype)
     m = torch.empty(n, dtype=seg.values.dtype)
@@ -308,8 +328,7 @@ def candidates(seg: Segment, p: StepParams) -> tuple[Tensor, Tensor, Tensor, Ten
 
 def scores(seg: Segment, p: StepParams) -> Tensor:
     """Float32 score of every weight of the segment."""
-    if not _native_segment("scores", seg):
-        return reference.scores(seg, p)
+    _check_segment("scores", seg)
     s = torch.empty(int(seg.numel), dtype=torch.float32)
     _C.candidates(**_seg_kwargs(seg, p), c_out=None, m_out=None, s_out=s.numpy(), tracked_out=None)
     return s
@@ -317,8 +336,7 @@ def scores(seg: Segment, p: StepParams) -> Tensor:
 
 def log_histogram(seg: Segment, p: StepParams) -> Tensor:
     """Score counts over the log-spaced bins of :mod:`procrustes_kernels.selection` (int64)."""
-    if not _native_segment("log_histogram", seg):
-        return reference.log_histogram(seg, p)
+    _check_segment("log_histogram", seg)
     kw, entry = _scores_kwargs(seg, p)
     hist = torch.from_numpy(_C.log_histogram(**kw, **_HIST))
     _record(seg, entry)
@@ -327,8 +345,7 @@ def log_histogram(seg: Segment, p: StepParams) -> Tensor:
 
 def radix_histogram(seg: Segment, p: StepParams, high: int | None = None) -> Tensor:
     """Counts of the scores' float32 bit patterns (see :func:`.reference.radix_histogram`)."""
-    if not _native_segment("radix_histogram", seg):
-        return reference.radix_histogram(seg, p, high)
+    _check_segment("radix_histogram", seg)
     if high is not None and (isinstance(high, bool) or not isinstance(high, int)):
         raise TypeError(f"radix_histogram(): expected high to be an int or None, got {high!r}")
     if high is not None and not 0 <= high < RADIX_HIGH_BINS:
@@ -349,8 +366,7 @@ def compact(
 ) -> Compacted:
     """Keep the weights whose score is ``> threshold``, plus the first ``tie_quota`` (by flat
     index) whose score equals it (see :func:`.reference.compact`)."""
-    if not _native_segment("compact", seg):
-        return reference.compact(seg, p, threshold, tie_quota, with_histogram)
+    _check_segment("compact", seg)
     entry = _stored(seg, p)
     *storage_out, ties_used, hist = _C.compact(
         **(_seg_kwargs(seg, p) if entry is None else {**entry.call, **entry.kwargs}),
@@ -370,8 +386,7 @@ def compact(
 
 def compact_mask(seg: Segment, p: StepParams, keep: Tensor) -> Compacted:
     """Compaction with an explicit keep mask (for selections that need all scores at once)."""
-    if not _native_segment("compact_mask", seg):
-        return reference.compact_mask(seg, p, keep)
+    _check_segment("compact_mask", seg)
     keep = _check_cpu_tensor("compact_mask", "keep", keep)
     _check_dtype("compact_mask", "keep", keep, torch.bool)
     return _compacted(seg, _C.compact_mask(**_seg_kwargs(seg, p), keep=_np(keep)))

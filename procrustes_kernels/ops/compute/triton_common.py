@@ -1,8 +1,9 @@
-"""Helpers shared by the sparse compute kernels: decoding a weight tile from the storage (device),
-rounding, and the host-side checks of their arguments.
+"""Helpers shared by the sparse compute kernels: decoding a weight tile from the storage (device)
+and the host-side checks of their arguments (the plumbing of every Triton kernel is in
+:mod:`..triton_util`).
 
 A tile is ``[BN, BC]`` (rows ``n`` x columns ``c``) at one kernel position ``k`` of ``KS``
-(:mod:`.sparse_index`). Element ``(n, c, k)`` sits at flat index ``f = n * KROW + c * KS + k``
+(:mod:`.index`). Element ``(n, c, k)`` sits at flat index ``f = n * KROW + c * KS + k``
 (``KROW = cols * KS``); its tracked bit is bit ``f % 8`` of byte ``f // 8``, and its value, when
 tracked, is ``values[row_off[n, ct] + (tracked bits of row n from the tile's first column up to f)]``.
 
@@ -21,20 +22,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .sparse_index import TileIndex
+from ..triton_util import is_pow2_at_least, nonempty
+from .index import TileIndex
 
 __all__ = [
     "tile_start",
     "tile_at",
     "tile_bits",
-    "round_to",
     "allows_tf32",
     "INPUT_DTYPES",
-    "nonempty",
-    "is_pow2_at_least",
     "check_index_tiles",
     "check_storage",
-    "check_launch",
 ]
 
 
@@ -101,41 +99,10 @@ def tile_at(values_ptr, bits_ptr, index, n, c, k, valid, KROW, KS):
     return w, index + bit
 
 
-@triton.jit
-def round_to(x, dtype: tl.constexpr):
-    """``x`` rounded to ``dtype`` (float32 / float16 / bfloat16), to nearest even on the GPU and in
-    the interpreter alike.
-
-    The interpreter truncates float32 -> bfloat16 (the GPU rounds to nearest even); integer
-    rounding on the bit pattern gives torch's result on both. Conversions between the two 16-bit
-    types go through float32 (exact), as torch's do.
-    """
-    if x.dtype == dtype:
-        y = x
-    elif dtype == tl.bfloat16:
-        xf = x.to(tl.float32)
-        b = xf.to(tl.int32, bitcast=True)
-        r = (b + (0x7FFF + ((b >> 16) & 1))) >> 16
-        r = tl.where(xf != xf, 0x7FC0, r)
-        y = r.to(tl.int16).to(tl.bfloat16, bitcast=True)
-    else:
-        y = x.to(tl.float32).to(dtype)
-    return y
-
-
 # ------------------------------------------------------------------------- host-side argument checks
 
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_DOT = 16  # the smallest tl.dot operand side
-
-
-def nonempty(t: Tensor) -> Tensor:
-    """``t``, or a one-element stand-in when it is empty: a kernel argument is never null."""
-    return t if t.numel() else torch.empty(1, dtype=t.dtype, device=t.device)
-
-
-def is_pow2_at_least(v: object, low: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low and not v & (v - 1)
 
 
 def check_index_tiles(fn: str, index: object) -> TileIndex:
@@ -186,18 +153,3 @@ def check_storage(
                 f"{fn}: expected {name} on {input_name}'s device {device}, got {t.device}"
             )
     return nonempty(values.reshape(-1).contiguous()), bits.contiguous()
-
-
-def check_launch(
-    fn: str, block_m: int | None, num_warps: int | None, num_stages: int | None
-) -> None:
-    """Launch overrides, when given: ``block_m`` a power of two >= 16, ``num_warps`` a power of
-    two up to 32, ``num_stages`` a positive int."""
-    if block_m is not None and not is_pow2_at_least(block_m, MIN_DOT):
-        raise ValueError(f"{fn}: expected block_m a power of two >= {MIN_DOT}, got {block_m!r}")
-    if num_warps is not None and not (is_pow2_at_least(num_warps, 1) and num_warps <= 32):
-        raise ValueError(f"{fn}: expected num_warps a power of two <= 32, got {num_warps!r}")
-    if num_stages is not None and (
-        not isinstance(num_stages, int) or isinstance(num_stages, bool) or num_stages < 1
-    ):
-        raise ValueError(f"{fn}: expected num_stages a positive int, got {num_stages!r}")

@@ -1,11 +1,11 @@
 """Triton kernels of the sparse linear layer: ``Y = X W^T + b`` and ``dX = dY W`` from the
 compressed weight.
 
-Same functions, arguments and results as :mod:`.sparse_reference` (the definition), for CUDA
+Same functions, arguments and results as :mod:`.reference` (the definition), for CUDA
 tensors, and for CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, what the CPU tests
 use). The dense ``W`` is never materialised: every kernel decodes the ``[block_n, block_c]`` weight
-tiles it needs from the flat values, the tracked bits and the :class:`.sparse_index.TileIndex`
-(:func:`.triton_sparse_common.tile_start` / :func:`.triton_sparse_common.tile_at`, ``ksize == 1``),
+tiles it needs from the flat values, the tracked bits and the :class:`.index.TileIndex`
+(:func:`.triton_common.tile_start` / :func:`.triton_common.tile_at`, ``ksize == 1``),
 and visits only the tiles that hold at least one tracked weight.
 
 Kernels (private, ``@triton.jit``) and the launchers that allocate and launch them:
@@ -25,11 +25,11 @@ so every output element is written by exactly one unit and the output needs no z
 Schedules (``schedule=``):
 
 * ``"grid"``: one program per unit, in natural order (unit id ``tile * m_tiles + m_tile``, the
-  encoding of :class:`.sparse_index.Schedule`); the hardware scheduler hands out the programs.
+  encoding of :class:`.index.Schedule`); the hardware scheduler hands out the programs.
 * ``"balanced"`` (default) / ``"unbalanced"``: a persistent kernel of ``programs`` programs (default
   two per SM on CUDA, 4 under the interpreter); program ``p`` runs the units
-  ``units[ptr[p]:ptr[p + 1]]`` of :func:`.sparse_index.build_schedule` over the per-tile work
-  (:meth:`~.sparse_index.TileIndex.row_tile_work` forward, :meth:`~.sparse_index.TileIndex.col_tile_work`
+  ``units[ptr[p]:ptr[p + 1]]`` of :func:`.index.build_schedule` over the per-tile work
+  (:meth:`~.index.TileIndex.row_tile_work` forward, :meth:`~.index.TileIndex.col_tile_work`
   backward). ``"balanced"`` deals the units heaviest first in snake order, as the Procrustes
   accelerator balances its half-tiles, so that a few dense row tiles do not make one program the
   long pole; ``"unbalanced"`` is the plain contiguous split it is measured against.
@@ -41,7 +41,7 @@ Schedules (``schedule=``):
   is freed); beyond :data:`_SCHEDULE_CACHE_SIZE` entries the least recently used one goes.
   :func:`clear_schedule_cache` empties it.
 
-Arithmetic contract (that of :mod:`.sparse_reference`): each weight is rounded to the input's
+Arithmetic contract (that of :mod:`.reference`): each weight is rounded to the input's
 dtype, products are accumulated in float32 by ``tl.dot`` (``out_dtype=float32``), the bias is added
 in float32 and the result is rounded once to the input's dtype. float32 inputs use the ``"tf32"``
 dot precision only on a GPU with ``torch.backends.cuda.matmul.allow_tf32`` set, else ``"ieee"``.
@@ -56,7 +56,7 @@ Tile shape: ``BLOCK_N = index.block_n`` and ``BLOCK_C = index.block_c``, powers 
 ``num_warps``, ``num_stages`` and ``programs`` are keyword overrides of the per-device defaults.
 Offsets into ``x`` and the output are int64 when ``M * K`` or ``M * N`` reach ``2**31`` (weight
 offsets always are, in the decode helpers). Every launch passes ``enable_fp_fusion=False``, as
-:mod:`.triton_ops` does.
+:mod:`..update.triton_kernels` does.
 
 Loops whose bounds are loaded (the tiles of a unit, the units of a persistent program) are ``for``
 loops when compiled (the form Triton's software pipeliner works on; not measured on a GPU yet) and
@@ -75,15 +75,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .sparse_index import Schedule, TileIndex, build_schedule
-from .triton_sparse_common import (
+from .. import triton_util as tu
+from ..triton_util import check_device, check_launch, default_block, nonempty, round_to
+from .index import Schedule, TileIndex, build_schedule
+from .triton_common import (
     INPUT_DTYPES,
+    MIN_DOT,
     allows_tf32,
     check_index_tiles,
-    check_launch,
     check_storage,
-    nonempty,
-    round_to,
     tile_at,
     tile_start,
 )
@@ -91,10 +91,6 @@ from .triton_sparse_common import (
 __all__ = ["sparse_linear", "sparse_linear_t", "clear_schedule_cache"]
 
 _SCHEDULES_KINDS = ("grid", "balanced", "unbalanced")
-
-# Offsets into x / the output reach this many elements: int64 (a module constant so that tests can
-# force the int64 path).
-_OFFS64_FROM = 2**31
 
 _GPU_BLOCK_M = 128
 _GPU_STAGES = 3
@@ -441,14 +437,11 @@ def _linear_t_kernel(
 
 # ---------------------------------------------------------------------------------------- launchers
 
-# triton.jit chose interpreter or compiler when this module was imported, whatever the environment
-# says now; only the interpreter takes CPU tensors.
-_INTERPRETED = not isinstance(_linear_kernel, triton.runtime.jit.JITFunction)
 # Loops over loaded bounds are ``while`` loops under the interpreter: triton 3.6's interpreter
 # cannot take a loaded scalar as a ``range`` bound (numpy 2 refuses int() of its 1-element array).
 # Compiled, they are ``for`` loops, which the pipeliner handles. A module constant: tests run the
 # ``for`` form under the interpreter too, where triton allows it.
-_WHILE_LOOPS = _INTERPRETED
+_WHILE_LOOPS = tu.INTERPRETED
 
 
 def clear_schedule_cache() -> None:
@@ -498,11 +491,7 @@ def _check_args(
             f"{fn}: expected {name} of dtype float32, float16 or bfloat16, got {inp.dtype}"
         )
     device = inp.device
-    if device.type == "cpu" and not _INTERPRETED:
-        raise RuntimeError(
-            f"{fn}: expected CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, "
-            f"for CPU tensors), got {name} on {device}"
-        )
+    check_device(fn, inp, name)
     values, bits = check_storage(fn, values, bits, index, name, device)
     return inp, values, bits
 
@@ -528,16 +517,15 @@ def _launch_config(
         raise ValueError(
             f"{fn}: expected schedule one of {', '.join(map(repr, _SCHEDULES_KINDS))}, got {schedule!r}"
         )
-    check_launch(fn, block_m, num_warps, num_stages)
+    check_launch(fn, block_m, num_warps, num_stages, block_min=MIN_DOT)
     if block_m is None:
-        cap = _INTERPRETER_BLOCK_M if _INTERPRETED else _GPU_BLOCK_M
-        block_m = min(cap, max(16, triton.next_power_of_2(m)))
+        block_m = default_block(m, MIN_DOT, _GPU_BLOCK_M, _INTERPRETER_BLOCK_M)
     if num_warps is None:
         num_warps = 8 if block_m * out_cols >= 128 * 128 else 4
     if num_stages is None:
         num_stages = _GPU_STAGES
     if programs is None:
-        if _INTERPRETED:
+        if tu.INTERPRETED:
             programs = _INTERPRETER_PROGRAMS
         else:
             programs = _GPU_PROGRAMS_PER_SM * _sm_count(device)
@@ -549,8 +537,8 @@ def _launch_config(
 def _dot_config(dtype: torch.dtype) -> tuple[bool, str]:
     """``(DOT_F32, PRECISION)``: whether the dot's operands are upcast to float32 (under the
     interpreter), and the float32 dot precision."""
-    tf32 = dtype == torch.float32 and not _INTERPRETED and allows_tf32("matmul")
-    return _INTERPRETED, "tf32" if tf32 else "ieee"
+    tf32 = dtype == torch.float32 and not tu.INTERPRETED and allows_tf32("matmul")
+    return tu.INTERPRETED, "tf32" if tf32 else "ieee"
 
 
 def _grid_and_schedule(
@@ -636,7 +624,7 @@ def sparse_linear(
         HAS_BIAS=bias is not None,
         DOT_F32=dot_f32,
         PRECISION=precision,
-        OFFS64=max(m * k, m * n) >= _OFFS64_FROM,
+        OFFS64=tu.needs_offs64(m * k, m * n),
         BLOCK_M=block_m,
         BLOCK_N=index.block_n,
         BLOCK_C=index.block_c,
@@ -697,7 +685,7 @@ def sparse_linear_t(
         WHILE_LOOPS=_WHILE_LOOPS,
         DOT_F32=dot_f32,
         PRECISION=precision,
-        OFFS64=max(m * k, m * n) >= _OFFS64_FROM,
+        OFFS64=tu.needs_offs64(m * k, m * n),
         BLOCK_M=block_m,
         BLOCK_N=index.block_n,
         BLOCK_C=index.block_c,

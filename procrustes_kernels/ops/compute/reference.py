@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..storage import unpack_bits
-from .sparse_index import TileIndex
+from ...storage import unpack_bits
+from .index import TileIndex
 
 __all__ = ["sparse_linear", "sparse_linear_t", "sparse_conv2d", "sparse_conv2d_t", "dense_weight"]
 

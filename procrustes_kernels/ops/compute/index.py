@@ -34,11 +34,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..storage import unpack_bits
+from ...storage import unpack_bits
 
 __all__ = [
     "TileIndex",
     "build_tile_index",
+    "cached_tile_index",
     "tile_mask",
     "Schedule",
     "build_schedule",
@@ -199,6 +200,35 @@ def build_tile_index(
         col_ptr=col_ptr,
         col_tiles=col_tiles,
     )
+
+
+_CACHE_ATTR = "_procrustes_tile_index"
+
+
+def cached_tile_index(
+    bits: Tensor,
+    rows: int,
+    cols: int,
+    ksize: int = 1,
+    groups: int = 1,
+    block_n: int = 32,
+    block_c: int = 32,
+) -> TileIndex:
+    """:func:`build_tile_index`, cached on the ``bits`` tensor itself until it changes.
+
+    A weight's tracked set gets a new bits tensor at every update, so the cache lives and dies
+    with it; an in-place write bumps the tensor's version, which is part of the key. Bits made in
+    inference mode have no version counter: their index is rebuilt on every call.
+    """
+    version = None if bits.is_inference() else bits._version
+    key = (rows, cols, ksize, groups, block_n, block_c, version)
+    hit = getattr(bits, _CACHE_ATTR, None)
+    if version is not None and hit is not None and hit[0] == key:
+        return hit[1]
+    index = build_tile_index(bits, rows, cols, ksize, groups, block_n, block_c)
+    if version is not None:
+        setattr(bits, _CACHE_ATTR, (key, index))
+    return index
 
 
 def tile_mask(

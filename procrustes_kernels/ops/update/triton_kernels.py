@@ -38,17 +38,32 @@ same roundings as the interpreter.
 
 from __future__ import annotations
 
-import struct
-
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..selection import HIST_BINS, HIST_MANTISSA_BITS, HIST_MIN_EXP
-from ..storage import GROUP_SIZE
-from .types import RADIX_HIGH_BINS, RADIX_LOW_BINS, Compacted, Segment, StepParams
+from .. import triton_util as tu
+from ..contract import (
+    GROUP_SIZE,
+    HIST_BASE,
+    HIST_BINS,
+    HIST_SHIFT,
+    RADIX_HIGH_BINS,
+    RADIX_LOW_BINS,
+    Compacted,
+    Segment,
+    StepParams,
+)
+from ..triton_util import (
+    check_device,
+    check_launch,
+    default_block,
+    f32,
+    f64_bits,
+    nonempty,
+    round_to,
+)
 
 __all__ = ["materialize", "scores", "log_histogram", "radix_histogram", "compact"]
 
@@ -57,16 +72,13 @@ _GROUP = tl.constexpr(GROUP_SIZE)
 _GROUP_BYTES = tl.constexpr(GROUP_SIZE // 8)
 
 # Log bins of selection.score_histogram, cut on the float32 bit pattern.
-_HIST_SHIFT = tl.constexpr(23 - HIST_MANTISSA_BITS)
-_HIST_BASE = tl.constexpr((127 + HIST_MIN_EXP) << HIST_MANTISSA_BITS)
+_HIST_SHIFT = tl.constexpr(HIST_SHIFT)
+_HIST_BASE = tl.constexpr(HIST_BASE)
 _HIST_BINS = tl.constexpr(HIST_BINS)
 # tl.histogram wants a power-of-two bin count; bins past HIST_BINS stay empty (the bin is clamped).
 _HIST_PAD = tl.constexpr(triton.next_power_of_2(HIST_BINS))
 
 _MODE_LOG, _MODE_RADIX_HIGH, _MODE_RADIX_LOW = 0, 1, 2
-
-# Weights this large need int64 offsets (a module constant so that tests can force the int64 path).
-_OFFS64_FROM = 2**31
 
 _GPU_BLOCK = 1024
 _GPU_WARPS = 4
@@ -116,26 +128,6 @@ def _init_values(seed, offs, bound):
 
 
 @triton.jit
-def _cast(x, dtype: tl.constexpr):
-    """``x.to(dtype)``, rounding float32 -> bfloat16 to nearest even by hand.
-
-    The GPU rounds that conversion to nearest even, the interpreter (triton 3.6 and 3.9) truncates;
-    integer rounding on the bit pattern gives the GPU's (and torch's) result on both.
-    """
-    if dtype == tl.bfloat16:
-        if x.dtype == tl.float32:
-            b = x.to(tl.int32, bitcast=True)
-            r = (b + (0x7FFF + ((b >> 16) & 1))) >> 16
-            r = tl.where(x != x, 0x7FC0, r)
-            y = r.to(tl.int16).to(tl.bfloat16, bitcast=True)
-        else:
-            y = x.to(dtype)
-    else:
-        y = x.to(dtype)
-    return y
-
-
-@triton.jit
 def _f64_arg(bits):
     """A float64 scalar passed as its int64 bit pattern (Triton passes Python floats as fp32)."""
     return tl.cast(bits, tl.int64).to(tl.float64, bitcast=True)
@@ -179,8 +171,8 @@ def _step_tile(
     if HAS_INIT:
         w0 = _init_values(seed, offs, bound)
         # Rounded to the layer dtype first: the untracked weights the forward pass used.
-        untracked = _cast(w0 * scale_prev, values_ptr.dtype.element_ty).to(CDT)
-        target = _cast(w0 * scale, values_ptr.dtype.element_ty).to(CDT)
+        untracked = round_to(w0 * scale_prev, values_ptr.dtype.element_ty).to(CDT)
+        target = round_to(w0 * scale, values_ptr.dtype.element_ty).to(CDT)
     else:
         untracked = tl.zeros(offs.shape, CDT)
         target = tl.zeros(offs.shape, CDT)
@@ -256,14 +248,14 @@ def _materialize_kernel(
     group, cols, offs, in_range = _tile(tl.program_id(0), numel, BLOCK // _GROUP, OFFS64)
     tracked, rank = _tracked_rank(bits_ptr, group_ptr_ptr, group, cols, offs, in_range, ngroups)
     out_ty = out_ptr.dtype.element_ty
-    v = _cast(tl.load(values_ptr + rank, mask=in_range & tracked, other=0.0), out_ty)
+    v = round_to(tl.load(values_ptr + rank, mask=in_range & tracked, other=0.0), out_ty)
     if HAS_INIT:
         w0 = _init_values(seed, offs, tl.cast(bound, tl.float32))
         if SCALE_IS_PTR:
             s = tl.load(scale).to(tl.float32)
         else:
             s = tl.cast(scale, tl.float32)
-        init = _cast(w0 * s, out_ty)
+        init = round_to(w0 * s, out_ty)
     else:
         init = tl.zeros(offs.shape, out_ty)
     tl.store(out_ptr + offs, tl.where(tracked, v, init), mask=in_range)
@@ -526,9 +518,9 @@ def _compact_write_kernel(
     k = keep.to(tl.int32)
     base = tl.load(out_group_ptr_ptr + group, mask=in_groups, other=0)
     pos = base[:, None] + (tl.cumsum(k, axis=1) - k)
-    tl.store(out_values_ptr + pos, _cast(c, out_values_ptr.dtype.element_ty), mask=keep)
+    tl.store(out_values_ptr + pos, round_to(c, out_values_ptr.dtype.element_ty), mask=keep)
     if WRITE_MOM:
-        tl.store(out_mom_ptr + pos, _cast(m, out_mom_ptr.dtype.element_ty), mask=keep)
+        tl.store(out_mom_ptr + pos, round_to(m, out_mom_ptr.dtype.element_ty), mask=keep)
     nb: tl.constexpr = (BLOCK // _GROUP) * _GROUP_BYTES
     packed = tl.sum(tl.reshape(k << (cols % 8)[None, :], (nb, 8)), axis=1)
     if OFFS64:
@@ -540,43 +532,15 @@ def _compact_write_kernel(
 
 # ---------------------------------------------------------------------------------------- launchers
 
-# triton.jit chose interpreter or compiler when this module was imported, whatever the environment
-# says now; only the interpreter takes CPU tensors.
-_INTERPRETED = not isinstance(_materialize_kernel, triton.runtime.jit.JITFunction)
-
-
-def _f32(x: float) -> float:
-    """``x`` rounded to float32 as torch rounds it: the kernels take their fp32 scalars exact."""
-    return float(np.float32(x))
-
-
-def _f64_bits(x: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
-
-
-def _check_device(fn: str, t: Tensor) -> None:
-    if t.device.type == "cpu" and not _INTERPRETED:
-        raise RuntimeError(
-            f"{fn}: expected CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, "
-            f"for CPU tensors), got a tensor on {t.device}"
-        )
-
 
 def _launch_config(
-    fn: str, numel: int, device: torch.device, block: int | None, num_warps: int | None
+    fn: str, numel: int, block: int | None, num_warps: int | None
 ) -> tuple[int, int]:
+    """Block (elements, whole storage groups) and warps from the overrides and the defaults."""
+    check_launch(fn, block, num_warps, block_name="block", block_min=GROUP_SIZE)
     if block is None:
-        cap = _INTERPRETER_BLOCK if device.type == "cpu" else _GPU_BLOCK
-        # Small weights take one block rounded up to the group, not a whole default block.
-        block = min(cap, max(GROUP_SIZE, triton.next_power_of_2(numel)))
-    elif block < GROUP_SIZE or block & (block - 1):
-        raise ValueError(f"{fn}: expected block a power of two >= {GROUP_SIZE}, got {block}")
+        block = default_block(numel, GROUP_SIZE, _GPU_BLOCK, _INTERPRETER_BLOCK)
     return block, _GPU_WARPS if num_warps is None else num_warps
-
-
-def _nonempty(t: Tensor) -> Tensor:
-    """``t``, or a one-element stand-in when it is empty: a kernel argument is never null."""
-    return t if t.numel() else torch.empty(1, dtype=t.dtype, device=t.device)
 
 
 def _compute_dtype(dtype: torch.dtype) -> tl.dtype:
@@ -589,33 +553,33 @@ def _step_args(fn: str, seg: Segment, p: StepParams) -> tuple[list, dict]:
     grad = seg.grad.reshape(-1)
     if grad.numel() != numel:
         raise ValueError(f"{fn}: expected grad with numel = {numel} elements, got {grad.numel()}")
-    _check_device(fn, grad)
+    check_device(fn, grad)
     for name, t in (("values", seg.values), ("bits", seg.bits), ("group_ptr", seg.group_ptr)):
         if t.device != grad.device:
             raise ValueError(f"{fn}: expected {name} on {grad.device}, got {t.device}")
     has_mom = p.momentum != 0 and seg.momentum is not None and seg.momentum.numel() > 0
     mom = seg.momentum.contiguous() if has_mom else seg.values
-    scale_prev, scale = _f32(seg.scale_prev), _f32(p.scale)
+    scale_prev, scale = f32(seg.scale_prev), f32(p.scale)
     args = [
-        _nonempty(seg.values.contiguous()),
-        _nonempty(mom),
+        nonempty(seg.values.contiguous()),
+        nonempty(mom),
         seg.bits.contiguous(),
         seg.group_ptr.contiguous(),
         grad.contiguous(),
         seg.seed,
-        _f32(seg.bound),
+        f32(seg.bound),
         scale_prev,
         scale,
-        _f64_bits(p.lr),
-        _f64_bits(p.momentum),
-        _f64_bits(p.weight_decay),
+        f64_bits(p.lr),
+        f64_bits(p.momentum),
+        f64_bits(p.weight_decay),
     ]
     flags = {
         "CDT": _compute_dtype(seg.values.dtype),
         "HAS_INIT": not (scale_prev == 0.0 and scale == 0.0),
         "HAS_WD": p.weight_decay != 0,
         "HAS_MOM": has_mom,
-        "OFFS64": numel >= _OFFS64_FROM,
+        "OFFS64": tu.needs_offs64(numel),
     }
     return args, flags
 
@@ -640,32 +604,32 @@ def materialize(
     ``has_init`` says whether it is non-zero (False: untracked weights are +0, nothing generated).
     """
     fn = "materialize()"
-    _check_device(fn, values)
+    check_device(fn, values)
     out = torch.empty(numel, dtype=dtype, device=values.device)
     if numel == 0:
         return out
-    block, num_warps = _launch_config(fn, numel, values.device, block, num_warps)
+    block, num_warps = _launch_config(fn, numel, block, num_warps)
     scale_is_ptr = isinstance(scale, Tensor)
     if scale_is_ptr:
         if has_init is None:
             raise ValueError(f"{fn}: expected has_init with a tensor scale")
         scale = scale.to(device=values.device, dtype=torch.float32).reshape(1)
     else:
-        scale = _f32(scale)
+        scale = f32(scale)
         has_init = scale != 0.0
     _materialize_kernel[(triton.cdiv(numel, block),)](
         out,
-        _nonempty(values.contiguous()),
+        nonempty(values.contiguous()),
         bits.contiguous(),
         group_ptr.contiguous(),
         seed,
-        _f32(bound),
+        f32(bound),
         scale,
         numel,
         triton.cdiv(numel, GROUP_SIZE),
         HAS_INIT=bool(has_init),
         SCALE_IS_PTR=scale_is_ptr,
-        OFFS64=numel >= _OFFS64_FROM,
+        OFFS64=tu.needs_offs64(numel),
         BLOCK=block,
         num_warps=num_warps,
         enable_fp_fusion=False,
@@ -692,7 +656,7 @@ def scores(
     out = torch.empty(seg.numel, dtype=torch.float32, device=seg.grad.device)
     if seg.numel == 0:
         return out
-    block, num_warps = _launch_config(fn, seg.numel, out.device, block, num_warps)
+    block, num_warps = _launch_config(fn, seg.numel, block, num_warps)
     _scores_kernel[(triton.cdiv(seg.numel, block),)](
         out,
         *args,
@@ -721,7 +685,7 @@ def _score_stats(
     hist = torch.zeros(nbins, dtype=torch.int64, device=seg.grad.device)
     if seg.numel == 0:
         return hist
-    block, num_warps = _launch_config(fn, seg.numel, hist.device, block, num_warps)
+    block, num_warps = _launch_config(fn, seg.numel, block, num_warps)
     _score_stats_kernel[(triton.cdiv(seg.numel, block),)](
         hist,
         *args,
@@ -804,9 +768,9 @@ def compact(
     device, numel = seg.grad.device, seg.numel
     ngroups = triton.cdiv(numel, GROUP_SIZE)
     nbytes = (numel + 7) // 8
-    thr = _f32(threshold)
+    thr = f32(threshold)
     ties = tie_quota > 0
-    block, num_warps = _launch_config(fn, max(numel, 1), device, block, num_warps)
+    block, num_warps = _launch_config(fn, max(numel, 1), block, num_warps)
     grid = (triton.cdiv(numel, block),)
 
     kept = torch.empty(ngroups, dtype=torch.int32, device=device)
@@ -851,8 +815,8 @@ def compact(
     bits = torch.empty(nbytes, dtype=torch.uint8, device=device)
     if numel:
         _compact_write_kernel[grid](
-            _nonempty(values),
-            _nonempty(values if momentum is None else momentum),
+            nonempty(values),
+            nonempty(values if momentum is None else momentum),
             bits,
             group_ptr,
             allow,

@@ -1,0 +1,129 @@
+"""What every backend agrees on: the op names, the data passed to and from the weight ops, and
+the constants of the score statistics.
+
+The three backends (``update/reference.py``, ``update/cpp.py`` with ``csrc/``, and
+``update/triton_kernels.py``; ``compute/`` for the sparse compute ops) import this module and the
+public names of :mod:`procrustes_kernels.storage` / :mod:`procrustes_kernels.philox`, nothing of the
+selection policy. The C++ extension exports the same constants and ``update/cpp.py`` checks them at
+import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..storage import GROUP_SIZE
+
+__all__ = [
+    "UPDATE_OPS",
+    "COMPUTE_OPS",
+    "GROUP_SIZE",
+    "Segment",
+    "StepParams",
+    "Compacted",
+    "RADIX_HIGH_BINS",
+    "RADIX_LOW_BINS",
+    "HIST_MANTISSA_BITS",
+    "HIST_MIN_EXP",
+    "HIST_MAX_EXP",
+    "HIST_SHIFT",
+    "HIST_BASE",
+    "HIST_BINS",
+    "log_bins",
+    "score_histogram",
+]
+
+# The weight ops (one training step's passes, and the effective weight) ...
+UPDATE_OPS = (
+    "materialize",
+    "scores",
+    "log_histogram",
+    "radix_histogram",
+    "compact",
+    "compact_mask",
+    "paper_walk",
+)
+# ... and the compute ops (forward / input gradient straight from the compressed weight).
+COMPUTE_OPS = ("sparse_linear", "sparse_linear_t", "sparse_conv2d", "sparse_conv2d_t")
+
+# Radix select on non-negative float32 scores: 15 upper bits (the sign bit is 0), then 16 lower.
+RADIX_HIGH_BINS = 1 << 15
+RADIX_LOW_BINS = 1 << 16
+
+# Log-spaced bins on the float32 bit pattern: 2**HIST_MANTISSA_BITS bins per octave, from
+# 2**HIST_MIN_EXP up to 2**HIST_MAX_EXP. Scores below the range fall into bin 0 and above it into
+# the last bin; a 2.2% bin width keeps the interpolation error small next to the step-to-step
+# drift. The bin of a score is ``clamp((bits >> HIST_SHIFT) - HIST_BASE, 0, HIST_BINS - 1)``, integer
+# operations alone, so every backend bins every score identically.
+HIST_MANTISSA_BITS = 5
+HIST_MIN_EXP = -40
+HIST_MAX_EXP = 25
+HIST_SHIFT = 23 - HIST_MANTISSA_BITS
+HIST_BASE = (127 + HIST_MIN_EXP) << HIST_MANTISSA_BITS
+HIST_BINS = (HIST_MAX_EXP - HIST_MIN_EXP) << HIST_MANTISSA_BITS
+
+
+def log_bins(scores: Tensor) -> Tensor:
+    """The log bin (int64) of every score."""
+    bits = scores.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
+    return ((bits >> HIST_SHIFT) - HIST_BASE).clamp_(0, HIST_BINS - 1)
+
+
+def score_histogram(scores: Tensor) -> Tensor:
+    """Counts of ``scores`` per log bin (int64, length :data:`HIST_BINS`)."""
+    return torch.bincount(log_bins(scores.flatten()), minlength=HIST_BINS)
+
+
+@dataclass
+class Segment:
+    """One sparse layer's weight as the update ops see it: flat, with its compressed tracked set."""
+
+    seed: int
+    bound: float
+    numel: int
+    values: Tensor  # tracked values, ascending flat index
+    bits: Tensor  # uint8 tracked-bit mask
+    group_ptr: Tensor  # int64 pointers, one per GROUP_SIZE elements (+1)
+    grad: Tensor  # dense gradient of the effective weight, numel elements, contiguous
+    momentum: Tensor | None = None  # aligned with values; None when there is no buffer
+    scale_prev: float = 1.0  # d_(n-1): untracked weights are scale_prev * w0 before the step
+    # Per-step space a backend may use between the passes of one step (the C++ backend keeps the
+    # scores' upper halves there); the optimizer builds fresh segments every step.
+    scratch: dict = field(default_factory=dict)
+
+    @property
+    def dtypes(self) -> set[torch.dtype]:
+        """The floating dtypes of the segment's values, gradient and momentum."""
+        out = {self.values.dtype, self.grad.dtype}
+        if self.momentum is not None:
+            out.add(self.momentum.dtype)
+        return out
+
+
+@dataclass(frozen=True)
+class StepParams:
+    """Scalars of one update step."""
+
+    lr: float
+    momentum: float
+    weight_decay: float
+    scale: float  # d_n: the score's reference point and the untracked value after the step
+
+
+@dataclass
+class Compacted:
+    """New tracked set of a segment after a step."""
+
+    values: Tensor
+    bits: Tensor
+    group_ptr: Tensor
+    momentum: Tensor | None
+    ties_used: int = 0
+    histogram: Tensor | None = None  # log-bin score histogram, when asked for
+
+    @property
+    def kept(self) -> int:
+        return self.values.numel()
