@@ -1,14 +1,16 @@
 """The kernels as torch.library custom ops, and torch.compile of a sparsified model.
 
-``procrustes::materialize`` is checked with ``torch.library.opcheck`` (schema, fake
-implementation, autograd registration, AOT dispatch) on every CPU backend, the Triton one through
-the interpreter; then a conv + linear model with budgeted weights is traced without graph breaks,
-compiled with ``fullgraph=True``, and trained compiled to the same weights as eager.
+Every ``procrustes::`` op is checked with ``torch.library.opcheck`` (schema, fake implementation,
+autograd registration, AOT dispatch) on every backend, the Triton one through the interpreter;
+then a conv + linear model with budgeted weights is traced without graph breaks (materialise path
+and sparse-kernel path), compiled with ``fullgraph=True``, and trained compiled to the same
+weights as eager.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -161,3 +163,211 @@ def test_tracked_counts_are_dynamic_sizes_not_recompiles(method):
         b = b.effective() if pk.is_budgeted(b) else b.detach()
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------- every op a custom op
+def _segment(n=1000, density=0.2, momentum=True, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(n, generator=g) < density
+    st = BlockStorage.from_mask(torch.randn(n, generator=g), mask, 1)
+    mom = torch.randn(st.values.numel(), generator=g) if momentum else None
+    grad = torch.randn(n, generator=g) * 0.1
+    seg = pk.ops.Segment(
+        seed=11,
+        bound=0.05,
+        numel=n,
+        values=st.values,
+        bits=st.bits,
+        group_ptr=st.group_ptr,
+        grad=grad,
+        momentum=mom,
+        scale_prev=0.9,
+    )
+    return seg, pk.ops.StepParams(
+        lr=0.1, momentum=0.9 if momentum else 0.0, weight_decay=1e-3, scale=0.81
+    )
+
+
+def _on(dev, seg):
+    return dataclasses.replace(
+        seg,
+        values=seg.values.to(dev),
+        bits=seg.bits.to(dev),
+        group_ptr=seg.group_ptr.to(dev),
+        grad=seg.grad.to(dev),
+        momentum=None if seg.momentum is None else seg.momentum.to(dev),
+        scratch={},
+    )
+
+
+def _flat_args(seg, p):
+    from procrustes_kernels.ops.library import _flat
+
+    return _flat(seg, p)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("momentum", [True, False])
+def test_update_ops_pass_opcheck(backend, momentum):
+    seg, p = _segment(momentum=momentum)
+    if backend == "triton":
+        seg = _on(DEV, seg)
+    args = _flat_args(seg, p)
+    keep = torch.rand(seg.numel, generator=torch.Generator().manual_seed(1)) < 0.1
+    high = int(pk.ops.update.reference.scores(seg, p).view(torch.int32).max()) >> 16
+    cases = {
+        "scores": args,
+        "log_histogram": args,
+        "radix_histogram": (*args, -1),
+        "compact": (*args, 0.01, 3, True),
+        "compact_mask": (*args, keep.to(seg.grad.device)),
+    }
+    with use_backend(backend):
+        for name, a in cases.items():
+            torch.library.opcheck(getattr(torch.ops.procrustes, name), a)
+        torch.library.opcheck(torch.ops.procrustes.radix_histogram, (*args, high))
+        torch.library.opcheck(
+            torch.ops.procrustes.paper_walk, (torch.rand(300, dtype=torch.float64), 0.3, 1e-3, 30)
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_update_ops_traced_equal_eager(backend):
+    # Through the custom op (a dispatch mode forces it) and directly: the same results.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    seg, p = _segment()
+    if backend == "triton":
+        seg = _on(DEV, seg)
+    keep = (torch.arange(seg.numel) % 7 == 0).to(seg.grad.device)
+    with use_backend(backend):
+        want = [
+            pk.ops.scores(seg, p),
+            pk.ops.log_histogram(seg, p),
+            pk.ops.radix_histogram(seg, p),
+            pk.ops.compact(_on(seg.grad.device, seg), p, 0.01, 2, True),
+            pk.ops.compact_mask(seg, p, keep),
+        ]
+        with Passthrough():
+            assert not pk.ops.eager(seg.values)
+            got = [
+                pk.ops.scores(seg, p),
+                pk.ops.log_histogram(seg, p),
+                pk.ops.radix_histogram(seg, p),
+                pk.ops.compact(_on(seg.grad.device, seg), p, 0.01, 2, True),
+                pk.ops.compact_mask(seg, p, keep),
+            ]
+    for a, b in zip(got[:3], want[:3]):
+        assert torch.equal(a, b)
+    for a, b in zip(got[3:], want[3:]):
+        for f in ("values", "bits", "group_ptr", "momentum", "histogram"):
+            x, y = getattr(a, f), getattr(b, f)
+            assert (x is None) == (y is None) and (x is None or torch.equal(x, y)), f
+        assert a.ties_used == b.ties_used
+
+
+def _compressed(rows, cols_k, density=0.3, seed=2, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(rows * cols_k, generator=g) < density
+    st = BlockStorage.from_mask(torch.randn(rows * cols_k, generator=g), mask, 1)
+    return st.values.to(dtype), st.bits
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_compute_ops_pass_opcheck(backend):
+    if backend == "triton" and not available_backends()["triton"]:
+        pytest.skip("Triton is not installed")
+    g = torch.Generator().manual_seed(0)
+    vals, bits = _compressed(19, 37)
+    geo = (19, 37, 1, 1, 16, 16)
+    x = torch.randn(5, 37, generator=g)
+    dy = torch.randn(5, 19, generator=g)
+    cvals, cbits = _compressed(6, 3 * 9)
+    cgeo = (6, 3, 9, 1, 16, 16)
+    conv = ([3, 3], [1, 1], [1, 1], [1, 1])
+    xc = torch.randn(2, 3, 7, 9, generator=g)
+    dyc = torch.randn(2, 6, 7, 9, generator=g)
+    b = torch.randn(19, generator=g)
+    with use_backend(backend):
+        t = lambda *ts: [u.to(DEV) if isinstance(u, torch.Tensor) else u for u in ts]  # noqa: E731
+        torch.library.opcheck(torch.ops.procrustes.sparse_linear, (*t(x, vals, bits, b), *geo))
+        torch.library.opcheck(torch.ops.procrustes.sparse_linear_t, (*t(dy, vals, bits), *geo))
+        torch.library.opcheck(
+            torch.ops.procrustes.sparse_conv2d, (*t(xc, cvals, cbits), None, *cgeo, *conv)
+        )
+        torch.library.opcheck(
+            torch.ops.procrustes.sparse_conv2d_t, (*t(dyc, cvals, cbits), *cgeo, [7, 9], *conv)
+        )
+
+
+def test_every_backend_implements_a_subset_and_falls_back_once():
+    from procrustes_kernels.ops import backend_ops, kernel
+    from procrustes_kernels.ops.update import reference
+
+    assert backend_ops("reference") == pk.ops.UPDATE_OPS + pk.ops.COMPUTE_OPS
+    for name in BACKENDS:
+        own = backend_ops(name)
+        assert set(own) <= set(backend_ops("reference"))
+        with use_backend(name):
+            for op in pk.ops.UPDATE_OPS:
+                if op not in own:  # e.g. compact_mask on Triton: the reference's, from kernel()
+                    assert kernel(op, "cpu") is getattr(reference, op)
+    if available_backends()["cpp"]:
+        assert "compute" not in " ".join(backend_ops("cpp")) and "compact" in backend_ops("cpp")
+        assert not set(pk.ops.COMPUTE_OPS) & set(backend_ops("cpp"))
+    if available_backends()["triton"]:
+        assert set(pk.ops.COMPUTE_OPS) <= set(backend_ops("triton"))
+
+
+# ------------------------------------------------------------ the sparse-kernel path, compiled
+def _decayed_cnn():
+    model = _cnn()
+    opt = pk.Procrustes(model.parameters(), lr=0.1, budget=0.2, momentum=0.9, decay_steps=2)
+    for i in range(4):
+        opt.zero_grad()
+        x, y = _batch(i)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert model[0].weight.scale_value == 0.0 and model[3].weight.scale_value == 0.0
+    model.zero_grad()
+    pk.set_compute(model, "sparse")
+    return model
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_kernel_path_traces_without_graph_breaks(backend):
+    model = _decayed_cnn()
+    x, y = _batch(9)
+
+    def loss(x):
+        return F.cross_entropy(model(x), y)
+
+    with use_backend(backend):
+        explained = torch._dynamo.explain(loss)(x)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1
+        torch._dynamo.reset()
+        got = torch.compile(loss, fullgraph=True)(x)
+        got.backward()
+        assert model[0].weight.last_path == model[3].weight.last_path == "sparse"
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        want = loss(x)
+        want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_sparse_kernel_path_exports_with_the_custom_ops():
+    model = _decayed_cnn().eval()
+    x, _ = _batch(3)
+    prog = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in prog.graph.nodes if n.op == "call_function"}
+    assert "procrustes.sparse_conv2d.default" in targets
+    assert "procrustes.sparse_linear.default" in targets
+    torch.testing.assert_close(prog.module()(x), model(x), rtol=1e-5, atol=1e-6)
