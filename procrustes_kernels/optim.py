@@ -25,18 +25,16 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from . import ops
 from .compute import COMPUTE_TILE_SIZES
 from .ops import Compacted, Segment, StepParams
-from .selection import PaperQuantileSelector, QuantileSelector
+from .rules import Rule, make_rule
 from .storage import BlockStorage, unpack_bits
-from .tiles import check_tile, select_tiles, tile_element_mask, tile_scores, tile_sizes
+from .tiles import check_tile
 from .weight import BudgetedWeight, is_budgeted
 
 __all__ = ["DropBack", "Procrustes", "decay_factor", "decay_for_steps", "linear_decay_factor"]
@@ -77,44 +75,6 @@ def decay_for_steps(steps: int, zero_cutoff: float = 1e-8) -> float:
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _float32_of_bits(bits: int) -> float:
-    return float(np.array([bits], dtype=np.int32).view(np.float32)[0])
-
-
-def _highest_bin_reaching(counts: np.ndarray, target: int) -> tuple[int, int]:
-    """Highest bin ``b`` whose tail (bins >= b) holds ``target`` elements, and the tail above it."""
-    tail = np.cumsum(counts[::-1])[::-1]
-    b = int(np.nonzero(tail >= target)[0][-1])
-    above = int(tail[b + 1]) if b + 1 < len(tail) else 0
-    return b, above
-
-
-def _select_topk(segments: list[Segment], params: list[StepParams], k: int) -> list[Compacted]:
-    """Exact top-k over all ``segments`` by a two-level radix select on the scores' bits.
-
-    The k-th largest score ``v`` is found from a histogram of the upper 15 bits, then one of the
-    lower 16 bits within the bin that holds it; the compaction keeps scores above ``v`` and hands
-    the remaining quota of ties at ``v`` to the segments in order, so ties go to the lower flat
-    index across all layers. Zero scores are never kept.
-    """
-    sp = list(zip(segments, params))
-    high = sum(ops.radix_histogram(s, p).cpu() for s, p in sp).numpy()
-    b, above = _highest_bin_reaching(high, k)
-    low = sum(ops.radix_histogram(s, p, b).cpu() for s, p in sp).numpy()
-    lo, above_low = _highest_bin_reaching(low, k - above)
-    v = (b << 16) | lo
-    if v == 0:  # fewer than k positive scores: keep them all
-        threshold, quota = 0.0, 0
-    else:
-        threshold, quota = _float32_of_bits(v), k - above - above_low
-    results = []
-    for s, p in sp:
-        res = ops.compact(s, p, threshold, quota)
-        quota -= res.ties_used
-        results.append(res)
-    return results
 
 
 _STATE_FORMAT = 2  # 1: the layer-based layout (sparse layers' ``values`` first, then the rest)
@@ -308,8 +268,8 @@ class DropBack(Optimizer):
         # state_dict taken earlier and saved later is consistent with the live momentum buffers it
         # references (as torch.optim's state_dicts are).
         self._live_state: dict[str, Any] = {}
-        self.selectors: list[Any] = [self._new_selector()] if scope == "global" else []
-        self._tile_size_cache: dict[tuple, torch.Tensor] = {}
+        # The selection rule of each budget: one shared by all weights, or one per weight.
+        self.rules: list[Rule] = [self._new_rule()] if scope == "global" else []
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
         super().__init__(params, defaults)
         if not self.weights:
@@ -337,7 +297,7 @@ class DropBack(Optimizer):
                 self.weights.append(p)
                 self._momentum_bits.append(None)
                 if self.scope == "layer":
-                    self.selectors.append(self._new_selector())
+                    self.rules.append(self._new_rule())
                 if self.granularity == "tile" and all(v in COMPUTE_TILE_SIZES for v in self.tile):
                     # The sparse compute kernels then skip exactly the tiles the selection dropped.
                     p.compute_tile = self.tile
@@ -368,14 +328,14 @@ class DropBack(Optimizer):
         """Tracked weights per budgeted weight, in ``self.weights`` order."""
         return [w.nnz for w in self.weights]
 
-    def _new_selector(self) -> QuantileSelector | PaperQuantileSelector | None:
-        if self.granularity == "tile":  # tiles are ranked exactly: no estimator state
-            return None
-        if self.selection == "quantile":
-            return QuantileSelector(self._drift_window, self._warmup)
-        if self.selection == "quantile_paper":
-            return PaperQuantileSelector()
-        return None
+    def _new_rule(self) -> Rule:
+        return make_rule(
+            self.selection,
+            self.granularity,
+            self.tile,
+            drift_window=self._drift_window,
+            warmup_steps=self._warmup,
+        )
 
     def _param_name(self, p: torch.Tensor) -> str:
         name = self._names.get(id(p))
@@ -470,14 +430,12 @@ class DropBack(Optimizer):
             if k <= 0:
                 results = [self._nothing_tracked(s) for s in segments]
             else:
-                results, plan = self._update(segments, active, params, k, self.selectors[0])
+                results, plan = self._update(segments, active, params, k, self.rules[0])
                 plans.append((0, plan))
         elif active:
             budgets = self.layer_budgets
             for j, i in enumerate(active):
-                res, plan = self._update(
-                    [segments[j]], [i], [params[j]], budgets[i], self.selectors[i]
-                )
+                res, plan = self._update([segments[j]], [i], [params[j]], budgets[i], self.rules[i])
                 results += res
                 plans.append((i, plan))
 
@@ -497,7 +455,7 @@ class DropBack(Optimizer):
                 self._momentum_bits[i] = None
         for i, plan in plans:
             if plan is not None:
-                self.selectors[i].load_state_dict(plan)
+                self.rules[i].load_state_dict(plan)
         self._dense_sgd()
         self.step_count = n
         self.tracked_count = sum(w.nnz for w in self.weights)
@@ -517,53 +475,12 @@ class DropBack(Optimizer):
         ids: list[int],
         params: list[StepParams],
         k: int,
-        selector: Any,
+        rule: Rule,
     ) -> tuple[list[Compacted], dict | None]:
         """New tracked sets of ``segments`` (of weights ``ids``) sharing one budget ``k``, and
-        the selector's next state."""
-        if self.granularity == "tile":
-            return self._update_tiles(segments, ids, params, k), None
-        if self.selection == "topk":
-            return _select_topk(segments, params, k), None
-        if self.selection == "quantile":
-            sp = list(zip(segments, params))
-            if selector.two_pass:
-                hist = sum(ops.log_histogram(s, p).cpu() for s, p in sp)
-                theta = selector.own_threshold(hist, k)
-                results = [ops.compact(s, p, theta) for s, p in sp]
-            else:
-                results = [ops.compact(s, p, selector.theta, with_histogram=True) for s, p in sp]
-                hist = sum(r.histogram.cpu() for r in results)
-            return results, selector.advance(hist, k, sum(r.kept for r in results))
-        # quantile_paper walks the scores one by one on the host (in C++ when it is built).
-        scores = torch.cat([ops.scores(s, p).cpu() for s, p in zip(segments, params)])
-        mask, plan = selector.step(scores, k)
-        masks = torch.split(mask, [s.numel for s in segments])
-        return [
-            ops.compact_mask(s, p, m.to(s.grad.device)) for s, p, m in zip(segments, params, masks)
-        ], plan
-
-    def _tile_sizes(self, geo: tuple) -> torch.Tensor:
-        if geo not in self._tile_size_cache:
-            self._tile_size_cache[geo] = tile_sizes(geo, self.tile)
-        return self._tile_size_cache[geo]
-
-    def _update_tiles(
-        self, segments: list[Segment], ids: list[int], params: list[StepParams], k: int
-    ) -> list[Compacted]:
-        """Tile granularity: keep whole tiles by mean score within the budget ``k`` (module
-        :mod:`procrustes_kernels.tiles`), then compact each weight with the expanded mask."""
-        geos = [self.weights[i].geometry for i in ids]
-        # One weight's element scores at a time; only its tile means (a ~1/1000 of it) stay.
-        means = [
-            tile_scores(ops.scores(s, p), geo, self.tile).cpu()
-            for s, p, geo in zip(segments, params, geos)
-        ]
-        kept = select_tiles(means, k, [self._tile_sizes(geo) for geo in geos])
-        return [
-            ops.compact_mask(s, p, tile_element_mask(t.to(s.grad.device), geo, self.tile))
-            for s, p, geo, t in zip(segments, params, geos, kept)
-        ]
+        the rule's next state (:mod:`procrustes_kernels.rules`)."""
+        geometries = [self.weights[i].geometry for i in ids]
+        return rule.update(segments, params, k, geometries)
 
     def _dense_sgd(self) -> None:
         for group in self.param_groups:
@@ -615,7 +532,7 @@ class DropBack(Optimizer):
             "granularity": self.granularity,
             "tile": self.tile,
             "tracked_count": self.tracked_count,
-            "selectors": [s.state_dict() if s is not None else None for s in self.selectors],
+            "selectors": [r.state_dict() for r in self.rules],
         }
 
     def _from_layer_layout(self, state_dict: dict[str, Any], name: str) -> dict[str, Any]:
@@ -689,9 +606,9 @@ class DropBack(Optimizer):
         ]
         self.step_count = int(extra["step"])
         self.tracked_count = int(extra["tracked_count"])
-        for selector, s in zip(self.selectors, extra["selectors"]):
-            if selector is not None:
-                selector.load_state_dict(s)
+        for rule, state in zip(self.rules, extra["selectors"]):
+            if state is not None:
+                rule.load_state_dict(state)
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim keeps only defaults / state / param_groups; copies and pickles need the rest

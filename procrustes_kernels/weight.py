@@ -24,6 +24,7 @@ It is a traceable wrapper tensor subclass, so the standard tools see a tensor:
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
@@ -402,6 +403,17 @@ class BudgetedWeight(Tensor):
             self._compute_tile,
         )
         return [_FLAT[k] for k in _INNER], ctx
+
+    def _stable_hash_for_caching(self) -> str:
+        """What torch.compile's AOT cache keys a budgeted weight by: the flatten context and the
+        inner tensors' dtypes and devices (not their contents nor the tracked count, which
+        change every step)."""
+        _, ctx = self.__tensor_flatten__()
+        inner = tuple(
+            (str(t.dtype), str(t.device), t.dim()) for t in map(self.__getattribute__, _INNER)
+        )
+        payload = (type(self).__qualname__, tuple(self.shape), str(self.dtype), self.requires_grad)
+        return hashlib.blake2b(repr((*payload, ctx, inner)).encode(), digest_size=16).hexdigest()
 
     @staticmethod
     def __tensor_unflatten__(
