@@ -28,6 +28,9 @@ budget to ``accuracy_<dataset>.png`` and a markdown table to ``accuracy_<dataset
     python benchmarks/bench_accuracy.py --quick          # smoke run
     python benchmarks/bench_accuracy.py --mnist DIR --models lenet300,lenet5 --epochs 10
     python benchmarks/bench_accuracy.py --cifar10 DIR --models resnet --epochs 30
+
+Over 600 lines on purpose: one script per experiment is what a reader
+runs; its parts (data, models, training loops, the report) are short and used only here.
 """
 
 from __future__ import annotations

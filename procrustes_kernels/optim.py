@@ -17,6 +17,10 @@ computed before anything is written, so a failing step leaves model and optimize
 Budgeted weights change only here: any other optimizer's ``step()`` over a budgeted weight is
 refused before it changes anything (a global step pre-hook), since a ``torch.optim`` update of the
 dense weight cannot be stored on a budget.
+
+Over 600 lines on purpose: the three parts of one
+``torch.optim.Optimizer`` (argument checks, the step, ``state_dict`` with its format
+migrations); the selection rules themselves are in :mod:`procrustes_kernels.rules`.
 """
 
 from __future__ import annotations

@@ -37,6 +37,9 @@ pointer covers ``GROUP_SIZE = 256`` elements (0.25 bits per weight) and the rema
 a block start is a popcount of at most 256 bits, which is what the hardware's popcount tree does
 anyway. At 10% density in fp32 the storage is about 0.139x the dense bytes: 0.1 * 32 bits of
 values + 1 bit of mask + 0.25 bits of pointer, over 32 bits.
+
+Over 600 lines on purpose: the format, its validation and its
+conversions (masks, indices, devices, checkpoints) are the one definition every backend follows.
 """
 
 from __future__ import annotations

@@ -20,6 +20,10 @@ It is a traceable wrapper tensor subclass, so the standard tools see a tensor:
 * Writes it cannot honour (an in-place update from a ``torch.optim`` optimizer, ``nn.init``,
   ``w.zero_()``) raise an error naming :class:`~procrustes_kernels.DropBack` /
   :class:`~procrustes_kernels.Procrustes`, the only things that change it.
+
+Over 600 lines on purpose: the tensor subclass, its shared state and
+the rule of every aten op on it (the dispatch table at the bottom) are one unit, and the rules
+read the class's private state.
 """
 
 from __future__ import annotations

@@ -63,6 +63,9 @@ registers beside the accumulator). Not yet timed on a GPU. Under the interpreter
 per program instance, the default is one m-tile of up to 256 positions. ``KS`` and ``kw`` are
 constexpr (one compile per kernel size; the 3.6 interpreter needs a Python int as ``range``
 bound). Offsets are int64 when a tensor spans 2**31 elements or more.
+
+Over 600 lines on purpose: forward and backward-data kernels share
+their operand helpers, and each launcher sits next to its kernel.
 """
 
 from __future__ import annotations

@@ -62,6 +62,9 @@ Loops whose bounds are loaded (the tiles of a unit, the units of a persistent pr
 loops when compiled (the form Triton's software pipeliner works on; not measured on a GPU yet) and
 ``while`` loops under the interpreter, whose triton 3.6 version cannot take a loaded
 scalar as a ``range`` bound (:data:`_WHILE_LOOPS`); the loop bodies are shared.
+
+Over 600 lines on purpose: forward and backward kernels share their
+loop bodies, and their launchers and the schedule cache belong with them.
 """
 
 from __future__ import annotations
