@@ -371,3 +371,19 @@ def test_sparse_kernel_path_exports_with_the_custom_ops():
     assert "procrustes.sparse_conv2d.default" in targets
     assert "procrustes.sparse_linear.default" in targets
     torch.testing.assert_close(prog.module()(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_onnx_export_of_the_densified_model():
+    pytest.importorskip("onnx", reason="ONNX export needs the onnx package, not installed here")
+    pytest.importorskip("onnxscript", reason="ONNX export needs onnxscript, not installed here")
+    import io
+
+    model = _decayed_cnn().eval()
+    x, _ = _batch(3)
+    want = model(x)
+    dense = pk.densify(model)
+    assert not any(pk.is_budgeted(p) for p in dense.parameters())
+    buf = io.BytesIO()
+    torch.onnx.export(dense, (x,), buf)
+    assert buf.getbuffer().nbytes > 0
+    torch.testing.assert_close(dense(x), want, rtol=1e-5, atol=1e-6)
