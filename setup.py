@@ -28,9 +28,13 @@ CPP_SOURCES = [
 CPP_HEADERS = [
     "csrc/common.h",
     "csrc/kernels.h",
+    "csrc/masks.h",
     "csrc/ops.h",
     "csrc/parallel.h",
+    "csrc/passes.h",
     "csrc/philox.h",
+    "csrc/score.h",
+    "csrc/sinks.h",
 ]
 # -ffp-contract=off: the kernels must round like PyTorch's separate ops (no silent FMA fusion);
 # the FMAs that PyTorch itself performs are written out explicitly in the sources. -g0 drops the

@@ -248,10 +248,11 @@ py::array_t<int64_t> radix_histogram(PK_SEGMENT_PARAMS, int64_t high, py::object
                                      bool scores_valid) {
   const char* fn = "radix_histogram";
   const SegmentIn in = PK_SEGMENT_IN;
-  if (high >= (int64_t{1} << 15)) {
-    throw py::value_error(where(fn) + "expected high < 2**15, got " + std::to_string(high));
+  if (high >= pk::kRadixHighBins) {
+    throw py::value_error(where(fn) + "expected high < 2**" + std::to_string(pk::kRadixHighBits) +
+                          ", got " + std::to_string(high));
   }
-  const int64_t nbins = high < 0 ? (int64_t{1} << 15) : (int64_t{1} << 16);
+  const int64_t nbins = high < 0 ? pk::kRadixHighBins : pk::kRadixLowBins;
   auto hist = new_array<int64_t>(nbins);
   int64_t* h = hist.mutable_data();
   with_value_type(in.values, fn, [&](auto tag) {
@@ -418,8 +419,18 @@ double paper_walk(py::object scores, double theta, double up, double down, py::o
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "C++/OpenMP kernels of procrustes_kernels (use procrustes_kernels.ops.cpp_ops).";
+  m.doc() = "C++/OpenMP kernels of procrustes_kernels (use procrustes_kernels.ops.update.cpp).";
+  // The constants the Python package defines too (common.h); tests/test_cpp_contract.py checks
+  // that they agree.
   m.attr("GROUP_SIZE") = pk::kGroupSize;
+  m.attr("RADIX_HIGH_BINS") = pk::kRadixHighBins;
+  m.attr("RADIX_LOW_BINS") = pk::kRadixLowBins;
+  m.attr("HIST_MANTISSA_BITS") = pk::kHistMantissaBits;
+  m.attr("HIST_MIN_EXP") = pk::kHistMinExp;
+  m.attr("HIST_MAX_EXP") = pk::kHistMaxExp;
+  m.attr("HIST_SHIFT") = pk::kHistShift;
+  m.attr("HIST_BASE") = pk::kHistBase;
+  m.attr("HIST_BINS") = pk::kHistBins;
 
   m.def("philox_uniform", &philox_uniform, "tl.rand(seed, offsets) for int32 or int64 offsets.",
         py::arg("seed"), py::arg("offsets"));

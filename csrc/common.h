@@ -12,16 +12,19 @@
 #define PK_NOINLINE
 #endif
 
-// The hot loops are compiled twice: once for the baseline ISA and once for AVX2 + FMA, chosen at
-// run time. Per-function target attributes (never a file-wide pragma) keep every out-of-line
-// function, including std:: template instances shared with other files, at the baseline ISA; only
-// code inlined into a PK_SIMD_TARGET function is compiled for AVX2.
+// The hot loops are compiled three times: for the baseline ISA, for AVX2 + FMA and for AVX-512,
+// chosen at run time. Per-function target attributes (never a file-wide pragma) keep every
+// out-of-line function, including std:: template instances shared with other files, at the
+// baseline ISA; only code inlined into a PK_SIMD_TARGET (PK_AVX512_TARGET) function is compiled
+// for AVX2 (AVX-512).
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define PK_HAVE_SIMD_VARIANT 1
 #define PK_SIMD_TARGET __attribute__((target("avx2,fma,popcnt,bmi,bmi2")))
+#define PK_AVX512_TARGET __attribute__((target("avx512f,avx2,fma,popcnt,bmi,bmi2")))
 #else
 #define PK_HAVE_SIMD_VARIANT 0
 #define PK_SIMD_TARGET
+#define PK_AVX512_TARGET
 #endif
 
 // The bitmask's bytes are the little-endian bytes of its 64-bit words: on such hosts whole groups
@@ -34,10 +37,32 @@
 
 namespace pk {
 
+// The constants the Python package defines too (GROUP_SIZE, RADIX_*_BINS, HIST_*): bindings.cpp
+// exports each under that name as an attribute of _C, and tests/test_cpp_contract.py checks that
+// the two agree.
+//
 // Elements per group_ptr entry (storage.GROUP_SIZE); a group is 32 bytes of the bitmask.
 inline constexpr int kGroupSize = 256;
 inline constexpr int kGroupBytes = kGroupSize / 8;
 inline constexpr int kGroupWords = kGroupSize / 64;
+
+// Radix select on the bit patterns of non-negative float32 scores: a high digit of the upper 15
+// bits (the sign bit is 0), then a low digit of the lower 16 bits, one histogram pass each.
+inline constexpr int kRadixLowBits = 16;
+inline constexpr int kRadixHighBits = 31 - kRadixLowBits;
+inline constexpr int64_t kRadixHighBins = int64_t{1} << kRadixHighBits;  // RADIX_HIGH_BINS
+inline constexpr int64_t kRadixLowBins = int64_t{1} << kRadixLowBits;    // RADIX_LOW_BINS
+
+// Log-spaced score bins on the float32 bit pattern: 2**kHistMantissaBits bins per octave from
+// 2**kHistMinExp to 2**kHistMaxExp, the bin of a score being
+// clamp((bits >> kHistShift) - kHistBase, 0, kHistBins - 1): shift 18, base 2784, 2080 bins. The
+// kernels take the bins as arguments (LogBins in ops.h), which the Python wrapper sets to these.
+inline constexpr int kHistMantissaBits = 5;
+inline constexpr int kHistMinExp = -40;
+inline constexpr int kHistMaxExp = 25;
+inline constexpr int kHistShift = 23 - kHistMantissaBits;
+inline constexpr int64_t kHistBase = int64_t{127 + kHistMinExp} << kHistMantissaBits;
+inline constexpr int64_t kHistBins = int64_t{kHistMaxExp - kHistMinExp} << kHistMantissaBits;
 
 PK_INLINE int popcount64(uint64_t x) {
 #if defined(__GNUC__)

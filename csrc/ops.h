@@ -1,7 +1,7 @@
-// The weight ops of the C++ backend on raw buffers (procrustes_kernels/ops/reference.py is the
-// definition). bindings.cpp checks dtypes and sizes before calling in; what these functions check
-// themselves (storage consistency) is reported as std::invalid_argument, which pybind11 turns
-// into ValueError. Nothing here touches Python, so callers may release the GIL around them.
+// The weight ops of the C++ backend on raw buffers (procrustes_kernels/ops/update/reference.py is
+// the definition). bindings.cpp checks dtypes and sizes before calling in; what these functions
+// check themselves (storage consistency) is reported as std::invalid_argument, which pybind11
+// turns into ValueError. Nothing here touches Python, so callers may release the GIL around them.
 #pragma once
 
 #include <cstdint>
@@ -81,8 +81,8 @@ template <class T>
 void log_histogram(const SegmentArgs<T>& seg, const StepArgs& p, const LogBins& bins,
                    int64_t* hist, uint16_t* upper, bool upper_valid);
 
-// high < 0: counts of bits >> 16 (nbins = 2**15); else counts of bits & 0xFFFF among the scores
-// with bits >> 16 == high (nbins = 2**16).
+// high < 0: counts of bits >> 16 (nbins = kRadixHighBins = 2**15); else counts of bits & 0xFFFF
+// among the scores with bits >> 16 == high (nbins = kRadixLowBins = 2**16).
 template <class T>
 void radix_histogram(const SegmentArgs<T>& seg, const StepArgs& p, int64_t high, int64_t nbins,
                      int64_t* hist, uint16_t* upper, bool upper_valid);

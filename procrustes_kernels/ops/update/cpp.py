@@ -52,13 +52,24 @@ except ImportError as err:  # the dispatcher turns this into one warning and use
         "--inplace` (needs a C++17 compiler)."
     ) from err
 
-if _C.GROUP_SIZE != GROUP_SIZE:
+# The constants the kernels were compiled with must be the package's (ops/contract.py).
+_CONTRACT = {
+    "GROUP_SIZE": GROUP_SIZE,
+    "RADIX_HIGH_BINS": RADIX_HIGH_BINS,
+    "RADIX_LOW_BINS": RADIX_LOW_BINS,
+    "HIST_SHIFT": HIST_SHIFT,
+    "HIST_BASE": HIST_BASE,
+    "HIST_BINS": HIST_BINS,
+}
+_mismatch = {
+    k: (getattr(_C, k, None), v) for k, v in _CONTRACT.items() if getattr(_C, k, None) != v
+}
+if _mismatch:
     raise ImportError(
-        f"procrustes_kernels.ops.update.cpp: _C was built for GROUP_SIZE={_C.GROUP_SIZE}, the "
-        f"package uses {GROUP_SIZE}; rebuild the extension"
+        "procrustes_kernels.ops.update.cpp: _C was built with other constants than the package "
+        f"uses ({', '.join(f'{k}: {a} vs {b}' for k, (a, b) in _mismatch.items())}); rebuild "
+        "the extension"
     )
-if RADIX_HIGH_BINS != 1 << 15 or RADIX_LOW_BINS != 1 << 16:
-    raise ImportError("procrustes_kernels.ops.update.cpp: _C assumes 15 + 16 radix bits")
 
 __all__ = [
     "accepts",
