@@ -26,6 +26,7 @@ import torch
 
 from .ops import backend_for
 from .ops.compute.index import TileIndex, cached_tile_index
+from .ops.contract import COMPUTE_DTYPES
 
 if TYPE_CHECKING:
     from .weight import BudgetedWeight
@@ -53,7 +54,7 @@ AUTO_MIN_WEIGHTS = 1 << 16
 DEFAULT_COMPUTE_TILE = (32, 32)
 COMPUTE_TILE_SIZES = (16, 32, 64)
 
-SPARSE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SPARSE_DTYPES = COMPUTE_DTYPES
 
 
 def check_compute(value: Any, where: str) -> str:

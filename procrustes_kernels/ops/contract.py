@@ -20,6 +20,7 @@ from ..storage import GROUP_SIZE
 __all__ = [
     "UPDATE_OPS",
     "COMPUTE_OPS",
+    "COMPUTE_DTYPES",
     "GROUP_SIZE",
     "Segment",
     "StepParams",
@@ -48,6 +49,9 @@ UPDATE_OPS = (
 )
 # ... and the compute ops (forward / input gradient straight from the compressed weight).
 COMPUTE_OPS = ("sparse_linear", "sparse_linear_t", "sparse_conv2d", "sparse_conv2d_t")
+
+# The input / weight dtypes of the compute ops (products accumulate in float32).
+COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Radix select on non-negative float32 scores: 15 upper bits (the sign bit is 0), then 16 lower.
 RADIX_HIGH_BINS = 1 << 15

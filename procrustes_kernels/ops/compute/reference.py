@@ -21,11 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...storage import unpack_bits
+from ..contract import COMPUTE_DTYPES
 from .index import TileIndex
 
 __all__ = ["sparse_linear", "sparse_linear_t", "sparse_conv2d", "sparse_conv2d_t", "dense_weight"]
-
-_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_input(fn: str, name: str, t: object, ndim: int, dim: int, size: int) -> Tensor:
@@ -37,7 +36,7 @@ def _check_input(fn: str, name: str, t: object, ndim: int, dim: int, size: int) 
         raise ValueError(
             f"{fn}: expected {name}.shape[{dim}] == {size}, got shape {tuple(t.shape)}"
         )
-    if t.dtype not in _INPUT_DTYPES:
+    if t.dtype not in COMPUTE_DTYPES:
         raise TypeError(
             f"{fn}: expected {name} of dtype float32, float16 or bfloat16, got {t.dtype}"
         )

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..contract import COMPUTE_DTYPES
 from ..triton_util import is_pow2_at_least, nonempty
 from .index import TileIndex
 
@@ -101,7 +102,7 @@ def tile_at(values_ptr, bits_ptr, index, n, c, k, valid, KROW, KS):
 
 # ------------------------------------------------------------------------- host-side argument checks
 
-INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INPUT_DTYPES = COMPUTE_DTYPES
 MIN_DOT = 16  # the smallest tl.dot operand side
 
 
