@@ -24,7 +24,7 @@ import importlib
 import importlib.util
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Set
 
 import torch
 
@@ -136,7 +136,7 @@ def backend_for(device: torch.device | str) -> str:
                 f"backend {forced!r} was forced but is not available: {_errors.get(forced)}"
             )
         return forced
-    device_type = torch.device(device).type
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     if device_type == "cuda" and _load("triton") is not None:
         return "triton"
     if device_type == "cpu" and _load("cpp") is not None:
@@ -144,13 +144,13 @@ def backend_for(device: torch.device | str) -> str:
     return "reference"
 
 
-def kernel(op: str, device: torch.device | str, dtypes: Iterable[torch.dtype] = ()) -> Callable:
+def kernel(op: str, device: torch.device | str, dtypes: Set[torch.dtype] = frozenset()) -> Callable:
     """The implementation of ``op`` for tensors of ``device`` and ``dtypes``: the chosen backend's
     where it has one that takes them, else the reference's."""
     if op not in OPS:
         raise ValueError(f"kernel(): expected an op in {OPS}, got {op!r}")
-    table = _load(backend_for(device))
+    table = _tables.get(backend_for(device))  # backend_for loaded it
     entry = table.get(op) if table is not None else None
-    if entry is not None and (entry[1] is None or entry[1](set(dtypes))):
+    if entry is not None and (entry[1] is None or entry[1](dtypes)):
         return entry[0]
     return _load("reference")[op][0]

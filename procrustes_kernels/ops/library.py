@@ -60,11 +60,13 @@ _I64 = 2**63
 def eager(*tensors: Tensor | None) -> bool:
     """Whether a call on ``tensors`` may skip the dispatcher and run the implementation directly:
     plain tensors, no tracing, no dispatch mode."""
+    for t in tensors:
+        if t is not None and (type(t) is not Tensor or t.is_meta):
+            return False
     return (
-        all(t is None or (type(t) is Tensor and t.device.type != "meta") for t in tensors)
-        and not torch.compiler.is_compiling()
-        and torch._C._len_torch_dispatch_stack() == 0
+        torch._C._len_torch_dispatch_stack() == 0
         and torch._ops._len_torch_dispatch_stack_pre_dispatch() == 0
+        and not torch.compiler.is_compiling()
     )
 
 

@@ -88,6 +88,7 @@ __all__ = [
 ]
 
 _NATIVE = (torch.float32, torch.float64)
+_NATIVE_SET = frozenset(_NATIVE)
 _HIST = {
     "hist_shift": HIST_SHIFT,
     "hist_base": HIST_BASE,
@@ -120,7 +121,7 @@ def set_num_threads(n: int) -> None:
 def accepts(dtypes: set[torch.dtype]) -> bool:
     """Whether the kernels take a call whose floating tensors have ``dtypes``: one dtype, float32
     or float64."""
-    return len(dtypes) <= 1 and dtypes <= set(_NATIVE)
+    return len(dtypes) <= 1 and dtypes <= _NATIVE_SET
 
 
 @functools.cache
