@@ -375,6 +375,10 @@ class DropBack(Optimizer):
                     )
 
     # -- the step ----------------------------------------------------------------------------------
+    # The step is driven from the host (the selection reads histograms and counts between its
+    # passes), so torch.compile runs it eagerly: a compiled training loop gets one graph break
+    # here, and its forward / backward stay compiled.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One DropBack/Procrustes step over the budgeted weights plus SGD on the other parameters."""

@@ -387,3 +387,32 @@ def test_onnx_export_of_the_densified_model():
     torch.onnx.export(dense, (x,), buf)
     assert buf.getbuffer().nbytes > 0
     torch.testing.assert_close(dense(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_compiled_training_step_runs_the_optimizer_eagerly():
+    # Compiling a whole training step (forward, backward, opt.step) works: the step is host-driven
+    # and runs eagerly (one graph break), and the weights equal those of the eager loop.
+    eager = _cnn()
+    comp = copy.deepcopy(eager)
+    opts = [pk.DropBack(m.parameters(), lr=0.1, budget=0.1, momentum=0.9) for m in (eager, comp)]
+
+    def train_step(model, opt, x, y):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    compiled_step = torch.compile(train_step)
+    with pk.dynamic_tracked_counts():
+        for i in range(3):
+            x, y = _batch(i)
+            want = train_step(eager, opts[0], x, y)
+            got = compiled_step(comp, opts[1], x, y)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert opts[1].step_count == 3
+    for a, b in zip(eager.parameters(), comp.parameters()):
+        a = a.effective() if pk.is_budgeted(a) else a.detach()
+        b = b.effective() if pk.is_budgeted(b) else b.detach()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
