@@ -678,18 +678,33 @@ def _to(func: Any, args: tuple, kwargs: dict) -> Tensor:
     )
 
 
+def _same_values(dst: BudgetedWeight, src: Tensor) -> bool:
+    """Whether dense ``src`` holds exactly ``dst``'s effective weight."""
+    if not isinstance(src, Tensor) or tuple(src.shape) != tuple(dst._shape):
+        return False
+    if src.device.type == "meta" or dst.values.device.type == "meta":
+        return False
+    eff = dst.effective()
+    return bool(torch.equal(src.to(device=eff.device, dtype=eff.dtype), eff))
+
+
 def _copy(func: Any, args: tuple, kwargs: dict) -> Tensor:
     dst, src = args[0], args[1]
     if not isinstance(dst, BudgetedWeight):  # a dense tensor loads the effective weight
         dst.copy_(src.effective(), **kwargs)
         return dst
     fn = "BudgetedWeight.copy_()"
+    if not isinstance(src, BudgetedWeight) and _same_values(dst, src):
+        # Writing the value the weight already has (DistributedDataParallel's start-up broadcast
+        # of rank 0's weights into ranks built from the same seed) changes nothing.
+        return dst
     if not isinstance(src, BudgetedWeight):
         raise TypeError(
             f"{fn}: expected a budgeted weight to load from, got a dense {type(src).__name__} of "
             f"shape {tuple(src.shape)}: a dense weight has no tracked set and seed to store. "
             "Load dense weights into the nn model before pk.sparsify, or load a checkpoint of "
-            "the sparsified model"
+            "the sparsified model (under DistributedDataParallel, build the model on every "
+            "rank with the same pk.sparsify seed: the start-up broadcast then changes nothing)"
         )
     if src._shape != dst._shape:
         raise ValueError(f"{fn}: expected a weight of shape {dst._shape}, got {src._shape}")
