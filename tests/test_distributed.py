@@ -72,7 +72,11 @@ def _train(ddp, opt, rank: int, steps: range) -> None:
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # two ranks share the cores: no oversubscribed thread pools
+    if pk.ops.available_backends()["cpp"]:
+        from procrustes_kernels.ops.update import cpp
+
+        cpp.set_num_threads(1)
     dist.init_process_group(
         "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
     )
