@@ -52,7 +52,7 @@ has_flag() { grep -q -- "\"$2\"" "$1" 2>/dev/null; }
 } | tee "$OUT_DIR/env.txt"
 
 # 1. Tests. Without CUDA they would still pass through the interpreter, which is not the point.
-run_part tests 180 "$PY" -m pytest tests/test_triton_ops.py tests/test_layers.py tests/test_optim.py tests/test_native_weight.py tests/test_compile.py \
+run_part tests 180 "$PY" -m pytest tests/test_triton_ops.py tests/test_layers.py tests/test_optim.py tests/test_native_weight.py tests/test_compile.py tests/test_backend_equivalence.py \
     tests/test_triton_sparse_linear.py tests/test_triton_sparse_conv.py tests/test_compute.py tests/test_tiles.py \
     -q -p no:cacheprovider -rs --junitxml "$OUT_DIR/pytest.xml"
 
@@ -100,8 +100,11 @@ with open(sys.argv[1], "w", newline="") as f:
         w.writerow({**r, "numel": n, "device": torch.cuda.get_device_name(), "triton": triton.__version__})
 EOF
 
-# 3. Benchmarks written by others: pass --quick / --out only where the script has them.
-for bench in bench_update bench_train_step bench_layers; do
+# 3. DistributedDataParallel: 2 ranks (NCCL with two GPUs, else gloo on the one), ranks identical.
+run_part ddp 60 "$PY" benchmarks/ddp_check.py --steps 30
+
+# 4. Benchmarks written by others: pass --quick / --out only where the script has them.
+for bench in bench_update bench_train_step bench_compile bench_layers; do
     file="benchmarks/$bench.py"
     if [ ! -f "$file" ]; then
         echo "=== $bench: $file not present, skipped"
@@ -114,6 +117,9 @@ for bench in bench_update bench_train_step bench_layers; do
     elif [ "$bench" = bench_train_step ]; then
         limit=30
         args+=(--repeats 50)
+    elif [ "$bench" = bench_compile ]; then
+        limit=60  # graph breaks, fullgraph, recompiles, export and the compiled/eager ratios
+        args+=(--rounds 2 --repeats 20)
     else
         has_flag "$file" --quick && args+=(--quick)
     fi

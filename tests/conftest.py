@@ -1,4 +1,4 @@
-"""Shared test setup.
+"""Shared test setup: the Triton interpreter and the fixtures (helpers live in ``tests/helpers``).
 
 Triton kernels run through Triton's CPU interpreter when no GPU is present, so the variable must be
 set before anything imports triton.
@@ -6,17 +6,11 @@ set before anything imports triton.
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-# ---------------------------------------------------------------------------------------------
-# shared helpers (added for tests/test_layers.py)
-# ---------------------------------------------------------------------------------------------
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -26,30 +20,34 @@ def _seeded_rng():
     yield
 
 
-def assert_close_verbose(actual, expected, rtol, atol, max_report=5):
-    """Like ``torch.testing.assert_close`` (shapes and dtypes must match), but the failure message
-    gives the number of mismatches, the max abs / rel error and the first few bad indices."""
-    assert isinstance(actual, torch.Tensor) and isinstance(expected, torch.Tensor)
-    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert actual.dtype == expected.dtype, f"dtype {actual.dtype} != {expected.dtype}"
-    a = actual.detach().to("cpu", torch.float64)
-    e = expected.detach().to("cpu", torch.float64)
-    diff = (a - e).abs()
-    bad = (diff > atol + rtol * e.abs()) | (a.isnan() != e.isnan())
-    bad &= ~(a.isnan() & e.isnan())
-    if not bool(bad.any()):
+@pytest.fixture
+def poison(monkeypatch):
+    """Tensors allocated with ``torch.empty`` / ``torch.empty_like`` (the kernels' outputs) start
+    as NaN (floating), 0xFF (uint8) or -1 (other integers) instead of whatever was there, so that
+    an element a kernel never wrote cannot pass for a right one."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype == torch.uint8:
+            t.fill_(0xFF)
+        elif t.dtype != torch.bool:
+            t.fill_(-1)
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
+
+
+@pytest.fixture
+def no_tf32():
+    """On a GPU, float32 products without TF32 (cuBLAS / cuDNN and the kernels alike, which follow
+    PyTorch's settings), so that they compare with float32 references at float32 tolerances."""
+    if not torch.cuda.is_available():
+        yield
         return
-    finite = diff.nan_to_num(nan=float("inf"))
-    rel = finite / e.abs().clamp_min(torch.finfo(torch.float64).tiny)
-    idx = bad.nonzero()[:max_report]
-    lines = [
-        f"{int(bad.sum())} / {bad.numel()} elements mismatch (rtol={rtol}, atol={atol}); "
-        f"max abs err {float(finite.max()):.3e}, max rel err {float(rel.max()):.3e}",
-        "first bad indices:",
-    ]
-    for i in idx.tolist():
-        i = tuple(i)
-        lines.append(f"  {i}: actual={float(a[i])!r} expected={float(e[i])!r}")
-    msg = "\n".join(lines)
-    print(msg)
-    raise AssertionError(msg)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -2,29 +2,20 @@
 
 import pytest
 import torch
-from conftest import assert_close_verbose
+from helpers import DEVICE, assert_close_verbose
 
 import procrustes_kernels as pk
 from procrustes_kernels import compute
 from procrustes_kernels.ops import use_backend
 from procrustes_kernels.storage import BlockStorage
 
-# Where the Triton kernels run: the GPU when there is one, else the interpreter on CPU tensors.
-DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DEV = DEVICE  # where the Triton kernels run: the GPU, else the interpreter on CPU tensors
 # cuBLAS / cuDNN may use other summation orders (and TF32 for convolutions) than the kernels.
 TOL = 1e-5 if DEV.type == "cpu" else 2e-3
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """On a GPU, compare float32 paths without TF32 (cuBLAS / cuDNN and the kernels alike)."""
-    if DEV.type != "cuda":
-        yield
-        return
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+# On a GPU, compare float32 paths without TF32 (cuBLAS / cuDNN and the kernels alike).
+pytestmark = pytest.mark.usefixtures("no_tf32")
 
 
 def _zero_untracked(layer, density):

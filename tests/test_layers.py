@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close_verbose
+from helpers import assert_close_verbose
 from torch import nn
 
 import procrustes_kernels as pk

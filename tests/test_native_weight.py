@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,10 +22,10 @@ DATA = Path(__file__).parent / "data"
 
 
 def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5))
+    return helpers.mlp(12, 16, 5)
 
 
-def cnn() -> nn.Module:
+def cnn() -> nn.Module:  # one convolution and the head, for [B, 2, 5, 5] inputs
     return nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3)
     )
@@ -572,8 +573,12 @@ def test_sparse_to_sparse_loading_keeps_the_compressed_form():
     assert w.seed == src[0].weight.seed and w.nnz == src[0].weight.nnz
     assert torch.equal(w.bits, src[0].weight.bits)
     dense_sd = pk.densify(copy.deepcopy(src)).state_dict()
+    dst.load_state_dict(dense_sd)  # exactly the values it has (DDP's start-up broadcast): no-op
+    assert dst[0].weight is w and torch.equal(w.bits, src[0].weight.bits)
+    dense_sd["0.weight"] = dense_sd["0.weight"] + 1e-3  # other values: no tracked set to store
     with pytest.raises(RuntimeError, match="dense weight has no tracked set"):
         dst.load_state_dict(dense_sd)
+    assert torch.equal(w.effective(), src[0].weight.effective())
 
 
 def test_save_size_scales_with_the_budget():

@@ -7,41 +7,22 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import (
+    assert_same_state,
+    assert_same_tensor,
+    batches,
+    budgeted_modules,
+    make,
+    mlp,
+    save_bytes,
+    snapshot,
+    sparse_weights,
+    train,
+)
 from torch import nn
 
 import procrustes_kernels as pk
 from procrustes_kernels.optim import decay_factor, linear_decay_factor
-
-
-def mlp() -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(20, 33), nn.ReLU(), nn.Linear(33, 17), nn.ReLU(), nn.Linear(17, 5)
-    )
-
-
-def cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(2, 6, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(6, 7, 3, stride=2, bias=False),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(7 * 3 * 3, 5),
-    )
-
-
-def batches(model_kind: str, steps: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    shape = (16, 20) if model_kind == "mlp" else (16, 2, 8, 8)
-    return [
-        (torch.randn(shape, generator=g), torch.randint(0, 5, (16,), generator=g))
-        for _ in range(steps)
-    ]
-
-
-def make(kind: str, seed: int = 3) -> nn.Module:
-    torch.manual_seed(0)
-    return pk.sparsify(mlp() if kind == "mlp" else cnn(), seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,29 +85,6 @@ def emulate(sparse_model, data, steps, lr, budget, momentum, wd, init_decay, sco
             sgd.step()
         masks_per_step.append([mk.clone() for mk in masks])
     return model, masks_per_step
-
-
-def train(model, opt, data, steps, start=0, on_step=None):
-    for n in range(start, start + steps):
-        x, y = data[n]
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        if on_step is not None:
-            on_step(n)
-
-
-def sparse_weights(model):
-    return [w.effective() for _, w in pk.budgeted_weights(model)]
-
-
-def budgeted_modules(model):
-    """The modules whose weight sparsify put on a budget (they keep their nn class)."""
-    return [
-        m
-        for m in model.modules()
-        if isinstance(m, (nn.Linear, nn.Conv2d)) and pk.is_budgeted(m.weight)
-    ]
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
@@ -236,12 +194,6 @@ def test_full_budget_without_decay_is_plain_sgd(momentum, wd):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def _save(model, opt) -> bytes:
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize(
     "cls,kw",
     [
@@ -261,7 +213,7 @@ def test_checkpoint_resume_is_bit_identical(cls, kw):
     first = make("cnn")
     opt1 = cls(first.parameters(), lr=0.05, budget=0.15, **kw)
     train(first, opt1, data, n_steps)
-    blob = _save(first, opt1)
+    blob = save_bytes(first, opt1)
 
     resumed = make("cnn", seed=99)  # different init: everything must come from the checkpoint
     opt2 = cls(resumed.parameters(), lr=0.05, budget=0.15, **kw)
@@ -290,7 +242,7 @@ def test_checkpoint_holds_only_the_budget():
     data = [(torch.randn(8, 256), torch.randint(0, 10, (8,))) for _ in range(3)]
     train(model, opt, data, 3)
     train(dense, sgd, data, 3)
-    sparse_bytes, dense_bytes = len(_save(model, opt)), len(_save(dense, sgd))
+    sparse_bytes, dense_bytes = len(save_bytes(model, opt)), len(save_bytes(dense, sgd))
     assert sparse_bytes <= 0.2 * dense_bytes, (sparse_bytes, dense_bytes)
 
 
@@ -371,34 +323,6 @@ def test_weight_grad_follows_torch_optim_semantics():
     assert _weight_grads(opt) == []
 
 
-def _snapshot(model, opt):
-    return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-
-
-def assert_same_tensor(a, b, key):
-    """Bitwise equality; for budgeted weights of everything stored (tracked set, seed, scale),
-    not only of the effective weight."""
-    assert pk.is_budgeted(a) == pk.is_budgeted(b), key
-    if pk.is_budgeted(a):
-        assert a.seed == b.seed and a.scale_value == b.scale_value, key
-        for inner in ("values", "bits", "group_ptr", "scale"):
-            assert torch.equal(getattr(a, inner), getattr(b, inner)), (key, inner)
-    assert torch.equal(a, b), key
-
-
-def _assert_same_state(a, b):
-    (ma, oa), (mb, ob) = a, b
-    assert ma.keys() == mb.keys()
-    for key in ma:
-        assert_same_tensor(ma[key], mb[key], key)
-    assert oa["dropback"] == ob["dropback"]
-    assert oa["param_groups"] == ob["param_groups"]
-    assert oa["state"].keys() == ob["state"].keys()
-    for i in oa["state"]:
-        for key, value in oa["state"][i].items():
-            assert torch.equal(value, ob["state"][i][key])
-
-
 @pytest.mark.parametrize("named", [True, False], ids=["module", "parameters"])
 @pytest.mark.parametrize("where", ["sparse", "bias"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
@@ -408,7 +332,7 @@ def test_non_finite_gradient_raises_and_changes_nothing(where, value, named):
     opt = pk.Procrustes(model if named else model.parameters(), lr=0.1, budget=0.1, momentum=0.9)
     data = batches("cnn", 4)
     train(model, opt, data, 3)
-    before = _snapshot(model, opt)
+    before = snapshot(model, opt)
     x, y = data[3]
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
@@ -422,7 +346,7 @@ def test_non_finite_gradient_raises_and_changes_nothing(where, value, named):
         match = "'0.bias'" if named else r"param_groups\[0\]\['params'\]\[1\]"
     with pytest.raises(FloatingPointError, match=match):
         opt.step()
-    _assert_same_state(before, _snapshot(model, opt))
+    assert_same_state(before, snapshot(model, opt))
     assert opt.step_count == 3
 
 
@@ -483,11 +407,11 @@ def test_load_state_dict_rejects_mismatch_and_changes_nothing():
     saved = opt.state_dict()
     other = make("mlp")
     opt_other = pk.DropBack(other.parameters(), lr=0.1, budget=0.1, momentum=0.9)
-    before = _snapshot(other, opt_other)
+    before = snapshot(other, opt_other)
     # The model's tracked sets were not loaded first: momentum does not line up.
     with pytest.raises(ValueError, match="momentum"):
         opt_other.load_state_dict(saved)
-    _assert_same_state(before, _snapshot(other, opt_other))
+    assert_same_state(before, snapshot(other, opt_other))
     quantile = pk.DropBack(model.parameters(), lr=0.1, budget=0.1, selection="quantile")
     with pytest.raises(ValueError, match="selection"):
         quantile.load_state_dict(saved)

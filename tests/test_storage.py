@@ -444,10 +444,16 @@ def test_bad_inputs_raise_with_argument_name(i):
 
 def test_validate_false_skips_consistency_checks():
     s = _good()
-    BlockStorage(s.shape, s.block_size, s.values[:-1], s.bits, s.group_ptr, validate=False)
+    with pytest.raises(ValueError, match="popcount"):
+        BlockStorage(s.shape, s.block_size, s.values[:-1], s.bits, s.group_ptr)
+    unchecked = BlockStorage(
+        s.shape, s.block_size, s.values[:-1], s.bits, s.group_ptr, validate=False
+    )
+    assert unchecked.values.numel() == s.values.numel() - 1
+    assert unchecked.bits is s.bits and unchecked.group_ptr is s.group_ptr
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on the GPU)")
 def test_cuda_matches_cpu():
     dense, mask = _dense_and_mask((17, 5, 3, 3), 0.2, 5)
     cpu = BlockStorage.from_mask(dense, mask, 9)

@@ -1,36 +1,40 @@
-"""Tile granularity of the optimizer (``DropBack(..., granularity="tile")``) and the Triton
-``scores`` kernel it uses on GPUs.
+"""Tile granularity of the optimizer (``DropBack(..., granularity="tile")``).
 
 Order: hand-computed cases of the pure functions of :mod:`procrustes_kernels.tiles` (tile means,
-edge tiles, groups and kernels, the selection rule), the Triton ``scores`` kernel against the
-reference, then the optimizer against a dense emulation of the tile rule written here, the three
-backends against each other, checkpoints, arguments and the element granularity left as it was.
+edge tiles, groups and kernels, the selection rule), then the optimizer against a dense emulation
+of the tile rule written here, the three backends against each other, checkpoints, arguments and
+the element granularity left as it was. The Triton ``scores`` kernel the tile rule uses on GPUs is
+compared with the reference in ``test_backend_equivalence.py`` and compiled for sm_90 in
+``test_triton_ops.py``.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import io
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import (
+    assert_same_state,
+    assert_same_tensor,
+    batches,
+    budgeted_modules,
+    save_bytes,
+    snapshot,
+    sparse_weights,
+    train,
+)
 from torch import nn
 
 import procrustes_kernels as pk
 from procrustes_kernels import ops
 from procrustes_kernels.ops.compute.index import build_tile_index
-from procrustes_kernels.ops.contract import Segment, StepParams
-from procrustes_kernels.ops.update import reference as ref
-from procrustes_kernels.ops.update import triton_kernels as tri
 from procrustes_kernels.optim import decay_factor
-from procrustes_kernels.philox import init_bound, init_values
-from procrustes_kernels.storage import group_pointers, pack_bits
+from procrustes_kernels.philox import init_values
 from procrustes_kernels.tiles import (
     select_tiles,
     tile_element_mask,
@@ -38,9 +42,6 @@ from procrustes_kernels.tiles import (
     tile_scores,
     tile_sizes,
 )
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
 
 # ------------------------------------------------------------------------ tile_scores, by hand
 
@@ -185,178 +186,13 @@ def test_select_tiles_rejects_bad_input():
         tile_scores(torch.zeros(5), (2, 2, 1, 1), (2, 2))
 
 
-# ----------------------------------------------------------------- the Triton scores kernel
-
-
-@pytest.fixture
-def poison(monkeypatch):
-    """The launcher's output starts as NaN, so an element the kernel never wrote shows."""
-    real_empty = torch.empty
-
-    def empty(*a, **k):
-        t = real_empty(*a, **k)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", empty)
-
-
-def make_segment(n, density, dtype, momentum, scale_prev, zero_grads=0.0, seed=0x5EED_1234_ABCD):
-    g = torch.Generator().manual_seed(n * 31 + int(density * 100))
-    mask = torch.rand(n, generator=g) < density
-    nnz = int(mask.sum())
-    values = (torch.randn(nnz, generator=g) * 0.1).to(dtype)
-    grad = torch.randn(n, generator=g) * 0.02
-    grad[torch.rand(n, generator=g) < zero_grads] = 0.0
-    mom = (torch.randn(nnz, generator=g) * 0.01).to(dtype) if momentum else None
-    bits = pack_bits(mask)
-    return Segment(
-        seed=seed,
-        bound=init_bound(37),
-        numel=n,
-        values=values.to(DEVICE),
-        bits=bits.to(DEVICE),
-        group_ptr=group_pointers(bits, n).to(DEVICE),
-        grad=grad.to(dtype).to(DEVICE),
-        momentum=None if mom is None else mom.to(DEVICE),
-        scale_prev=scale_prev,
-    )
-
-
-SCORE_CASES = [
-    # n, density, dtype, (mu, buffer), wd, scale_prev, scale, zero_grads, block
-    (1, 0.0, torch.float32, (0.0, False), 0.0, 1.0, 1.0, 0.0, None),
-    (7, 1.0, torch.float32, (0.9, True), 1e-3, 1.0, 1.0, 0.0, None),
-    (255, 0.3, torch.float32, (0.9, True), 0.0, 1.0, 1.0, 0.5, 256),
-    (257, 0.3, torch.float32, (0.0, False), 0.0, 0.9, 0.81, 0.3, 256),
-    (333, 0.2, torch.float32, (0.9, False), 5e-4, 0.0, 0.0, 0.3, None),
-    (1000, 0.5, torch.float32, (0.5, True), 0.0, 0.0, 0.0, 0.5, 256),
-    (1001, 0.3, torch.float64, (0.9, True), 1e-3, 0.9, 0.81, 0.2, None),
-    (1003, 0.3, torch.float16, (0.0, False), 0.0, 1.0, 1.0, 0.4, None),
-    (4099, 0.1, torch.bfloat16, (0.9, True), 0.0, 0.37, 0.37, 0.3, 1024),
-    (4099, 0.1, torch.float32, (0.9, True), 1e-3, 1.0, 1.0, 0.3, 1024),
-]
-
-
-@pytest.mark.parametrize("n,density,dtype,mom,wd,scale_prev,scale,zero_grads,block", SCORE_CASES)
-def test_triton_scores_match_reference(
-    poison, n, density, dtype, mom, wd, scale_prev, scale, zero_grads, block
-):
-    mu, buffer = mom
-    seg = make_segment(n, density, dtype, buffer, scale_prev, zero_grads)
-    p = StepParams(lr=0.1, momentum=mu, weight_decay=wd, scale=scale)
-    got = tri.scores(seg, p, block=block)
-    c, _, want, _ = ref.candidates(seg, p)
-    assert got.dtype == torch.float32 and got.shape == (n,) and got.device == DEVICE
-    got, want, c = got.cpu(), want.cpu(), c.cpu().double()
-    assert not got.isnan().any(), "an element was not written"
-    # Zero scores are exact (an untouched weight's candidate is its untracked value) ...
-    assert torch.equal(got == 0, want == 0)
-    if zero_grads and wd == 0 and scale_prev == scale:
-        assert int((want == 0).sum()) > 0, "the case should have zero scores"
-    # ... the others agree up to one rounding of the candidate c (and of the score itself).
-    tol = 2.0**-22 * c.abs() + 2.0**-23 * want.double().abs() + 1e-45
-    err = (got.double() - want.double()).abs()
-    assert torch.all(err <= tol), (
-        f"max error {float(err.max())}, worst at {int((err - tol).argmax())}"
-    )
-
-
-def test_triton_scores_of_an_empty_segment():
-    seg = make_segment(0, 0.0, torch.float32, False, 1.0)
-    p = StepParams(lr=0.1, momentum=0.0, weight_decay=0.0, scale=1.0)
-    assert tri.scores(seg, p).shape == (0,)
-    assert "scores" in tri.__all__
-
-
-@pytest.mark.skipif(
-    torch.cuda.is_available(), reason="on a GPU the other tests compile the kernel for real"
-)
-def test_scores_kernel_compiles_for_sm90(tmp_path):
-    """Lower the new kernel to a cubin for sm_90 without a GPU (the interpreter is laxer)."""
-    script = textwrap.dedent(
-        """
-        import triton, triton.language as tl
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-        from procrustes_kernels.ops.update import triton_kernels as T
-
-        sig = {"out_ptr": "*fp32", "values_ptr": "*bf16", "mom_ptr": "*bf16", "bits_ptr": "*u8",
-               "group_ptr_ptr": "*i64", "grad_ptr": "*bf16", "seed": "i64", "bound": "fp32",
-               "scale_prev": "fp32", "scale": "fp32", "lr_bits": "i64", "mu_bits": "i64",
-               "wd_bits": "i64", "numel": "i64", "ngroups": "i64"}
-        consts = {"CDT": tl.float32, "HAS_INIT": True, "HAS_WD": True, "HAS_MOM": True,
-                  "OFFS64": True, "BLOCK": 1024}
-        src = ASTSource(T._scores_kernel, {**sig, **{k: "constexpr" for k in consts}},
-                        constexprs=consts)
-        triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 4, "enable_fp_fusion": False})
-        print("compiled")
-        """
-    )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), TRITON_CACHE_DIR=str(tmp_path))
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "compiled" in out.stdout
-
-
 # ------------------------------------------------------------------------ models and training
 
-
-def mlp() -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(20, 33), nn.ReLU(), nn.Linear(33, 17), nn.ReLU(), nn.Linear(17, 5)
-    )
-
-
-def cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(2, 6, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(6, 8, 3, stride=2, groups=2, bias=False),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(8 * 3 * 3, 5),
-    )
-
+# The helpers' CNN with its second convolution in 2 groups (tiles must not cross them).
+make = functools.partial(helpers.make, channels=8, groups=2)
 
 # Non-square tiles with edge tiles in every layer (and across the groups of the CNN's second conv).
 TILES = {"mlp": (4, 8), "cnn": (3, 2)}
-
-
-def make(kind: str, seed: int = 3) -> nn.Module:
-    torch.manual_seed(0)
-    return pk.sparsify(mlp() if kind == "mlp" else cnn(), seed=seed)
-
-
-def batches(kind: str, steps: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    shape = (16, 20) if kind == "mlp" else (16, 2, 8, 8)
-    return [
-        (torch.randn(shape, generator=g), torch.randint(0, 5, (16,), generator=g))
-        for _ in range(steps)
-    ]
-
-
-def train(model, opt, data, steps, start=0, on_step=None):
-    for n in range(start, start + steps):
-        x, y = data[n]
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        if on_step is not None:
-            on_step(n)
-
-
-def sparse_weights(model):
-    return [w.effective() for _, w in pk.budgeted_weights(model)]
-
-
-def budgeted_modules(model):
-    """The modules whose weight is budgeted, in model order (for their biases)."""
-    return [m for m in model.modules() if pk.is_budgeted(getattr(m, "weight", None))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,12 +407,6 @@ def test_backends_choose_the_same_tiles(kind, scope):
 # ---------------------------------------------------------------------------------- checkpoints
 
 
-def _save(model, opt) -> bytes:
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize(
     "cls,kw",
     [
@@ -595,7 +425,7 @@ def test_checkpoint_resume_is_bit_identical(cls, kw):
     first = make("cnn")
     opt1 = cls(first.parameters(), lr=0.05, budget=0.2, **kw)
     train(first, opt1, data, n_steps)
-    blob = _save(first, opt1)
+    blob = save_bytes(first, opt1)
     extra = opt1.state_dict()["dropback"]
     assert extra["granularity"] == "tile" and tuple(extra["tile"]) == TILES["cnn"]
 
@@ -608,40 +438,9 @@ def test_checkpoint_resume_is_bit_identical(cls, kw):
 
     for a, b in zip(sparse_weights(straight), sparse_weights(resumed)):
         assert torch.equal(a, b)
-    for a, b in zip(straight.parameters(), resumed.parameters()):
-        assert same_param(a, b)
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert_same_tensor(a, b, name)
     assert opt.state_dict()["dropback"] == opt2.state_dict()["dropback"]
-
-
-def _snapshot(model, opt):
-    return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-
-
-def same_param(a, b):
-    """Equal tensors; for budgeted weights, the same compressed form (tracked set, scale, seed)."""
-    if pk.is_budgeted(a) or pk.is_budgeted(b):
-        return (
-            pk.is_budgeted(a)
-            and pk.is_budgeted(b)
-            and a.seed == b.seed
-            and all(
-                torch.equal(getattr(a, k), getattr(b, k))
-                for k in ("values", "bits", "group_ptr", "scale")
-            )
-        )
-    return torch.equal(a, b)
-
-
-def _assert_same_state(a, b):
-    (ma, oa), (mb, ob) = a, b
-    assert ma.keys() == mb.keys()
-    assert all(same_param(ma[key], mb[key]) for key in ma)
-    assert oa["dropback"] == ob["dropback"]
-    assert oa["param_groups"] == ob["param_groups"]
-    assert oa["state"].keys() == ob["state"].keys()
-    for i in oa["state"]:
-        for key, value in oa["state"][i].items():
-            assert torch.equal(value, ob["state"][i][key])
 
 
 def test_load_state_dict_checks_granularity_and_tile():
@@ -663,7 +462,7 @@ def test_load_state_dict_checks_granularity_and_tile():
     fresh = pk.DropBack(
         fresh_model.parameters(), lr=0.1, budget=0.2, granularity="tile", tile=(4, 8)
     )
-    before = _snapshot(fresh_model, fresh)
+    before = snapshot(fresh_model, fresh)
     with pytest.raises(ValueError, match="granularity"):
         fresh.load_state_dict(saved_element)
     other_tile = pk.DropBack(
@@ -676,7 +475,7 @@ def test_load_state_dict_checks_granularity_and_tile():
     del old["dropback"]["granularity"], old["dropback"]["tile"]
     with pytest.raises(ValueError, match="granularity"):
         fresh.load_state_dict(old)
-    _assert_same_state(before, _snapshot(fresh_model, fresh))
+    assert_same_state(before, snapshot(fresh_model, fresh))
     assert fresh.step_count == 0
 
     plain_model = make("mlp")
@@ -731,7 +530,8 @@ def test_bad_arguments_raise_and_leave_model_unchanged(kw, match):
         pk.Procrustes(model.parameters(), lr=0.1, budget=0.1, **kw)
     after = model.state_dict()
     assert before.keys() == after.keys()
-    assert all(same_param(before[k], after[k]) for k in before)
+    for k in before:
+        assert_same_tensor(before[k], after[k], k)
     weights = pk.budgeted_weights(model)
     assert len(weights) == 3 and all(w.grad is None for _, w in weights)
 

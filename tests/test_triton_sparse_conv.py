@@ -1,11 +1,14 @@
-"""The Triton sparse convolution (forward and backward data) against the sparse reference.
+"""The Triton sparse convolution (forward and backward data): what only it has.
+
+Its results against :mod:`procrustes_kernels.ops.compute.reference` on golden tiny cases and random
+masks over odd shapes, kernels, strides, paddings, dilations, groups and dtypes, at the default
+launch configuration, are in ``test_backend_equivalence.py``. Here: the rounding of half inputs by
+hand, memory layouts (channels_last, arbitrary strides), several m-tiles and tile shapes, empty
+tiles, no tracked weight, int64 offsets, argument errors and an sm_90 compile check.
 
 Without a GPU the kernels run on CPU tensors through Triton's interpreter (conftest sets
-``TRITON_INTERPRET=1``); with one, the same tests run on CUDA tensors. Order: tiny cases checked by
-hand, then random masks over odd shapes, kernels, strides, paddings, dilations, groups, dtypes and
-layouts against :mod:`procrustes_kernels.ops.compute.reference`, then edge cases (empty tiles, no
-tracked weight, int64 offsets), argument errors and an sm_90 compile check. Outputs are poisoned
-(NaN) at allocation so that an element a kernel never wrote cannot pass for a right one.
+``TRITON_INTERPRET=1``); with one, the same tests run on CUDA tensors. Outputs are poisoned (NaN)
+at allocation so that an element a kernel never wrote cannot pass for a right one.
 
 The interpreter costs ~0.1 s per (program, weight tile) of a 3x3 kernel, so images are tiny
 (5 x 7), channels few, and ``block_m`` is forced small only where several m-tiles matter.
@@ -13,58 +16,26 @@ The interpreter costs ~0.1 s per (program, weight tile) of a 3x3 kernel, so imag
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import assert_close_verbose
+from helpers import (
+    DEVICE,
+    TOLERANCES,
+    compile_for_sm90,
+    compressed_weight,
+    index_to,
+    random_weight,
+    without_gpu,
+)
 
 from procrustes_kernels.ops import triton_util
 from procrustes_kernels.ops.compute import reference as ref
 from procrustes_kernels.ops.compute import triton_conv as tsc
 from procrustes_kernels.ops.compute.index import build_tile_index
-from procrustes_kernels.storage import pack_bits
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-TOL = {
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (1.6e-2, 1.6e-2),
-}
-
-
-@pytest.fixture
-def poison(monkeypatch):
-    """Outputs the launchers allocate start as NaN instead of whatever was there."""
-    real_empty = torch.empty
-
-    def empty(*a, **k):
-        t = real_empty(*a, **k)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", empty)
-
-
-def make_weight(mask, values, rows, cols, ksize, groups=1, block_n=16, block_c=16):
-    """Compressed weight (values, bits, index) of a flat [rows, cols, ksize] mask, on DEVICE."""
-    bits = pack_bits(mask.reshape(-1)).to(DEVICE)
-    index = build_tile_index(bits, rows, cols, ksize, groups, block_n, block_c)
-    return values.to(DEVICE), bits, index
-
-
-def random_weight(rows, cols, ksize, groups, density, *, values_dtype=torch.float32, **blocks):
-    if density in (0.0, 1.0):
-        mask = torch.full((rows * cols * ksize,), bool(density))
-    else:
-        mask = torch.rand(rows * cols * ksize) < density
-    values = (torch.randn(int(mask.sum())) * 0.5).to(values_dtype)
-    return make_weight(mask, values, rows, cols, ksize, groups, **blocks)
+TRITON = TOLERANCES["triton"]
+# On a GPU, float32 convolutions run in TF32 by default (as cuDNN would): compared without.
+pytestmark = pytest.mark.usefixtures("no_tf32")
 
 
 def check_both(x, weight, kernel_size, stride, padding, dilation, bias=None, block_m=None):
@@ -73,12 +44,10 @@ def check_both(x, weight, kernel_size, stride, padding, dilation, bias=None, blo
     geo = (kernel_size, stride, padding, dilation)
     y = tsc.sparse_conv2d(x, values, bits, index, *geo, bias, block_m=block_m)
     want = ref.sparse_conv2d(
-        x.cpu(), values.cpu(), bits.cpu(), index_cpu(index), *geo, bias_cpu(bias)
+        x.cpu(), values.cpu(), bits.cpu(), index_to(index, "cpu"), *geo, bias_cpu(bias)
     )
-    rtol, atol = TOL[x.dtype]
-    scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0
     assert y.device == x.device
-    assert_close_verbose(y.cpu(), want, rtol=rtol, atol=atol * scale)
+    TRITON.assert_compute(y, want)
 
     dy = torch.randn(want.shape).to(x.dtype)
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
@@ -86,18 +55,11 @@ def check_both(x, weight, kernel_size, stride, padding, dilation, bias=None, blo
     dy = dy.to(DEVICE)
     hw = tuple(x.shape[2:])
     dx = tsc.sparse_conv2d_t(dy, values, bits, index, hw, *geo, block_m=block_m)
-    want_dx = ref.sparse_conv2d_t(dy.cpu(), values.cpu(), bits.cpu(), index_cpu(index), hw, *geo)
-    scale = max(1.0, float(want_dx.abs().max()))
-    assert_close_verbose(dx.cpu(), want_dx, rtol=rtol, atol=atol * scale)
-    return y, dx
-
-
-def index_cpu(index):
-    if index.row_off.device.type == "cpu":
-        return index
-    return type(index)(
-        **{k: v.cpu() if torch.is_tensor(v) else v for k, v in index.__dict__.items()}
+    want_dx = ref.sparse_conv2d_t(
+        dy.cpu(), values.cpu(), bits.cpu(), index_to(index, "cpu"), hw, *geo
     )
+    TRITON.assert_compute(dx, want_dx)
+    return y, dx
 
 
 def bias_cpu(bias):
@@ -105,39 +67,6 @@ def bias_cpu(bias):
 
 
 # ------------------------------------------------------------------------------ hand-checked cases
-
-
-def test_golden_1x1(poison):
-    # W[n, c] = [[2, .], [0.5, -1]] (W[0, 1] untracked); storage order (n, c): values [2, 0.5, -1]
-    mask = torch.tensor([1, 0, 1, 1], dtype=torch.bool)
-    weight = make_weight(mask, torch.tensor([2.0, 0.5, -1.0]), 2, 2, 1)
-    x = torch.tensor([[[[1.0, 2.0]], [[3.0, 4.0]]]], device=DEVICE)  # [1, 2, 1, 2]
-    bias = torch.tensor([1.0, -1.0], device=DEVICE)
-    y = tsc.sparse_conv2d(x, *weight, (1, 1), bias=bias)
-    # y0 = 2 * x0 + 1, y1 = 0.5 * x0 - x1 - 1
-    assert y.cpu().tolist() == [[[[3.0, 5.0]], [[-3.5, -4.0]]]]
-    dy = torch.tensor([[[[1.0, 1.0]], [[1.0, -1.0]]]], device=DEVICE)
-    dx = tsc.sparse_conv2d_t(dy, *weight, (1, 2), (1, 1))
-    # dx0 = 2 * dy0 + 0.5 * dy1, dx1 = -dy1
-    assert dx.cpu().tolist() == [[[[2.5, 1.5]], [[-1.0, 1.0]]]]
-
-
-def test_golden_single_3x3_tap(poison):
-    # One tracked tap, (r, s) = (0, 2), value 3, padding 1: y[i, j] = 3 * x[i - 1, j + 1].
-    mask = torch.zeros(9, dtype=torch.bool)
-    mask[0 * 3 + 2] = True
-    weight = make_weight(mask, torch.tensor([3.0]), 1, 1, 9)
-    x = torch.arange(1.0, 13.0, device=DEVICE).view(1, 1, 3, 4)
-    y = tsc.sparse_conv2d(x, *weight, (3, 3), padding=(1, 1)).cpu()
-    want = torch.zeros(1, 1, 3, 4)
-    want[..., 1:, :-1] = 3 * x.cpu()[..., :-1, 1:]
-    assert torch.equal(y, want)
-    # dx[i, j] = 3 * dy[i + 1, j - 1]
-    dy = torch.arange(1.0, 13.0, device=DEVICE).view(1, 1, 3, 4) * 0.5
-    dx = tsc.sparse_conv2d_t(dy, *weight, (3, 4), (3, 3), padding=(1, 1)).cpu()
-    want = torch.zeros(1, 1, 3, 4)
-    want[..., :-1, 1:] = 3 * dy.cpu()[..., 1:, :-1]
-    assert torch.equal(dx, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -149,7 +78,7 @@ def test_golden_rounding(poison, dtype):
     eps = torch.finfo(dtype).eps
     mask = torch.tensor([1, 0, 1, 1, 1, 0], dtype=torch.bool)
     values = torch.tensor([1 + eps / 2 + eps / 8, 1.0, eps / 2 + eps / 8, 1 + eps / 2])
-    weight = make_weight(mask, values, 3, 2, 1)
+    weight = compressed_weight(mask, values, rows=3, cols=2)
     x = torch.ones(1, 2, 1, 1, dtype=dtype, device=DEVICE)
     y = tsc.sparse_conv2d(x, *weight, (1, 1))
     assert y.dtype == dtype
@@ -164,63 +93,10 @@ def test_golden_rounding(poison, dtype):
 
 def cpu(weight):
     values, bits, index = weight
-    return values.cpu(), bits.cpu(), index_cpu(index)
+    return values.cpu(), bits.cpu(), index_to(index, "cpu")
 
 
-# ------------------------------------------------------------------------------ against reference
-
-CASES = {
-    # B, C, H, W, N, kernel, stride, padding, dilation, groups, density
-    "1x1": (2, 3, 5, 7, 5, (1, 1), (1, 1), (0, 0), (1, 1), 1, 0.5),
-    "3x3_pad": (2, 6, 5, 7, 5, (3, 3), (1, 1), (1, 1), (1, 1), 1, 0.3),
-    "5x3_pad": (1, 4, 5, 7, 3, (5, 3), (1, 1), (2, 1), (1, 1), 1, 0.5),
-    "3x3_stride2": (2, 5, 5, 7, 6, (3, 3), (2, 2), (1, 1), (1, 1), 1, 0.4),
-    "3x3_stride2_nopad": (1, 3, 6, 7, 4, (3, 3), (2, 2), (0, 0), (1, 1), 1, 0.6),
-    "3x3_dil2": (1, 3, 5, 7, 4, (3, 3), (2, 1), (2, 2), (2, 2), 1, 0.5),
-    "1x3_asym": (1, 3, 5, 7, 4, (1, 3), (1, 2), (0, 3), (1, 2), 1, 0.5),
-    "groups2_multitile": (1, 36, 3, 5, 34, (3, 3), (1, 1), (1, 1), (1, 1), 2, 0.2),
-    "depthwise": (2, 4, 5, 7, 4, (3, 3), (1, 1), (1, 1), (1, 1), 4, 0.6),
-    "depthwise_x2": (1, 3, 5, 7, 6, (3, 3), (2, 2), (1, 1), (1, 1), 3, 0.6),
-    "full_density": (1, 5, 5, 7, 3, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1.0),
-    "sparse_0.05": (1, 20, 5, 7, 18, (3, 3), (1, 1), (0, 1), (1, 1), 1, 0.05),
-}
-
-
-# Every case runs with a bias; these also without.
-NO_BIAS = ["1x1", "3x3_stride2", "groups2_multitile"]
-
-
-@pytest.mark.parametrize(
-    "case,bias",
-    [(c, True) for c in CASES] + [(c, False) for c in NO_BIAS],
-    ids=list(CASES) + [f"{c}-nobias" for c in NO_BIAS],
-)
-def test_matches_reference(poison, case, bias):
-    b, c, h, w, n, ks, st, pd, dl, groups, density = CASES[case]
-    weight = random_weight(n, c // groups, ks[0] * ks[1], groups, density)
-    x = torch.randn(b, c, h, w, device=DEVICE)
-    bias_t = torch.randn(n, device=DEVICE) if bias else None
-    y, dx = check_both(x, weight, ks, st, pd, dl, bias_t)
-    assert y.is_contiguous() and dx.is_contiguous()
-
-
-@pytest.mark.parametrize(
-    "dtype,values_dtype",
-    [
-        (torch.float16, torch.float32),
-        (torch.bfloat16, torch.float32),
-        (torch.float16, torch.bfloat16),
-        (torch.bfloat16, torch.float16),
-        (torch.float32, torch.bfloat16),
-        (torch.bfloat16, torch.bfloat16),
-    ],
-)
-def test_low_precision(poison, dtype, values_dtype):
-    weight = random_weight(5, 6, 9, 1, 0.4, values_dtype=values_dtype)
-    x = torch.randn(2, 6, 5, 7).to(dtype).to(DEVICE)
-    bias = torch.randn(5, device=DEVICE).to(values_dtype)
-    y, dx = check_both(x, weight, (3, 3), (1, 1), (1, 1), (1, 1), bias)
-    assert y.dtype == dtype and dx.dtype == dtype
+# ------------------------------------------------------------------------------ layouts and tiles
 
 
 def test_channels_last(poison):
@@ -241,7 +117,7 @@ def test_arbitrary_strides(poison):
     dy = torch.randn(y.shape[0], y.shape[1] * 2, *y.shape[2:], device=DEVICE)[:, ::2]
     dx = tsc.sparse_conv2d_t(dy, *weight, (5, 8), (3, 3), padding=(1, 1))
     want = ref.sparse_conv2d_t(dy.cpu(), *cpu(weight), (5, 8), (3, 3), padding=(1, 1))
-    assert_close_verbose(dx.cpu(), want, rtol=1e-5, atol=1e-5)
+    TRITON.assert_compute(dx, want)
 
 
 @pytest.mark.parametrize("block_n,block_c", [(16, 32), (32, 16)])
@@ -262,7 +138,7 @@ def test_empty_rows_and_column_tiles(poison):
     mask[:16, :16] = torch.rand(16, 16) < 0.5
     mask[[3, 7]] = False
     values = torch.randn(int(mask.sum()))
-    weight = make_weight(mask, values, 20, 20, 1)
+    weight = compressed_weight(mask, values, rows=20, cols=20)
     index = weight[2]
     assert index.nonempty_tiles == 1 and index.row_ptr.cpu().tolist() == [0, 1, 1]
     assert index.col_ptr.cpu().tolist() == [0, 1, 1]
@@ -370,17 +246,11 @@ def test_bad_arguments_are_rejected():
 # ----------------------------------------------------------------------------------- GPU only
 
 
-@pytest.mark.skipif(
-    torch.cuda.is_available(), reason="on a GPU the other tests compile every kernel for real"
-)
+@without_gpu
 def test_kernels_compile_for_sm90(tmp_path):
     """Lower both kernels to cubins for sm_90 without a GPU (fp32 with tf32 and ieee, fp16, bf16,
-    int64 offsets): the interpreter accepts things the compiler rejects (and the other way round)."""
-    script = textwrap.dedent(
-        """
-        import triton, triton.language as tl
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
+    int64 offsets)."""
+    snippet = """
         from procrustes_kernels.ops.compute import triton_conv as T
 
         GEO = ["M", "H", "W", "OH", "OW"]
@@ -424,17 +294,6 @@ def test_kernels_compile_for_sm90(tmp_path):
             (*bwd("*bf16", "*bf16", flags("ieee", False, bm=64, bn=16, bc=16)), 8, 2),
         ]
         for fn, sig, consts, warps, stages in jobs:
-            src = ASTSource(fn, {**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
-            opts = {"num_warps": warps, "num_stages": stages, "enable_fp_fusion": False}
-            triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-            print("compiled", fn.__name__)
+            compile_sm90(fn, sig, consts, num_warps=warps, num_stages=stages)
         """
-    )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    env.update(PYTHONPATH=str(root), TRITON_CACHE_DIR=str(tmp_path))
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("compiled") == 6
+    compile_for_sm90(snippet, tmp_path, expected=6)

@@ -651,8 +651,10 @@ def scores(
 
     One pass over the gradient. Equal to :func:`.reference.scores` up to the rounding of the
     candidate (the reference may fuse ``W - lr * m`` into one multiply-add, the kernel rounds twice:
-    ~1 ulp of ``c``, more ulps of a small score ``|c - d_n w0|``), and exactly 0 where the
-    reference's score is 0 (an untouched weight's candidate is its untracked value, exactly).
+    half an ulp of ``lr * m`` plus one of ``c``, which is many ulps of ``c`` where it cancels,
+    ``W ~ lr * m``, and of a small score ``|c - d_n w0|``; tests/helpers/tolerances.py states the
+    bound), and exactly 0 where the reference's score is 0 (an untouched weight's candidate is its
+    untracked value, exactly).
     """
     fn = "scores()"
     args, flags = _step_args(fn, seg, p)
