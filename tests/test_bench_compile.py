@@ -25,9 +25,11 @@ def test_quick_run_reports_the_trace_facts(tmp_path):
     with out.open() as f:
         rows = {r["case"]: r for r in csv.DictReader(f)}
     assert set(rows) == set(bench.CASES)
-    for r in rows.values():
+    for case, r in rows.items():
         assert (r["graphs"], r["breaks"], r["fullgraph"]) == ("1", "0", "ok")
-        assert int(r["train_graphs"]) <= 2 < int(r["counts"])
+        assert int(r["train_graphs"]) <= 2
+        assert case == "nn" or int(r["counts"]) > 2  # the tracked counts did change
         assert r["device"] == "cpu"
+    assert rows["nn"]["export"] == "ok"
     assert rows["dropback materialise"]["export"] == "ok: materialize"
     assert rows["procrustes sparse"]["export"] == "ok: sparse_linear"
