@@ -29,6 +29,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.optim import Optimizer
@@ -81,6 +82,27 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _scalar(x: Any) -> Any:
+    """A Python number for what PyTorch takes as one (numpy scalars, 0-d real tensors); anything
+    else unchanged, for the checks to refuse."""
+    if isinstance(x, (bool, np.bool_)):
+        return x
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.floating):
+        return float(x)
+    if (
+        isinstance(x, torch.Tensor)
+        and x.dim() == 0
+        and not x.requires_grad
+        and not x.is_complex()
+        and x.dtype != torch.bool
+        and x.device.type != "meta"
+    ):
+        return x.item()
+    return x
+
+
 _STATE_FORMAT = 2  # 1: the layer-based layout (sparse layers' ``values`` first, then the rest)
 
 
@@ -95,6 +117,9 @@ def _check_group_hyper(group: dict, name: str) -> None:
                 f"{name}: expected {key}={default!r} (the base rule is SGD with plain momentum), "
                 f"got {group[key]!r}"
             )
+    for key in ("lr", "momentum", "weight_decay"):
+        if key in group:
+            group[key] = _scalar(group[key])
     if "lr" in group:
         lr = group["lr"]
         if not _is_number(lr) or not lr >= 0 or not math.isfinite(lr):
@@ -221,6 +246,8 @@ class DropBack(Optimizer):
         decay_steps: int | None = None,
     ) -> None:
         name = type(self).__name__ + "()"
+        lr, momentum, weight_decay = _scalar(lr), _scalar(momentum), _scalar(weight_decay)
+        budget, init_decay, zero_cutoff = _scalar(budget), _scalar(init_decay), _scalar(zero_cutoff)
         _check_group_hyper({"lr": lr, "momentum": momentum, "weight_decay": weight_decay}, name)
         if not _is_number(init_decay) or not 0 < init_decay <= 1:
             raise ValueError(f"{name}: expected init_decay in (0, 1], got {init_decay!r}")

@@ -448,3 +448,35 @@ def test_load_state_dict_rejects_another_decay_schedule():
     same = pk.Procrustes(model.parameters(), lr=0.1, budget=0.1, selection="topk", decay_steps=10)
     same.load_state_dict(saved)
     assert same.step_count == 2 and same.decay_at(3) == pytest.approx(0.8)
+
+
+def test_numeric_arguments_take_what_pytorch_takes():
+    # numpy scalars and 0-d tensors, as torch.optim accepts them, for the constructor and groups
+    import numpy as np
+
+    def run(**kw):
+        model = make("mlp")
+        opt = pk.DropBack(model.parameters(), **kw)
+        train(model, opt, batches("mlp", 2), 2)
+        return opt, [
+            p.detach().clone() if not pk.is_budgeted(p) else p.effective()
+            for p in model.parameters()
+        ]
+
+    ref_opt, want = run(lr=0.1, budget=0.2, momentum=0.9, weight_decay=1e-4)
+    for kw in (
+        dict(lr=np.float32(0.1), budget=np.float64(0.2), momentum=np.float64(0.9)),
+        dict(lr=torch.tensor(0.1, dtype=torch.float64), budget=0.2, momentum=torch.tensor(0.9)),
+    ):
+        kw = {"weight_decay": np.float64(1e-4), **kw}
+        opt, got = run(**kw)
+        assert type(opt.param_groups[0]["lr"]) is float and opt.budget == ref_opt.budget
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    model = make("mlp")
+    counted = pk.DropBack(model.parameters(), lr=0.1, budget=np.int64(50))
+    assert counted.budget == 50
+    with pytest.raises(ValueError, match="lr"):
+        pk.DropBack(model.parameters(), lr=torch.tensor([0.1, 0.2]), budget=0.2)
+    with pytest.raises(TypeError, match="budget"):
+        pk.DropBack(model.parameters(), lr=0.1, budget=torch.tensor(True))
