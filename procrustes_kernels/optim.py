@@ -191,7 +191,10 @@ class DropBack(Optimizer):
         momentum: SGD momentum (per group); kept for tracked weights only.
         weight_decay: L2 penalty added to the gradient (per group).
         init_decay: per-step decay of the initial values of untracked weights, in (0, 1]
-            (1: DropBack; 0.9: Procrustes): ``d_n = init_decay ** (n - 1)``.
+            (1: DropBack; 0.9: Procrustes): ``d_n = init_decay ** (n - 1)``. A weight's decay
+            factor never goes back up: each step uses ``min(d_n, weight.scale_value)``, so a
+            model loaded after its decay (untracked weights zero) stays decayed under a fresh
+            optimizer.
         decay_steps: instead of ``init_decay``, a linear decay relative to the length of training:
             ``d_n = 1 - (n - 1) / decay_steps``, exactly 0 from step ``decay_steps + 1`` on
             (:func:`linear_decay_factor`). Keeps the initial values useful for longer than an
@@ -451,7 +454,12 @@ class DropBack(Optimizer):
             )
             params.append(
                 StepParams(
-                    lr=group["lr"], momentum=mu, weight_decay=group["weight_decay"], scale=d_n
+                    lr=group["lr"],
+                    momentum=mu,
+                    weight_decay=group["weight_decay"],
+                    # The decay belongs to the weight: it never goes back up, so a decayed model
+                    # under a fresh optimizer keeps its untracked weights where they are.
+                    scale=min(d_n, w.scale_value),
                 )
             )
 
@@ -480,7 +488,7 @@ class DropBack(Optimizer):
                 BlockStorage(
                     w._shape, w.block_size, res.values, res.bits, res.group_ptr, validate=False
                 ),
-                scale=d_n,
+                scale=p.scale,
             )
             if p.momentum != 0:
                 self.state[w]["momentum_buffer"] = res.momentum

@@ -480,3 +480,25 @@ def test_numeric_arguments_take_what_pytorch_takes():
         pk.DropBack(model.parameters(), lr=torch.tensor([0.1, 0.2]), budget=0.2)
     with pytest.raises(TypeError, match="budget"):
         pk.DropBack(model.parameters(), lr=0.1, budget=torch.tensor(True))
+
+
+def test_fine_tuning_a_decayed_model_keeps_it_decayed():
+    # A trained Procrustes model (untracked weights exactly zero) loaded under a fresh optimizer:
+    # the decay belongs to the weight, so the fresh schedule's d_1 = 1 does not bring w0 back.
+    model = make("mlp")
+    opt = pk.Procrustes(model.parameters(), lr=0.1, budget=0.1, momentum=0.9, decay_steps=3)
+    train(model, opt, batches("mlp", 6), 6)
+    assert all(w.scale_value == 0.0 for w in opt.weights)
+    ckpt = copy.deepcopy(model.state_dict())
+    for fresh_opt in (
+        lambda m: pk.Procrustes(m.parameters(), lr=0.05, budget=0.1, momentum=0.9),
+        lambda m: pk.DropBack(m.parameters(), lr=0.05, budget=0.1),
+    ):
+        tuned = make("mlp", seed=5)
+        tuned.load_state_dict(ckpt)
+        opt2 = fresh_opt(tuned)
+        train(tuned, opt2, batches("mlp", 3, seed=7), 3)
+        for w in opt2.weights:
+            assert w.scale_value == 0.0
+            assert int((w.effective() != 0).sum()) <= w.nnz  # only tracked weights are nonzero
+        assert opt2.tracked_count <= opt2.budget
