@@ -502,3 +502,30 @@ def test_fine_tuning_a_decayed_model_keeps_it_decayed():
             assert w.scale_value == 0.0
             assert int((w.effective() != 0).sum()) <= w.nnz  # only tracked weights are nonzero
         assert opt2.tracked_count <= opt2.budget
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("kind", ["dropback-topk", "procrustes-quantile"])
+def test_a_copied_optimizer_steps_exactly_like_the_original(how, kind):
+    import pickle
+
+    model = make("mlp")
+    if kind == "dropback-topk":
+        opt = pk.DropBack(model.parameters(), lr=0.1, budget=0.1, momentum=0.9)
+    else:
+        opt = pk.Procrustes(model.parameters(), lr=0.1, budget=0.1, momentum=0.9, decay_steps=8)
+    train(model, opt, batches("mlp", 3), 3)
+    if how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))
+    else:
+        model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    assert repr(opt2) == repr(opt)
+    assert all(any(p is q for q in model2.parameters()) for p in opt2.weights)
+    data = batches("mlp", 4, seed=11)
+    train(model, opt, data, 4)
+    train(model2, opt2, data, 4)
+    assert opt2.step_count == opt.step_count == 7
+    for a, b in zip(model.parameters(), model2.parameters()):
+        a = a.effective() if pk.is_budgeted(a) else a.detach()
+        b = b.effective() if pk.is_budgeted(b) else b.detach()
+        assert torch.equal(a, b)
