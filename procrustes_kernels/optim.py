@@ -254,6 +254,7 @@ class DropBack(Optimizer):
         _check_group_hyper({"lr": lr, "momentum": momentum, "weight_decay": weight_decay}, name)
         if not _is_number(init_decay) or not 0 < init_decay <= 1:
             raise ValueError(f"{name}: expected init_decay in (0, 1], got {init_decay!r}")
+        decay_steps = None if decay_steps is None else _scalar(decay_steps)
         if decay_steps is not None:
             if isinstance(decay_steps, bool) or not isinstance(decay_steps, int) or decay_steps < 1:
                 raise ValueError(
@@ -264,6 +265,10 @@ class DropBack(Optimizer):
                     f"{name}: expected either init_decay or decay_steps, got init_decay="
                     f"{init_decay!r} and decay_steps={decay_steps!r}"
                 )
+        drift_window, quantile_warmup = _scalar(drift_window), _scalar(quantile_warmup)
+        for key, v in (("drift_window", drift_window), ("quantile_warmup", quantile_warmup)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected {key} to be an int >= 1, got {v!r}")
         if selection not in SELECTIONS:
             raise ValueError(f"{name}: expected selection in {SELECTIONS}, got {selection!r}")
         if scope not in SCOPES:

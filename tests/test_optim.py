@@ -529,3 +529,18 @@ def test_a_copied_optimizer_steps_exactly_like_the_original(how, kind):
         a = a.effective() if pk.is_budgeted(a) else a.detach()
         b = b.effective() if pk.is_budgeted(b) else b.detach()
         assert torch.equal(a, b)
+
+
+def test_every_constructor_argument_is_checked_when_given():
+    import numpy as np
+
+    model = make("mlp")
+    for key, bad in (("drift_window", 1.5), ("quantile_warmup", "a"), ("drift_window", 0)):
+        with pytest.raises(ValueError, match=key):
+            pk.Procrustes(
+                model.parameters(), lr=0.1, budget=0.1, selection="quantile", **{key: bad}
+            )
+    opt = pk.Procrustes(
+        model.parameters(), lr=0.1, budget=0.1, decay_steps=np.int64(4), quantile_warmup=np.int32(2)
+    )
+    assert opt.decay_steps == 4 and type(opt.decay_steps) is int
