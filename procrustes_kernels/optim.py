@@ -617,6 +617,7 @@ class DropBack(Optimizer):
                 f"{name}: expected a state_dict saved by DropBack (no 'dropback' entry)"
             )
         extra = state_dict["dropback"]
+        self._check_extra_state(extra, name)
         if extra.get("format", 1) == 1:
             state_dict = self._from_layer_layout(state_dict, name)
         # Checkpoints from before the tile granularity were element-granular.
@@ -657,6 +658,38 @@ class DropBack(Optimizer):
         for rule, state in zip(self.rules, extra["selectors"]):
             if state is not None:
                 rule.load_state_dict(state)
+
+    def _check_extra_state(self, extra: Any, name: str) -> None:
+        """The checkpoint's ``"dropback"`` entry, checked whole before anything is applied."""
+        if not isinstance(extra, dict):
+            raise ValueError(
+                f"{name}: expected the 'dropback' entry to be a dict, got {extra!r:.80}"
+            )
+        missing = [k for k in ("step", "tracked_count", "selectors", "budget") if k not in extra]
+        if missing:
+            raise ValueError(f"{name}: the checkpoint's 'dropback' entry lacks {missing}")
+        for key in ("step", "tracked_count"):
+            v = extra[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}: expected {key} to be an int >= 0, got {v!r}")
+        saved = extra["selectors"]
+        if not isinstance(saved, list) or len(saved) != len(self.rules):
+            raise ValueError(
+                f"{name}: expected {len(self.rules)} selection states (one per budget of "
+                f"scope={self.scope!r}), got {saved!r:.80}"
+            )
+        for i, (rule, state) in enumerate(zip(self.rules, saved)):
+            want = rule.state_dict()
+            ok = (
+                state is None
+                if want is None
+                else isinstance(state, dict) and set(state) == set(want)
+            )
+            if not ok:
+                raise ValueError(
+                    f"{name}: selection state {i} does not fit the {type(rule).__name__} rule: "
+                    f"expected {None if want is None else sorted(want)}, got {state!r:.80}"
+                )
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim keeps only defaults / state / param_groups; copies and pickles need the rest

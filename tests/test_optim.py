@@ -544,3 +544,32 @@ def test_every_constructor_argument_is_checked_when_given():
         model.parameters(), lr=0.1, budget=0.1, decay_steps=np.int64(4), quantile_warmup=np.int32(2)
     )
     assert opt.decay_steps == 4 and type(opt.decay_steps) is int
+
+
+def test_an_incomplete_optimizer_checkpoint_is_refused_before_anything_changes():
+    model = make("mlp")
+    opt = pk.Procrustes(model.parameters(), lr=0.1, budget=0.1, momentum=0.9, selection="quantile")
+    train(model, opt, batches("mlp", 3), 3)
+    good = copy.deepcopy(opt.state_dict())
+    fresh = pk.Procrustes(
+        model.parameters(), lr=0.1, budget=0.1, momentum=0.9, selection="quantile"
+    )
+    before = copy.deepcopy(fresh.state_dict())
+    bad_cases = []
+    for key in ("step", "tracked_count", "selectors", "budget"):
+        bad = copy.deepcopy(good)
+        del bad["dropback"][key]
+        bad_cases.append((bad, "lacks"))
+    for selectors in ([], [None], [{"theta": 0.1}], [good["dropback"]["selectors"][0]] * 2):
+        bad = copy.deepcopy(good)
+        bad["dropback"]["selectors"] = selectors
+        bad_cases.append((bad, "selection state"))
+    bad = copy.deepcopy(good)
+    bad["dropback"]["step"] = -1
+    bad_cases.append((bad, "step"))
+    for bad, match in bad_cases:
+        with pytest.raises(ValueError, match=match):
+            fresh.load_state_dict(bad)
+        assert repr(fresh.state_dict()) == repr(before)  # nothing applied
+    fresh.load_state_dict(good)
+    assert fresh.step_count == 3 and fresh.rules[0].state_dict() == opt.rules[0].state_dict()
