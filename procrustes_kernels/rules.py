@@ -15,6 +15,7 @@ nothing until the whole step has succeeded, then calls :meth:`Rule.load_state_di
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,9 +32,10 @@ __all__ = ["Rule", "TopK", "Quantile", "PaperQuantile", "Tiles"]
 Geometry = tuple[int, int, int, int]
 
 
-class Rule:
+class Rule(abc.ABC):
     """Base of the selection rules: stateless unless a subclass says otherwise."""
 
+    @abc.abstractmethod
     def update(
         self,
         segments: Sequence[Segment],
@@ -43,13 +45,12 @@ class Rule:
     ) -> tuple[list[Compacted], dict | None]:
         """New tracked sets of ``segments`` within the budget ``k``, and the rule's next state
         (``None``: nothing to carry)."""
-        raise NotImplementedError
 
     def state_dict(self) -> dict | None:
         return None
 
-    def load_state_dict(self, state: dict | None) -> None:
-        pass
+    def load_state_dict(self, state: dict | None) -> None:  # noqa: B027 (stateless by default)
+        """Applies a state returned by :meth:`update` (nothing to apply for a stateless rule)."""
 
 
 def _float32_of_bits(bits: int) -> float:

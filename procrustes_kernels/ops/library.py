@@ -97,7 +97,7 @@ def _fake(op: torch._ops.OpOverload):
     return register
 
 
-def _dynamic(n: int | None = None):
+def _dynamic():
     """A size only known when the kernel has run (a fake implementation's output size)."""
     return torch.library.get_ctx().new_dynamic_size()
 
