@@ -35,6 +35,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from .adamw import AdamWMoments, dense_adamw_, direction, factored_update, moments
 from .compute import COMPUTE_TILE_SIZES
 from .ops import Compacted, Segment, StepParams
 from .rules import Rule, make_rule
@@ -47,6 +48,9 @@ __all__ = ["DropBack", "Procrustes", "decay_factor", "decay_for_steps", "linear_
 SELECTIONS = ("topk", "quantile", "quantile_paper")
 SCOPES = ("global", "layer")
 GRANULARITIES = ("element", "tile")
+UPDATES = ("sgd", "adamw")
+# The optimizer state aligned with each budgeted weight's tracked values, per base rule.
+TRACKED_MOMENTS = {"sgd": ("momentum_buffer",), "adamw": ("exp_avg", "exp_avg_sq")}
 
 
 def decay_factor(step: int, init_decay: float, zero_cutoff: float = 1e-8) -> float:
@@ -109,17 +113,43 @@ _STATE_FORMAT = 2  # 1: the layer-based layout (sparse layers' ``values`` first,
 _SGD_DEFAULTS = {"nesterov": False, "dampening": 0, "maximize": False}
 
 
-def _check_group_hyper(group: dict, name: str) -> None:
+def _check_group_hyper(group: dict, name: str, update: str = "sgd") -> None:
     """Checks the hyperparameters a param group sets (torch.optim keeps them per group)."""
     for key, default in _SGD_DEFAULTS.items():
         if key in group and group[key] != default:
             raise ValueError(
-                f"{name}: expected {key}={default!r} (the base rule is SGD with plain momentum), "
-                f"got {group[key]!r}"
+                f"{name}: expected {key}={default!r} (the base rule is SGD with plain momentum or "
+                f"AdamW), got {group[key]!r}"
             )
-    for key in ("lr", "momentum", "weight_decay"):
+    for key in ("lr", "momentum", "weight_decay", "eps"):
         if key in group:
             group[key] = _scalar(group[key])
+    if update == "adamw":
+        if group.get("momentum", 0) != 0:
+            raise ValueError(
+                f"{name}: momentum does not apply to update='adamw' (its first moment is "
+                f"betas[0]); expected momentum=0, got {group['momentum']!r}"
+            )
+        if "betas" in group:
+            betas = group["betas"]
+            ok = isinstance(betas, (tuple, list)) and len(betas) == 2
+            betas = tuple(_scalar(b) for b in betas) if ok else betas
+            if not ok or not all(_is_number(b) and 0 <= b < 1 for b in betas):
+                raise ValueError(
+                    f"{name}: expected betas to be two numbers in [0, 1), got {group['betas']!r}"
+                )
+            group["betas"] = (float(betas[0]), float(betas[1]))
+        if "eps" in group:
+            eps = group["eps"]
+            if not _is_number(eps) or not eps >= 0 or not math.isfinite(eps):
+                raise ValueError(f"{name}: expected eps >= 0, got {eps!r}")
+    else:
+        for key in ("betas", "eps"):
+            if key in group:
+                raise ValueError(
+                    f"{name}: {key} applies to update='adamw' only; the optimizer was built "
+                    f"with update={update!r}"
+                )
     if "lr" in group:
         lr = group["lr"]
         if not _is_number(lr) or not lr >= 0 or not math.isfinite(lr):
@@ -188,8 +218,10 @@ class DropBack(Optimizer):
         lr: learning rate (per group; works with ``torch.optim.lr_scheduler``).
         budget: tracked weights, a fraction in (0, 1] of all budgeted weights of all groups or an
             int count; global over all groups, or per weight with ``scope="layer"``.
-        momentum: SGD momentum (per group); kept for tracked weights only.
-        weight_decay: L2 penalty added to the gradient (per group).
+        momentum: SGD momentum (per group); kept for tracked weights only. Must be 0 with
+            ``update="adamw"``.
+        weight_decay: L2 penalty added to the gradient (per group); with ``update="adamw"`` the
+            decoupled weight decay of ``torch.optim.AdamW`` (``W -= lr * weight_decay * W``).
         init_decay: per-step decay of the initial values of untracked weights, in (0, 1]
             (1: DropBack; 0.9: Procrustes): ``d_n = init_decay ** (n - 1)``. A weight's decay
             factor never goes back up: each step uses ``min(d_n, weight.scale_value)``, so a
@@ -223,6 +255,14 @@ class DropBack(Optimizer):
             with ``block_n, block_c = tile``). Positive ints; ignored with
             ``granularity="element"``. When both are kernel tile sizes (16, 32 or 64), the weights'
             ``compute_tile`` is set to ``tile``, so the sparse kernels skip exactly the dropped tiles.
+        update: the base rule, ``"sgd"`` (SGD with momentum, the papers') or ``"adamw"``
+            (AdamW: tracked weights keep both moments; untracked weights are scored by the
+            AdamW step they would take, from a factored second moment of ``O(rows + cols)`` per
+            weight, :mod:`procrustes_kernels.adamw`). Every other parameter then trains with
+            ``torch.optim.AdamW``'s rule of its group's settings.
+        betas: AdamW's ``(beta1, beta2)`` (per group; default ``(0.9, 0.999)``), only with
+            ``update="adamw"``.
+        eps: AdamW's ``eps`` (per group; default ``1e-8``), only with ``update="adamw"``.
 
     Gradients are the parameters' ``.grad`` (for a budgeted weight: the dense gradient of its
     effective weight). A parameter whose ``.grad`` is None (frozen, or unused this step) is skipped
@@ -247,11 +287,23 @@ class DropBack(Optimizer):
         granularity: str = "element",
         tile: tuple[int, int] = (32, 32),
         decay_steps: int | None = None,
+        update: str = "sgd",
+        betas: tuple[float, float] | None = None,
+        eps: float | None = None,
     ) -> None:
         name = type(self).__name__ + "()"
+        if not isinstance(update, str) or update not in UPDATES:
+            raise ValueError(f"{name}: expected update in {UPDATES}, got {update!r}")
         lr, momentum, weight_decay = _scalar(lr), _scalar(momentum), _scalar(weight_decay)
         budget, init_decay, zero_cutoff = _scalar(budget), _scalar(init_decay), _scalar(zero_cutoff)
-        _check_group_hyper({"lr": lr, "momentum": momentum, "weight_decay": weight_decay}, name)
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+        if update == "adamw":
+            defaults["betas"] = (0.9, 0.999) if betas is None else betas
+            defaults["eps"] = 1e-8 if eps is None else eps
+        else:
+            defaults.update({k: v for k, v in (("betas", betas), ("eps", eps)) if v is not None})
+        _check_group_hyper(defaults, name, update)
+        self.update = update
         if not _is_number(init_decay) or not 0 < init_decay <= 1:
             raise ValueError(f"{name}: expected init_decay in (0, 1], got {init_decay!r}")
         decay_steps = None if decay_steps is None else _scalar(decay_steps)
@@ -309,7 +361,6 @@ class DropBack(Optimizer):
         self._live_state: dict[str, Any] = {}
         # The selection rule of each budget: one shared by all weights, or one per weight.
         self.rules: list[Rule] = [self._new_rule()] if scope == "global" else []
-        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
         super().__init__(params, defaults)
         if not self.weights:
             raise ValueError(
@@ -329,7 +380,7 @@ class DropBack(Optimizer):
         name = f"{type(self).__name__}.add_param_group()"
         if not isinstance(param_group, dict):
             raise TypeError(f"{name}: expected a dict, got {type(param_group).__name__}")
-        _check_group_hyper(param_group, name)
+        _check_group_hyper(param_group, name, self.update)
         super().add_param_group(param_group)
         for p in self.param_groups[-1]["params"]:
             if is_budgeted(p) and not any(p is q for q in self.weights):
@@ -402,6 +453,17 @@ class DropBack(Optimizer):
             )
         for group in self.param_groups:
             for p in group["params"]:
+                if (
+                    p.grad is not None
+                    and p.grad.is_sparse
+                    and self.update == "adamw"
+                    and not is_budgeted(p)
+                ):
+                    raise ValueError(
+                        f"{name}: {self._param_name(p)} has a sparse gradient, which the AdamW "
+                        "update does not take (as torch.optim.AdamW; torch.optim.SparseAdam "
+                        "does)"
+                    )
                 if p.grad is not None and p.grad.is_sparse and group["weight_decay"] != 0:
                     raise ValueError(
                         f"{name}: {self._param_name(p)} has a sparse gradient, which "
@@ -426,24 +488,32 @@ class DropBack(Optimizer):
         d_n = self.decay_at(n)
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         active = [i for i, w in enumerate(self.weights) if w.grad is not None]
-        segments, params = [], []
+        adamw = self.update == "adamw"
+        segments, params, grads, adam = [], [], [], []
         for i in active:
             w = self.weights[i]
             grad = w.grad.to_dense() if w.grad.is_sparse else w.grad
+            grad = grad.reshape(-1).contiguous()
             group = group_of[id(w)]
-            mu = group["momentum"]
-            buf = self.state[w].get("momentum_buffer") if mu != 0 else None
-            ref = self._momentum_bits[i]
-            if buf is not None and ref is not None and not _same_bits(ref, w.bits):
-                # The tracked set was replaced outside step() (a model checkpoint loaded under a
-                # live optimizer, reset_tracked): move each momentum to its weight's new position.
-                buf = _remap_momentum(buf, ref, w.bits, w.weight_numel)
-            if buf is not None and buf.numel() != w.nnz:
-                raise RuntimeError(
-                    f"{type(self).__name__}.step(): the momentum of {self._param_name(w)} has "
-                    f"{buf.numel()} entries but the weight tracks {w.nnz}: its tracked set was "
-                    "replaced outside step() (load the optimizer state saved with it)"
+            mu = 0.0 if adamw else group["momentum"]
+            bufs = self._tracked_moments(i, w) if adamw or mu != 0 else {}
+            if adamw:
+                # AdamW's direction takes the gradient's place in the passes (momentum 0).
+                state = self.state[w]
+                moment = AdamWMoments(
+                    step=int(state["step"].item()) if "step" in state else 0,
+                    exp_avg=bufs.get("exp_avg"),
+                    exp_avg_sq=bufs.get("exp_avg_sq"),
+                    row=state.get("exp_avg_row"),
+                    col=state.get("exp_avg_col"),
                 )
+                tracked = unpack_bits(w.bits.to(grad.device), w.weight_numel)
+                beta1, beta2 = group["betas"]
+                m, v = moments(grad, tracked, moment, beta1, beta2)
+                grads.append(grad)
+                adam.append((moment, tracked))
+                grad = direction(m, v, moment.step, beta1, beta2, group["eps"]).to(grad.dtype)
+                del m, v
             segments.append(
                 Segment(
                     seed=w.seed,
@@ -452,8 +522,8 @@ class DropBack(Optimizer):
                     values=w.values,
                     bits=w.bits,
                     group_ptr=w.group_ptr,
-                    grad=grad.reshape(-1).contiguous(),
-                    momentum=buf,
+                    grad=grad,
+                    momentum=bufs.get("momentum_buffer"),
                     scale_prev=w.scale_value,
                 )
             )
@@ -487,7 +557,13 @@ class DropBack(Optimizer):
                 results += res
                 plans.append((i, plan))
 
-        for i, p, res in zip(active, params, results):
+        # AdamW: the new tracked weights keep this step's moments; the factored estimate takes g^2.
+        new_moments = [
+            self._adamw_state(self.weights[i], grad, res, *state, group_of[id(self.weights[i])])
+            for i, grad, res, state in zip(active, grads, results, adam)
+        ]
+
+        for j, (i, p, res) in enumerate(zip(active, params, results)):
             w = self.weights[i]
             w.set_tracked(
                 BlockStorage(
@@ -495,7 +571,10 @@ class DropBack(Optimizer):
                 ),
                 scale=p.scale,
             )
-            if p.momentum != 0:
+            if adamw:
+                self.state[w].update(new_moments[j])
+                self._momentum_bits[i] = w.bits
+            elif p.momentum != 0:
                 self.state[w]["momentum_buffer"] = res.momentum
                 self._momentum_bits[i] = w.bits
             else:
@@ -504,11 +583,58 @@ class DropBack(Optimizer):
         for i, plan in plans:
             if plan is not None:
                 self.rules[i].load_state_dict(plan)
-        self._dense_sgd()
+        self._dense_update()
         self.step_count = n
         self.tracked_count = sum(w.nnz for w in self.weights)
         self._refresh_live_state()
         return loss
+
+    def _tracked_moments(self, i: int, w: BudgetedWeight) -> dict[str, torch.Tensor]:
+        """The optimizer state aligned with weight ``i``'s tracked values (momentum, or AdamW's
+        two moments), moved to the weight's current tracked set if it was replaced outside
+        step()."""
+        out = {}
+        ref = self._momentum_bits[i]
+        for key in TRACKED_MOMENTS[self.update]:
+            buf = self.state[w].get(key)
+            if buf is None:
+                continue
+            if ref is not None and not _same_bits(ref, w.bits):
+                # The tracked set was replaced outside step() (a model checkpoint loaded under a
+                # live optimizer, reset_tracked): move each moment to its weight's new position.
+                buf = _remap_momentum(buf, ref, w.bits, w.weight_numel)
+            if buf.numel() != w.nnz:
+                raise RuntimeError(
+                    f"{type(self).__name__}.step(): the {key} of {self._param_name(w)} has "
+                    f"{buf.numel()} entries but the weight tracks {w.nnz}: its tracked set was "
+                    "replaced outside step() (load the optimizer state saved with it)"
+                )
+            out[key] = buf
+        return out
+
+    @staticmethod
+    def _adamw_state(
+        w: BudgetedWeight,
+        grad: torch.Tensor,
+        res: Compacted,
+        moment: AdamWMoments,
+        tracked: torch.Tensor,
+        group: dict,
+    ) -> dict[str, torch.Tensor]:
+        """The AdamW state of ``w`` after a step that chose ``res`` (nothing written yet)."""
+        beta1, beta2 = group["betas"]
+        m, v = moments(grad, tracked, moment, beta1, beta2)
+        keep = unpack_bits(res.bits.to(m.device), w.weight_numel)
+        dtype = w.values.dtype
+        rows = w.shape[0]
+        row, col = factored_update(moment.row, moment.col, grad, rows, beta2)
+        return {
+            "step": torch.tensor(float(moment.step + 1)),
+            "exp_avg": m[keep].to(dtype),
+            "exp_avg_sq": v[keep].to(dtype),
+            "exp_avg_row": row,
+            "exp_avg_col": col,
+        }
 
     @staticmethod
     def _nothing_tracked(seg: Segment) -> Compacted:
@@ -530,11 +656,15 @@ class DropBack(Optimizer):
         geometries = [self.weights[i].geometry for i in ids]
         return rule.update(segments, params, k, geometries)
 
-    def _dense_sgd(self) -> None:
+    def _dense_update(self) -> None:
+        """The base rule (SGD, or torch.optim.AdamW's) on every parameter that is not budgeted."""
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
                 if is_budgeted(p) or p.grad is None:
+                    continue
+                if self.update == "adamw":
+                    dense_adamw_(p, p.grad, self.state[p], lr, group["betas"], group["eps"], wd)
                     continue
                 d_p = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
                 if mu != 0:
@@ -581,6 +711,7 @@ class DropBack(Optimizer):
             "tile": self.tile,
             "tracked_count": self.tracked_count,
             "selectors": [r.state_dict() for r in self.rules],
+            "update": self.update,
         }
 
     def _from_layer_layout(self, state_dict: dict[str, Any], name: str) -> dict[str, Any]:
@@ -622,9 +753,11 @@ class DropBack(Optimizer):
             state_dict = self._from_layer_layout(state_dict, name)
         # Checkpoints from before the tile granularity were element-granular.
         saved = {**extra, "granularity": extra.get("granularity", "element")}
-        # ... and decayed exponentially (no decay_steps).
+        # ... and decayed exponentially (no decay_steps), and before AdamW, with SGD.
         saved["decay_steps"] = extra.get("decay_steps")
-        keys = ["selection", "scope", "granularity", "init_decay", "decay_steps", "budget"]
+        saved["update"] = extra.get("update", "sgd")
+        keys = ["update", "selection", "scope", "granularity", "init_decay", "decay_steps"]
+        keys.append("budget")
         if self.granularity == "tile" and saved["granularity"] == "tile":
             saved["tile"] = tuple(extra.get("tile", ()))
             keys.append("tile")
@@ -634,25 +767,26 @@ class DropBack(Optimizer):
                     f"{name}: expected {key}={getattr(self, key)!r} as configured, "
                     f"checkpoint has {saved[key]!r}"
                 )
-        # Momentum of tracked weights must line up with the model's tracked sets.
+        # Moments of tracked weights must line up with the model's tracked sets.
         saved_state = state_dict["state"]
         current = [p for g in self.param_groups for p in g["params"]]
         for idx, p in enumerate(current):
             if not is_budgeted(p):
                 continue
-            buf = saved_state.get(idx, {}).get("momentum_buffer")
-            if buf is not None and buf.numel() != p.nnz:
-                raise ValueError(
-                    f"{name}: momentum of {self._param_name(p)} has {buf.numel()} entries but "
-                    f"the weight tracks {p.nnz}; load the model's state_dict first"
-                )
+            for key in TRACKED_MOMENTS[self.update]:
+                buf = saved_state.get(idx, {}).get(key)
+                if buf is not None and buf.numel() != p.nnz:
+                    what = "momentum" if key == "momentum_buffer" else key
+                    raise ValueError(
+                        f"{name}: {what} of {self._param_name(p)} has {buf.numel()} entries but "
+                        f"the weight tracks {p.nnz}; load the model's state_dict first"
+                    )
         rest = {k: v for k, v in state_dict.items() if k != "dropback"}
         super().load_state_dict(rest)
         # The loaded buffers belong to the model state loaded before them (the count check above
         # holds them to it): align them with the current tracked sets.
-        self._momentum_bits = [
-            w.bits if "momentum_buffer" in self.state[w] else None for w in self.weights
-        ]
+        key = TRACKED_MOMENTS[self.update][0]
+        self._momentum_bits = [w.bits if key in self.state[w] else None for w in self.weights]
         self.step_count = int(extra["step"])
         self.tracked_count = int(extra["tracked_count"])
         for rule, state in zip(self.rules, extra["selectors"]):
@@ -708,9 +842,14 @@ class DropBack(Optimizer):
         g = self.param_groups[0]
         tile = f", tile={self.tile}" if self.granularity == "tile" else ""
         groups = f", groups={len(self.param_groups)}" if len(self.param_groups) > 1 else ""
+        base = (
+            f"update='adamw', betas={g['betas']}, eps={g['eps']}"
+            if self.update == "adamw"
+            else f"momentum={g['momentum']}"
+        )
         return (
             f"{type(self).__name__}(lr={g['lr']}, budget={self.budget}/{self.total_weights}, "
-            f"momentum={g['momentum']}, weight_decay={g['weight_decay']}{groups}, "
+            f"{base}, weight_decay={g['weight_decay']}{groups}, "
             f"init_decay={self.init_decay}, decay_steps={self.decay_steps}, "
             f"selection={self.selection!r}, scope={self.scope!r}, "
             f"granularity={self.granularity!r}{tile}, "

@@ -1,0 +1,124 @@
+"""The AdamW update of budgeted weights (``update="adamw"``; docs/training_rule.md, "AdamW").
+
+AdamW keeps two moments per weight. On a budget only the tracked weights keep theirs (``exp_avg``
+and ``exp_avg_sq``, aligned with the tracked values), so optimizer memory stays proportional to the
+budget. What the untracked weights lack is the second moment that makes a fresh Adam step
+meaningful: with no history every fresh step ``g / sqrt(g^2)`` has the same magnitude and the score
+``|c - d_n * w0|`` would rank nothing. Each budgeted weight therefore also keeps a factored estimate
+of the second moment of *all* its weights (Adafactor's): an exponential average of the row means
+and of the column means of ``g^2`` over the weight seen as ``rows x cols`` (output features by the
+rest), ``O(rows + cols)`` numbers, from which ``v[i, j] ~ row[i] * col[j] / mean(row)``.
+
+Per step (``t`` = the weight's own step count, ``bc1 = 1 - beta1^t``, ``bc2 = 1 - beta2^t``):
+
+* tracked weights with moments: ``m = beta1 * m_old + (1 - beta1) * g``,
+  ``v = beta2 * v_old + (1 - beta2) * g^2`` (exact AdamW);
+* every other weight: ``m = bc1 * g`` (a first moment whose bias-corrected value is this step's
+  gradient) and ``v = beta2 * V + (1 - beta2) * g^2`` with ``V`` the factored estimate before the
+  step, so a weight entering the tracked set starts from moments as if it had always been tracked
+  (at step 1 this is exactly AdamW's first step: ``V = 0``);
+* direction ``D = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps)``.
+
+``D`` then takes the place of the gradient in the training rule's passes, with ``momentum = 0``:
+the candidate ``c = W - lr * (D + weight_decay * W)`` is AdamW's decoupled step, scored, selected
+and compacted by the same backend ops as the SGD rule (so every backend reproduces the AdamW
+variant exactly as it reproduces SGD). After the selection the new tracked weights keep
+``m`` and ``v`` and the factored estimate takes this step's ``g^2``.
+
+Everything here is elementwise PyTorch on the gradient's device, computed before anything is
+written (a step that fails leaves all state as it was).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["AdamWMoments", "direction", "moments", "factored_update", "dense_adamw_"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class AdamWMoments:
+    """The AdamW state of one budgeted weight before a step (from the optimizer's state)."""
+
+    step: int  # steps this weight has taken (its bias corrections)
+    exp_avg: Tensor | None  # first moments of the tracked weights (aligned with the values)
+    exp_avg_sq: Tensor | None  # second moments of the tracked weights
+    row: Tensor | None  # factored second moment: average row means of g^2 (rows,)
+    col: Tensor | None  # ... and column means (cols,)
+
+
+def moments(
+    grad: Tensor,
+    tracked: Tensor,
+    state: AdamWMoments,
+    beta1: float,
+    beta2: float,
+) -> tuple[Tensor, Tensor]:
+    """Dense ``(m, v)`` of this step for every weight (flat, transient), in the compute dtype.
+
+    ``grad`` is the flat dense gradient, ``tracked`` the flat bool mask of the tracked set that
+    ``state.exp_avg`` / ``state.exp_avg_sq`` are aligned with.
+    """
+    cdt = _compute_dtype(grad.dtype)
+    t = state.step + 1
+    g = grad.reshape(-1).to(cdt)
+    g2 = g * g
+    m = g * (1.0 - beta1**t)
+    v = g2 * (1.0 - beta2)
+    if state.row is not None:
+        # beta2 * V, V[i, j] = row[i] * col[j] / mean(row); an all-zero history gives 0.
+        mean = state.row.mean().clamp_min(torch.finfo(state.row.dtype).tiny)
+        history = (state.row.to(cdt) * beta2 / mean.to(cdt))[:, None] * state.col.to(cdt)[None, :]
+        v = v + history.reshape(-1)
+    if state.exp_avg is not None and state.exp_avg.numel():
+        gt, g2t = g[tracked], g2[tracked]
+        m[tracked] = state.exp_avg.to(cdt) * beta1 + gt * (1.0 - beta1)
+        v[tracked] = state.exp_avg_sq.to(cdt) * beta2 + g2t * (1.0 - beta2)
+    return m, v
+
+
+def direction(m: Tensor, v: Tensor, step: int, beta1: float, beta2: float, eps: float) -> Tensor:
+    """AdamW's step direction ``(m / bc1) / (sqrt(v) / sqrt(bc2) + eps)`` at step ``step + 1``."""
+    t = step + 1
+    bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
+    return (m / bc1) / (v.sqrt() / math.sqrt(bc2) + eps)
+
+
+def factored_update(
+    row: Tensor | None, col: Tensor | None, grad: Tensor, rows: int, beta2: float
+) -> tuple[Tensor, Tensor]:
+    """The factored second moment after this step's gradient (row and column means of ``g^2``)."""
+    cdt = _compute_dtype(grad.dtype)
+    g = grad.reshape(rows, -1).to(cdt)
+    g2 = g * g
+    r, c = g2.mean(dim=1) * (1.0 - beta2), g2.mean(dim=0) * (1.0 - beta2)
+    if row is None:
+        return r, c
+    return row * beta2 + r, col * beta2 + c
+
+
+def dense_adamw_(
+    p: Tensor, grad: Tensor, state: dict, lr: float, betas: tuple[float, float], eps: float, wd: float
+) -> None:
+    """``torch.optim.AdamW``'s update of one dense parameter (its single-tensor form), in place."""
+    beta1, beta2 = betas
+    if not state:
+        state["step"] = torch.tensor(0.0)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    state["step"] += 1
+    t = int(state["step"].item())
+    p.mul_(1 - lr * wd)
+    state["exp_avg"].lerp_(grad, 1 - beta1)
+    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bc1, bc2 = 1 - beta1**t, 1 - beta2**t
+    denom = (state["exp_avg_sq"].sqrt() / math.sqrt(bc2)).add_(eps)
+    p.addcdiv_(state["exp_avg"], denom, value=-lr / bc1)
