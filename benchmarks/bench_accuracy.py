@@ -28,6 +28,12 @@ budget to ``accuracy_<dataset>.png`` and a markdown table to ``accuracy_<dataset
     python benchmarks/bench_accuracy.py --quick          # smoke run
     python benchmarks/bench_accuracy.py --mnist DIR --models lenet300,lenet5 --epochs 10
     python benchmarks/bench_accuracy.py --cifar10 DIR --models resnet --epochs 30
+    python benchmarks/bench_accuracy.py --optimizer adamw --lr 0.003 --weight-decay 0.01 \
+        --methods dense,dropback,procrustes_rel --budgets 0.2,0.1,0.04
+
+With ``--optimizer adamw`` every method trains with AdamW instead of SGD with momentum: ``dense``
+with ``torch.optim.AdamW``, the sparse methods with the library's ``update="adamw"`` rule, the two
+baselines with AdamW on their masked weights; outputs are then ``accuracy_<dataset>_adamw.*``.
 
 Over 600 lines on purpose: one script per experiment is what a reader
 runs; its parts (data, models, training loops, the report) are short and used only here.
@@ -165,17 +171,28 @@ def _budgeted(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
+def dense_optimizer(params, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """The dense baseline's optimizer: SGD with momentum, or AdamW (``--optimizer``)."""
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(
+            params, lr=args.lr, betas=args.betas, weight_decay=args.weight_decay
+        )
+    return torch.optim.SGD(
+        params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+    )
+
+
 class MaskedSGD:
-    """SGD on a dense model whose budgeted weights are multiplied by fixed-shape masks.
+    """The dense optimizer on a model whose budgeted weights are multiplied by fixed-shape masks.
 
     ``static`` sets the masks once; ``gmp`` updates them on its schedule. Masked weights stay exactly
     zero (their gradient and momentum are masked too).
     """
 
     def __init__(
-        self, model: nn.Module, lr: float, momentum: float, masks: list[torch.Tensor]
+        self, model: nn.Module, args: argparse.Namespace, masks: list[torch.Tensor]
     ) -> None:
-        self.opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+        self.opt = dense_optimizer(model.parameters(), args)
         self.layers = _budgeted(model)
         self.masks = masks
         self.apply_masks()
@@ -198,9 +215,10 @@ class MaskedSGD:
         with torch.no_grad():
             for layer, mask in zip(self.layers, self.masks):
                 layer.weight.mul_(mask)
-                buf = self.opt.state.get(layer.weight, {}).get("momentum_buffer")
-                if buf is not None:
-                    buf.mul_(mask)
+                for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+                    buf = self.opt.state.get(layer.weight, {}).get(key)
+                    if buf is not None:
+                        buf.mul_(mask)
 
     def zero_grad(self) -> None:
         self.opt.zero_grad()
@@ -238,14 +256,13 @@ class GradualMagnitudePruning(MaskedSGD):
     def __init__(
         self,
         model: nn.Module,
-        lr: float,
-        momentum: float,
+        args: argparse.Namespace,
         k: int,
         total_steps: int,
         every: int = 10,
     ) -> None:
         masks = [torch.ones_like(m.weight, dtype=torch.bool) for m in _budgeted(model)]
-        super().__init__(model, lr, momentum, masks)
+        super().__init__(model, args, masks)
         self.model, self.k, self.every = model, k, every
         self.n = sum(m.numel() for m in masks)
         self.end = max(1, int(0.75 * total_steps))
@@ -316,11 +333,16 @@ def run_one(
             "procrustes_rel": {"decay_steps": max(1, round(total_steps * args.decay_frac))},
         }[base]
         selection = "topk" if base == "dropback" else "quantile"
+        if args.optimizer == "adamw":
+            rule = {"update": "adamw", "betas": args.betas}
+        else:
+            rule = {"momentum": args.momentum}
         opt = pk.DropBack(
             model.parameters(),
             args.lr,
             budget=k,
-            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+            **rule,
             **decay,
             selection=selection,
             scope=scope or "global",
@@ -330,17 +352,21 @@ def run_one(
     else:
         model = pk.densify(copy.deepcopy(sparse_init))
         if method == "dense":
-            opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+            opt = dense_optimizer(model.parameters(), args)
         elif method == "static":
             masks = random_masks(model, k, torch.Generator().manual_seed(seed + 12345))
-            opt = MaskedSGD(model, args.lr, args.momentum, masks)
+            opt = MaskedSGD(model, args, masks)
             opt.rescale_kept()
         else:
-            opt = GradualMagnitudePruning(model, args.lr, args.momentum, k, total_steps)
+            opt = GradualMagnitudePruning(model, args, k, total_steps)
     init = weight_list(model)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt.opt if isinstance(opt, MaskedSGD) else opt,
-        lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / total_steps)),
+        lambda t: (
+            min(1.0, (t + 1) / max(1.0, args.warmup * total_steps))
+            * 0.5
+            * (1 + math.cos(math.pi * min(t, total_steps) / total_steps))
+        ),
     )
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
@@ -494,7 +520,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (--optimizer sgd)")
+    p.add_argument(
+        "--optimizer",
+        choices=("sgd", "adamw"),
+        default="sgd",
+        help="base rule of every method: SGD with momentum, or AdamW (sparse: update='adamw')",
+    )
+    p.add_argument("--betas", default="0.9,0.999", help="AdamW's beta1,beta2 (--optimizer adamw)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument(
+        "--warmup", type=float, default=0.0, help="fraction of the steps of linear lr warm-up"
+    )
+    p.add_argument("--tag", default="", help="suffix of the output files' names")
     p.add_argument("--max-train", type=int, default=None)
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel, one thread each")
     p.add_argument("--quick", action="store_true", help="one model, one seed, 2 budgets, 2 epochs")
@@ -527,11 +565,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
         assert len(args.tile) == 2 and min(args.tile) > 0
     except (ValueError, AssertionError):
         p.error(f"--tile: expected two positive ints 'rows,cols', got {args.tile!r}")
+    try:
+        args.betas = tuple(float(v) for v in args.betas.split(","))
+        assert len(args.betas) == 2 and all(0 <= b < 1 for b in args.betas)
+    except (ValueError, AssertionError):
+        p.error(f"--betas: expected two numbers in [0, 1) 'beta1,beta2', got {args.betas!r}")
+    if not 0 <= args.warmup < 1:
+        p.error(f"--warmup: expected a fraction in [0, 1), got {args.warmup}")
+    if args.weight_decay < 0 or not math.isfinite(args.weight_decay):
+        p.error(f"--weight-decay: expected a number >= 0, got {args.weight_decay}")
     command = shlex.join(
         ["python", "benchmarks/bench_accuracy.py", *(argv if argv is not None else sys.argv[1:])]
     )
     data = load(args)
-    tag = data.name + ("_quick" if args.quick else "")
+    tag = data.name + ("_adamw" if args.optimizer == "adamw" else "")
+    tag += ("_" + args.tag if args.tag else "") + ("_quick" if args.quick else "")
     print(
         f"{data!r}; models {models}; methods {methods}; budgets {budgets}; {args.seeds} seeds",
         flush=True,
@@ -595,8 +643,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         writer.writeheader()
         for r in rows:
             writer.writerow({**r, **info, "backend": pk.ops.backend_for("cpu"), "command": command})
+    rule = (
+        f"AdamW lr {args.lr:g} cosine, betas {args.betas}"
+        if args.optimizer == "adamw"
+        else f"SGD lr {args.lr:g} cosine, momentum {args.momentum:g}"
+    )
     title = (
-        f"{data.name}: SGD lr {args.lr:g} cosine, momentum {args.momentum:g}, batch {args.batch_size}, "
+        f"{data.name}: {rule}, warm-up {args.warmup:g}, weight decay {args.weight_decay:g}, "
+        f"batch {args.batch_size}, "
         f"{args.epochs} epochs, {args.seeds} seeds (mean +- std)"
     )
     plot(rows, models, args.out / f"accuracy_{tag}.png", title)

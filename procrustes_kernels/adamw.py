@@ -11,13 +11,19 @@ rest), ``O(rows + cols)`` numbers, from which ``v[i, j] ~ row[i] * col[j] / mean
 
 Per step (``t`` = the weight's own step count, ``bc1 = 1 - beta1^t``, ``bc2 = 1 - beta2^t``):
 
+* the factored estimate takes this step's ``g^2``: ``row = beta2 * row + (1 - beta2) *
+  rowmean(g^2)``, ``col`` likewise (zero before step 1), ``V[i, j] = row[i] * col[j] / mean(row)``;
 * tracked weights with moments: ``m = beta1 * m_old + (1 - beta1) * g``,
   ``v = beta2 * v_old + (1 - beta2) * g^2`` (exact AdamW);
-* every other weight: ``m = bc1 * g`` (a first moment whose bias-corrected value is this step's
-  gradient) and ``v = beta2 * V + (1 - beta2) * g^2`` with ``V`` the factored estimate before the
-  step, so a weight entering the tracked set starts from moments as if it had always been tracked
-  (at step 1 this is exactly AdamW's first step: ``V = 0``);
+* every other weight: ``m = (1 - beta1) * g`` (AdamW's fresh first moment: no history) and
+  ``v = V[i, j]`` (the second moment it would have, estimated from its row and column);
 * direction ``D = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps)``.
+
+An untracked weight's score is then the AdamW step it would take if it entered the tracked set:
+its gradient relative to the typical gradient of its row and column (so even step 1 ranks the
+weights, where ``g / sqrt(g^2)`` would tie them all), and shrinking with the bias correction as
+training goes on, as a fresh AdamW moment does. A weight that enters keeps exactly these ``m`` and
+``v``, and tracked weights follow AdamW exactly from then on.
 
 ``D`` then takes the place of the gradient in the training rule's passes, with ``momentum = 0``:
 the candidate ``c = W - lr * (D + weight_decay * W)`` is AdamW's decoupled step, scored, selected
@@ -59,25 +65,24 @@ def moments(
     grad: Tensor,
     tracked: Tensor,
     state: AdamWMoments,
+    row: Tensor,
+    col: Tensor,
     beta1: float,
     beta2: float,
 ) -> tuple[Tensor, Tensor]:
     """Dense ``(m, v)`` of this step for every weight (flat, transient), in the compute dtype.
 
     ``grad`` is the flat dense gradient, ``tracked`` the flat bool mask of the tracked set that
-    ``state.exp_avg`` / ``state.exp_avg_sq`` are aligned with.
+    ``state.exp_avg`` / ``state.exp_avg_sq`` are aligned with, ``row`` / ``col`` the factored
+    estimate after this step (:func:`factored_update`).
     """
     cdt = _compute_dtype(grad.dtype)
-    t = state.step + 1
     g = grad.reshape(-1).to(cdt)
     g2 = g * g
-    m = g * (1.0 - beta1**t)
-    v = g2 * (1.0 - beta2)
-    if state.row is not None:
-        # beta2 * V, V[i, j] = row[i] * col[j] / mean(row); an all-zero history gives 0.
-        mean = state.row.mean().clamp_min(torch.finfo(state.row.dtype).tiny)
-        history = (state.row.to(cdt) * beta2 / mean.to(cdt))[:, None] * state.col.to(cdt)[None, :]
-        v = v + history.reshape(-1)
+    m = g * (1.0 - beta1)
+    # V[i, j] = row[i] * col[j] / mean(row); an all-zero gradient so far gives 0.
+    mean = row.mean().clamp_min(torch.finfo(row.dtype).tiny)
+    v = ((row / mean)[:, None] * col[None, :]).reshape(-1).to(cdt)
     if state.exp_avg is not None and state.exp_avg.numel():
         gt, g2t = g[tracked], g2[tracked]
         m[tracked] = state.exp_avg.to(cdt) * beta1 + gt * (1.0 - beta1)
@@ -106,7 +111,13 @@ def factored_update(
 
 
 def dense_adamw_(
-    p: Tensor, grad: Tensor, state: dict, lr: float, betas: tuple[float, float], eps: float, wd: float
+    p: Tensor,
+    grad: Tensor,
+    state: dict,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    wd: float,
 ) -> None:
     """``torch.optim.AdamW``'s update of one dense parameter (its single-tensor form), in place."""
     beta1, beta2 = betas

@@ -509,9 +509,10 @@ class DropBack(Optimizer):
                 )
                 tracked = unpack_bits(w.bits.to(grad.device), w.weight_numel)
                 beta1, beta2 = group["betas"]
-                m, v = moments(grad, tracked, moment, beta1, beta2)
+                row, col = factored_update(moment.row, moment.col, grad, w.shape[0], beta2)
+                m, v = moments(grad, tracked, moment, row, col, beta1, beta2)
                 grads.append(grad)
-                adam.append((moment, tracked))
+                adam.append((moment, tracked, row, col))
                 grad = direction(m, v, moment.step, beta1, beta2, group["eps"]).to(grad.dtype)
                 del m, v
             segments.append(
@@ -619,15 +620,15 @@ class DropBack(Optimizer):
         res: Compacted,
         moment: AdamWMoments,
         tracked: torch.Tensor,
+        row: torch.Tensor,
+        col: torch.Tensor,
         group: dict,
     ) -> dict[str, torch.Tensor]:
         """The AdamW state of ``w`` after a step that chose ``res`` (nothing written yet)."""
         beta1, beta2 = group["betas"]
-        m, v = moments(grad, tracked, moment, beta1, beta2)
+        m, v = moments(grad, tracked, moment, row, col, beta1, beta2)
         keep = unpack_bits(res.bits.to(m.device), w.weight_numel)
         dtype = w.values.dtype
-        rows = w.shape[0]
-        row, col = factored_update(moment.row, moment.col, grad, rows, beta2)
         return {
             "step": torch.tensor(float(moment.step + 1)),
             "exp_avg": m[keep].to(dtype),

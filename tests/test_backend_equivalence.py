@@ -777,16 +777,17 @@ def test_sparse_conv2d_t(poison, backend, shape, xd, vd):
 STEPS = 8
 
 
-def train_on(backend, model, device, selection, scope, mu, wd):
+def train_on(backend, model, device, selection, scope, mu, wd, update="sgd"):
     """Eight steps of DropBack / Procrustes with every op on ``backend``; what is stored after
     each, and the optimizer's final extra state."""
     g = torch.Generator().manual_seed(5)
     opt = pk.DropBack(
         model.parameters(),
-        lr=0.2,
+        lr=0.2 if update == "sgd" else 0.02,
         budget=0.1,
         momentum=mu,
         weight_decay=wd,
+        update=update,
         init_decay=0.8,
         selection=selection,
         scope=scope,
@@ -806,7 +807,9 @@ def train_on(backend, model, device, selection, scope, mu, wd):
                     "bits": w.bits.cpu().clone(),
                     "group_ptr": w.group_ptr.cpu().clone(),
                     "values": w.values.cpu().clone(),
-                    "momentum": opt.state[w].get("momentum_buffer"),
+                    "momentum": opt.state[w].get(
+                        "momentum_buffer" if update == "sgd" else "exp_avg_sq"
+                    ),
                     "effective": w.effective().cpu(),
                 }
                 for w in opt.weights
@@ -821,13 +824,18 @@ def train_on(backend, model, device, selection, scope, mu, wd):
 @pytest.mark.parametrize("backend", TESTED)
 @pytest.mark.parametrize("selection", ["topk", "quantile"])
 @pytest.mark.parametrize("scope", ["global", "layer"])
-@pytest.mark.parametrize("mu,wd", [(0.0, 0.0), (0.9, 1e-3)], ids=["sgd", "momentum_wd"])
-def test_optimizer_matches_reference_backend(backend, selection, scope, mu, wd):
+@pytest.mark.parametrize(
+    "mu,wd,update",
+    [(0.0, 0.0, "sgd"), (0.9, 1e-3, "sgd"), (0.0, 1e-2, "adamw")],
+    ids=["sgd", "momentum_wd", "adamw"],
+)
+def test_optimizer_matches_reference_backend(backend, selection, scope, mu, wd, update):
     torch.manual_seed(0)
     device = device_of(backend)
     model = pk.sparsify(mlp(13, 29, 5), seed=11).to(device)
-    got, got_state = train_on(backend, copy.deepcopy(model), device, selection, scope, mu, wd)
-    want, want_state = train_on("reference", model, device, selection, scope, mu, wd)
+    run = (device, selection, scope, mu, wd, update)
+    got, got_state = train_on(backend, copy.deepcopy(model), *run)
+    want, want_state = train_on("reference", model, *run)
     tol = TOLERANCES[backend]
     for step, ((g_layers, g_count), (w_layers, w_count)) in enumerate(zip(got, want)):
         assert g_count == w_count, f"step {step + 1}: tracked count {g_count} != {w_count}"
