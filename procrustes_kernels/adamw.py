@@ -17,13 +17,22 @@ Per step (``t`` = the weight's own step count, ``bc1 = 1 - beta1^t``, ``bc2 = 1 
   ``v = beta2 * v_old + (1 - beta2) * g^2`` (exact AdamW);
 * every other weight: ``m = (1 - beta1) * g`` (AdamW's fresh first moment: no history) and
   ``v = V[i, j]`` (the second moment it would have, estimated from its row and column);
-* direction ``D = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps)``.
+* direction ``D = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps)``, times ``f`` (below) for untracked
+  weights.
 
-An untracked weight's score is then the AdamW step it would take if it entered the tracked set:
-its gradient relative to the typical gradient of its row and column (so even step 1 ranks the
-weights, where ``g / sqrt(g^2)`` would tie them all), and shrinking with the bias correction as
-training goes on, as a fresh AdamW moment does. A weight that enters keeps exactly these ``m`` and
-``v``, and tracked weights follow AdamW exactly from then on.
+An untracked weight's direction is then the AdamW step it would take if it entered the tracked
+set: its gradient relative to the typical gradient of its row and column (so even step 1 ranks the
+weights, where ``g / sqrt(g^2)`` would tie them all), shrinking with the bias correction as
+training goes on, as a fresh AdamW moment does. One more factor decides between layers: AdamW
+moves every weight by about ``lr`` per step whatever its layer's gradient scale, so directions
+alone would spread a global budget evenly over the layers, while the loss pulls much harder on
+some (a small first convolution). Under ``scope="global"`` an untracked weight's direction is
+therefore multiplied by ``f = sqrt(L / G)``, its layer's RMS gradient relative to the budget's
+(``L`` the layer's bias-corrected mean ``g^2`` from the factored estimate, ``G`` its mean over the
+budget's weights; :func:`budget_scales`): within a layer this is the AdamW step, across layers the
+budget goes where the gradient is (as the SGD rule's scores do). With ``scope="layer"``, ``f = 1``.
+A weight that enters keeps ``m`` and ``v`` as above (``f`` scales its first step only) and
+tracked weights follow AdamW exactly from then on.
 
 ``D`` then takes the place of the gradient in the training rule's passes, with ``momentum = 0``:
 the candidate ``c = W - lr * (D + weight_decay * W)`` is AdamW's decoupled step, scored, selected
@@ -43,7 +52,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["AdamWMoments", "direction", "moments", "factored_update", "dense_adamw_"]
+__all__ = [
+    "AdamWMoments",
+    "budget_scales",
+    "dense_adamw_",
+    "direction",
+    "factored_update",
+    "moments",
+]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -133,3 +149,19 @@ def dense_adamw_(
     bc1, bc2 = 1 - beta1**t, 1 - beta2**t
     denom = (state["exp_avg_sq"].sqrt() / math.sqrt(bc2)).add_(eps)
     p.addcdiv_(state["exp_avg"], denom, value=-lr / bc1)
+
+
+def budget_scales(
+    rows: list[Tensor], numels: list[int], steps: list[int], beta2s: list[float]
+) -> list[Tensor]:
+    """``f = sqrt(L / G)`` of each weight sharing one budget: the RMS of its gradient relative to
+    the budget's, from the factored estimates. ``L = mean(row) / bc2`` (the weight's bias-corrected
+    mean ``g^2``), ``G`` the mean of ``L`` over the budget's weights weighted by their ``numels``;
+    ``f = 1`` while ``G`` is 0. 0-d tensors on the rows' device (no host read)."""
+    levels = [row.mean() / (1.0 - b2**t) for row, t, b2 in zip(rows, steps, beta2s)]
+    total = sum(numels)
+    mean = sum(level * (n / total) for level, n in zip(levels, numels))
+    return [
+        torch.where(mean > 0, (level / mean.clamp_min(torch.finfo(mean.dtype).tiny)).sqrt(), 1.0)
+        for level in levels
+    ]

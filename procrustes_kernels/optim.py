@@ -35,7 +35,14 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from .adamw import AdamWMoments, dense_adamw_, direction, factored_update, moments
+from .adamw import (
+    AdamWMoments,
+    budget_scales,
+    dense_adamw_,
+    direction,
+    factored_update,
+    moments,
+)
 from .compute import COMPUTE_TILE_SIZES
 from .ops import Compacted, Segment, StepParams
 from .rules import Rule, make_rule
@@ -510,11 +517,8 @@ class DropBack(Optimizer):
                 tracked = unpack_bits(w.bits.to(grad.device), w.weight_numel)
                 beta1, beta2 = group["betas"]
                 row, col = factored_update(moment.row, moment.col, grad, w.shape[0], beta2)
-                m, v = moments(grad, tracked, moment, row, col, beta1, beta2)
                 grads.append(grad)
                 adam.append((moment, tracked, row, col))
-                grad = direction(m, v, moment.step, beta1, beta2, group["eps"]).to(grad.dtype)
-                del m, v
             segments.append(
                 Segment(
                     seed=w.seed,
@@ -539,6 +543,9 @@ class DropBack(Optimizer):
                 )
             )
 
+        if adamw:
+            groups = [group_of[id(self.weights[i])] for i in active]
+            self._adamw_directions(segments, grads, adam, groups)
         # Everything new is computed first; nothing is written until all of it succeeded.
         results: list[Compacted] = []
         plans: list[tuple[int, dict | None]] = []
@@ -612,6 +619,30 @@ class DropBack(Optimizer):
                 )
             out[key] = buf
         return out
+
+    def _adamw_directions(
+        self, segments: list[Segment], grads: list, adam: list, groups: list[dict]
+    ) -> None:
+        """AdamW's direction takes each gradient's place in the passes (with momentum 0); under
+        the global scope untracked weights' directions carry their layer's gradient scale."""
+        if self.scope == "global":
+            scales = budget_scales(
+                [a[2] for a in adam],
+                [seg.numel for seg in segments],
+                [a[0].step + 1 for a in adam],
+                [g["betas"][1] for g in groups],
+            )
+        else:
+            scales = [None] * len(adam)
+        for seg, grad, (moment, tracked, row, col), group, f in zip(
+            segments, grads, adam, groups, scales
+        ):
+            beta1, beta2 = group["betas"]
+            m, v = moments(grad, tracked, moment, row, col, beta1, beta2)
+            d = direction(m, v, moment.step, beta1, beta2, group["eps"])
+            if f is not None:
+                d = torch.where(tracked, d, d * f)
+            seg.grad = d.to(grad.dtype)
 
     @staticmethod
     def _adamw_state(

@@ -19,7 +19,13 @@ from helpers import assert_same_tensor, batches, make, save_bytes, sparse_weight
 from torch import nn
 
 import procrustes_kernels as pk
-from procrustes_kernels.adamw import AdamWMoments, direction, factored_update, moments
+from procrustes_kernels.adamw import (
+    AdamWMoments,
+    budget_scales,
+    direction,
+    factored_update,
+    moments,
+)
 from procrustes_kernels.philox import init_values
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
@@ -56,8 +62,22 @@ def test_golden_moments_and_direction():
     assert v.tolist() == pytest.approx([1.0, 0.9 * 2.0 + 0.1 * 4.0, 3.0, 6.0])
     d = direction(m, v, 2, 0.8, 0.9, 1e-8)
     bc1, bc2 = 1 - 0.8**3, 1 - 0.9**3
-    want = [(mi / bc1) / (math.sqrt(vi) / math.sqrt(bc2) + 1e-8) for mi, vi in zip(m.tolist(), v.tolist())]
+    want = [
+        (mi / bc1) / (math.sqrt(vi) / math.sqrt(bc2) + 1e-8)
+        for mi, vi in zip(m.tolist(), v.tolist())
+    ]
     assert d.tolist() == pytest.approx(want)
+
+
+def test_golden_budget_scales():
+    # layer a: 4 weights, mean g^2 (rows' mean) 1 at step 1 of beta2 0.5 (bc2 0.5): L = 2;
+    # layer b: 12 weights, L = 8 / 0.5 = 16; G = (4 * 2 + 12 * 16) / 16 = 12.5
+    rows = [torch.tensor([0.5, 1.5]), torch.tensor([8.0, 8.0, 8.0])]
+    fa, fb = budget_scales(rows, [4, 12], [1, 1], [0.5, 0.5])
+    assert float(fa) == pytest.approx(math.sqrt(2 / 12.5))
+    assert float(fb) == pytest.approx(math.sqrt(16 / 12.5))
+    zero = budget_scales([torch.zeros(2), torch.zeros(3)], [4, 6], [1, 1], [0.5, 0.5])
+    assert [float(f) for f in zero] == [1.0, 1.0]
 
 
 def test_an_all_zero_gradient_gives_a_zero_direction():
@@ -104,15 +124,23 @@ def emulate(model, data, steps, lr, budget, wd, init_decay):
         F.cross_entropy(dense(x), y).backward()
         d = pk.decay_factor(n + 1, init_decay)
         cands, scores, news = [], [], []
-        for layer, s, base in zip(layers, state, w0):
+        t = n + 1
+        factored = [
+            factored_update(s["row"], s["col"], layer.weight.grad, layer.weight.shape[0], B2)
+            for layer, s in zip(layers, state)
+        ]
+        # each layer's mean g^2 against the budget's: untracked directions carry sqrt(L / G)
+        levels = [row.mean() / (1 - B2**t) for row, _ in factored]
+        sizes = [layer.weight.numel() for layer in layers]
+        G = sum(lv * sz for lv, sz in zip(levels, sizes)) / sum(sizes)
+        for layer, s, base, (row, col), level in zip(layers, state, w0, factored, levels):
             g = layer.weight.grad.reshape(-1)
             W = layer.weight.detach().reshape(-1)
-            row, col = factored_update(s["row"], s["col"], g, layer.weight.shape[0], B2)
             v_fact = ((row / row.mean())[:, None] * col[None, :]).reshape(-1)
             m = torch.where(s["tracked"], s["m"] * B1 + g * (1 - B1), g * (1 - B1))
             v = torch.where(s["tracked"], s["v"] * B2 + g * g * (1 - B2), v_fact)
-            t = n + 1
             D = (m / (1 - B1**t)) / (v.sqrt() / math.sqrt(1 - B2**t) + EPS)
+            D = torch.where(s["tracked"], D, D * (level / G).sqrt())
             c = W.add(D.add(W, alpha=wd), alpha=-lr)
             cands.append(c)
             scores.append((c - base.reshape(-1) * d).abs())
