@@ -61,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine_info, print_table  # noqa: E402
 
 import procrustes_kernels as pk  # noqa: E402
-from procrustes_kernels import BlockStorage  # noqa: E402
+from procrustes_kernels import BlockStorage, cli  # noqa: E402
 
 METHODS = (
     "dense",
@@ -508,19 +508,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
         default=",".join(DEFAULT_METHODS),
         help=f"names from {METHODS}, sparse ones optionally @layer",
     )
-    p.add_argument("--budgets", default=",".join(f"{b:g}" for b in BUDGETS))
+    p.add_argument(
+        "--budgets",
+        default=None,
+        help="fractions in (0, 1], comma-separated (default "
+        + ",".join(f"{b:g}" for b in BUDGETS)
+        + "; --quick: 0.1,0.04)",
+    )
     p.add_argument(
         "--decay-frac",
-        type=float,
+        type=cli.number_in(0, 1, low_open=True),
         default=0.5,
         help="procrustes_rel: fraction of training after which untracked weights are zero",
     )
     p.add_argument("--tile", default="16,16", help="rows,cols of a tile for the *_tile methods")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (--optimizer sgd)")
+    p.add_argument("--seeds", type=cli.int_at_least(1), default=None, help="default 3")
+    p.add_argument("--epochs", type=cli.int_at_least(1), default=20)
+    p.add_argument("--batch-size", type=cli.int_at_least(1), default=64)
+    p.add_argument("--lr", type=cli.float_at_least(0), default=0.1)
+    p.add_argument(
+        "--momentum",
+        type=cli.number_in(0, 1, high_open=True),
+        default=None,
+        help="SGD momentum (--optimizer sgd; default 0.9)",
+    )
     p.add_argument(
         "--optimizer",
         choices=("sgd", "adamw"),
@@ -528,21 +539,39 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="base rule of every method: SGD with momentum, or AdamW (sparse: update='adamw')",
     )
     p.add_argument("--betas", default="0.9,0.999", help="AdamW's beta1,beta2 (--optimizer adamw)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=cli.float_at_least(0), default=0.0)
     p.add_argument(
-        "--warmup", type=float, default=0.0, help="fraction of the steps of linear lr warm-up"
+        "--warmup",
+        type=cli.number_in(0, 1, high_open=True),
+        default=0.0,
+        help="fraction of the steps of linear lr warm-up",
     )
     p.add_argument("--tag", default="", help="suffix of the output files' names")
-    p.add_argument("--max-train", type=int, default=None)
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel, one thread each")
-    p.add_argument("--quick", action="store_true", help="one model, one seed, 2 budgets, 2 epochs")
+    p.add_argument("--max-train", type=cli.int_at_least(1), default=None)
+    p.add_argument(
+        "--jobs", type=cli.int_at_least(1), default=1, help="runs in parallel, one thread each"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="one model, one seed, 2 budgets, 2 epochs (so not with --seeds or --budgets)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    if args.optimizer == "adamw" and args.momentum is not None:
+        p.error("--momentum: applies to --optimizer sgd; AdamW's first moment is --betas")
+    args.momentum = 0.9 if args.momentum is None else args.momentum
     if args.quick:
+        for name in ("seeds", "budgets"):
+            if getattr(args, name) is not None:
+                p.error(f"--quick: sets its own --{name}; expected no --{name} with it")
         args.models = args.models or "lenet300"
         args.seeds, args.epochs = 1, min(args.epochs, 2)
         args.budgets = "0.1,0.04"
         args.max_train = args.max_train or 512
+    args.seeds = 3 if args.seeds is None else args.seeds
+    if args.budgets is None:
+        args.budgets = ",".join(f"{b:g}" for b in BUDGETS)
     default_models = "resnet" if args.cifar10 else "lenet300,lenet5"
     models = (args.models or default_models).split(",")
     for m in models:
@@ -557,9 +586,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             or (scope and base in ("dense", "static", "gmp"))
         ):
             p.error(f"--methods: expected names from {METHODS}, got {m!r}")
-    budgets = [float(b) for b in args.budgets.split(",")]
-    if not 0 < args.decay_frac <= 1:
-        p.error(f"--decay-frac: expected a fraction in (0, 1], got {args.decay_frac}")
+    try:
+        budgets = [cli.fraction(b) for b in args.budgets.split(",")]
+    except argparse.ArgumentTypeError as e:
+        p.error(f"--budgets: {e}")
     try:
         args.tile = tuple(int(v) for v in args.tile.split(","))
         assert len(args.tile) == 2 and min(args.tile) > 0
@@ -570,10 +600,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         assert len(args.betas) == 2 and all(0 <= b < 1 for b in args.betas)
     except (ValueError, AssertionError):
         p.error(f"--betas: expected two numbers in [0, 1) 'beta1,beta2', got {args.betas!r}")
-    if not 0 <= args.warmup < 1:
-        p.error(f"--warmup: expected a fraction in [0, 1), got {args.warmup}")
-    if args.weight_decay < 0 or not math.isfinite(args.weight_decay):
-        p.error(f"--weight-decay: expected a number >= 0, got {args.weight_decay}")
     command = shlex.join(
         ["python", "benchmarks/bench_accuracy.py", *(argv if argv is not None else sys.argv[1:])]
     )

@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine_info, print_table  # noqa: E402
 
 import procrustes_kernels as pk  # noqa: E402
+from procrustes_kernels import cli  # noqa: E402
 
 METHODS = ("dense", "dropback", "procrustes")
 
@@ -64,8 +65,8 @@ def stdlib_text(val_every: int, max_bytes: int) -> tuple[torch.Tensor, torch.Ten
         if len(dest) < (max_bytes // val_every if dest is val else max_bytes):
             dest += path.read_bytes()
     return (
-        torch.frombuffer(bytes(train), dtype=torch.uint8).long(),
-        torch.frombuffer(bytes(val), dtype=torch.uint8).long(),
+        torch.frombuffer(train, dtype=torch.uint8).long(),
+        torch.frombuffer(val, dtype=torch.uint8).long(),
     )
 
 
@@ -161,7 +162,7 @@ def run_one(method, budget, init, train, val, val_starts, args) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % args.eval_every == 0 or step == args.steps:
             curve.append((step, evaluate(model, val, val_starts, args)))
             print(
@@ -212,31 +213,48 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     p.add_argument("--methods", default=",".join(METHODS), help=f"names from {METHODS}")
     p.add_argument("--budgets", default="0.1,0.04", help="fractions of the budgeted weights")
-    p.add_argument("--steps", type=int, default=1200)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--context", type=int, default=64)
-    p.add_argument("--d-model", type=int, default=96)
-    p.add_argument("--layers", type=int, default=3)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--sparse-lr", type=float, default=None, help="lr of the sparse runs (--lr)")
+    size = cli.int_at_least(1)
+    p.add_argument("--steps", type=size, default=None, help="training steps (default 1200)")
+    p.add_argument("--batch-size", type=size, default=32)
+    p.add_argument("--context", type=size, default=64)
+    p.add_argument("--d-model", type=size, default=96)
+    p.add_argument("--layers", type=size, default=3)
+    p.add_argument("--heads", type=size, default=4)
+    p.add_argument("--lr", type=cli.float_at_least(0), default=3e-3)
+    p.add_argument(
+        "--sparse-lr", type=cli.float_at_least(0), default=None, help="lr of the sparse runs (--lr)"
+    )
     p.add_argument("--betas", default="0.9,0.99")
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps of lr warm-up")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--val-batches", type=int, default=16)
-    p.add_argument("--val-every", type=int, default=10, help="every n-th source file validates")
-    p.add_argument("--max-bytes", type=int, default=4_000_000, help="training text cap")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="tiny model, 30 steps (a smoke run)")
+    p.add_argument("--weight-decay", type=cli.float_at_least(0), default=0.01)
+    p.add_argument(
+        "--warmup",
+        type=cli.number_in(0, 1, high_open=True),
+        default=0.05,
+        help="fraction of steps of lr warm-up",
+    )
+    p.add_argument("--clip", type=cli.float_at_least(0), default=1.0, help="gradient norm clipping")
+    p.add_argument("--eval-every", type=size, default=100)
+    p.add_argument("--val-batches", type=size, default=16)
+    p.add_argument(
+        "--val-every", type=cli.int_at_least(2), default=10, help="every n-th source file validates"
+    )
+    p.add_argument("--max-bytes", type=size, default=4_000_000, help="training text cap")
+    p.add_argument("--seed", type=cli.int_at_least(0), default=0)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny model, 30 steps (a smoke run; sets the sizes, so not with --steps)",
+    )
     p.add_argument("--tag", default="stdlib")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    if args.quick and args.steps is not None:
+        p.error("--quick: sets the steps and sizes of a smoke run; expected no --steps with it")
     if args.quick:
         args.steps, args.eval_every, args.val_batches = 30, 15, 2
         args.d_model, args.layers, args.context, args.batch_size = 32, 1, 32, 8
         args.max_bytes, args.tag = 300_000, args.tag + "_quick"
+    args.steps = 1200 if args.steps is None else args.steps
     methods = args.methods.split(",")
     for m in methods:
         if m not in METHODS:
@@ -251,15 +269,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         assert len(args.betas) == 2 and all(0 <= b < 1 for b in args.betas)
     except (ValueError, AssertionError):
         p.error(f"--betas: expected two numbers in [0, 1) 'beta1,beta2', got {args.betas!r}")
-    for name in ("steps", "batch_size", "context", "d_model", "layers", "heads", "eval_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')}: expected an int >= 1, got {getattr(args, name)}")
     if args.d_model % args.heads:
         p.error(f"--heads: expected a divisor of --d-model {args.d_model}, got {args.heads}")
-    if not 0 <= args.warmup < 1:
-        p.error(f"--warmup: expected a fraction in [0, 1), got {args.warmup}")
-    if args.val_every < 2:
-        p.error(f"--val-every: expected an int >= 2, got {args.val_every}")
     command = shlex.join(
         ["python", "benchmarks/bench_transformer.py", *(argv if argv is not None else sys.argv[1:])]
     )

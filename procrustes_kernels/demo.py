@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from . import cli
 from .convert import densify, sparsify
 from .data import Dataset, load_cifar10, load_digits, load_mnist
 from .optim import DropBack, Procrustes
@@ -214,22 +215,24 @@ def main(argv: list[str] | None = None) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--mnist", metavar="DIR", help="MNIST IDX files (default: sklearn digits)")
     src.add_argument("--cifar10", metavar="DIR", help="CIFAR-10 python batches")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--budget", type=float, default=0.1, help="tracked fraction (0.1 = 10x)")
+    p.add_argument("--epochs", type=cli.int_at_least(1), default=20)
+    p.add_argument("--batch-size", type=cli.int_at_least(1), default=64)
+    p.add_argument("--lr", type=cli.float_at_least(0), default=0.1)
+    p.add_argument("--momentum", type=cli.number_in(0, 1, high_open=True), default=0.9)
+    p.add_argument(
+        "--budget", type=cli.fraction, default=0.1, help="tracked fraction in (0, 1] (0.1 = 10x)"
+    )
     p.add_argument(
         "--init-decay",
-        type=float,
+        type=cli.number_in(0, 1, low_open=True),
         default=None,
         help="Procrustes per-step decay as in the paper, e.g. 0.9 (default: linear decay "
         "reaching zero at half of training, decay_steps)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cli.int_at_least(0), default=0)
     p.add_argument(
         "--max-train",
-        type=int,
+        type=cli.int_at_least(1),
         default=None,
         metavar="N",
         help="use a random subset of N training examples",
