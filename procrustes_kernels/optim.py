@@ -421,6 +421,13 @@ class DropBack(Optimizer):
         return [max(1, round(w.weight_numel * share)) for w in self.weights]
 
     @property
+    def capped_steps(self) -> int:
+        """Steps on which an estimated selection (``quantile``, ``quantile_paper``) counted more
+        than ``ceil(1.1 * k)`` weights for a budget ``k`` and was redone by the exact top-k (per
+        budget: summed over the layers' budgets under ``scope="layer"``)."""
+        return sum(getattr(getattr(r, "selector", None), "capped", 0) for r in self.rules)
+
+    @property
     def layer_counts(self) -> list[int]:
         """Tracked weights per budgeted weight, in ``self.weights`` order."""
         return [w.nnz for w in self.weights]
@@ -849,7 +856,8 @@ class DropBack(Optimizer):
             ok = (
                 state is None
                 if want is None
-                else isinstance(state, dict) and set(state) == set(want)
+                # (checkpoints from before the budget cap have no "capped" count)
+                else isinstance(state, dict) and set(state) in (set(want), set(want) - {"capped"})
             )
             if not ok:
                 raise ValueError(

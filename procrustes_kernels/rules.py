@@ -11,11 +11,19 @@ nothing until the whole step has succeeded, then calls :meth:`Rule.load_state_di
   :class:`~.selection.QuantileSelector`, one pass after its warm-up.
 * :class:`PaperQuantile`: the authors' sequential walk (:class:`~.selection.PaperQuantileSelector`).
 * :class:`Tiles`: whole tiles, ranked exactly by their mean score (:mod:`procrustes_kernels.tiles`).
+
+The two estimators are bounded: a step whose count falls outside :func:`budget_band`
+(``floor(0.9 k)`` to ``ceil(1.1 k)``) is redone, only such steps paying more passes: first with
+the threshold read from the step's own histogram (one more pass; the carried-threshold steps of
+``quantile`` already have it), then, if that count is outside the band too, by the exact top-k
+selection of ``k`` weights (three more). The estimator counts such steps in its ``capped`` state.
+Fewer than ``floor(0.9 k)`` positive scores are all kept (nothing else could be).
 """
 
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,10 +32,10 @@ import torch
 
 from . import ops
 from .ops import Compacted, Segment, StepParams
-from .selection import PaperQuantileSelector, QuantileSelector
+from .selection import PaperQuantileSelector, QuantileSelector, threshold_from_histogram
 from .tiles import select_tiles, tile_element_mask, tile_scores, tile_sizes
 
-__all__ = ["Rule", "TopK", "Quantile", "PaperQuantile", "Tiles"]
+__all__ = ["Rule", "TopK", "Quantile", "PaperQuantile", "Tiles", "budget_band", "budget_cap"]
 
 Geometry = tuple[int, int, int, int]
 
@@ -51,6 +59,36 @@ class Rule(abc.ABC):
 
     def load_state_dict(self, state: dict | None) -> None:  # noqa: B027 (stateless by default)
         """Applies a state returned by :meth:`update` (nothing to apply for a stateless rule)."""
+
+
+def budget_cap(k: int) -> int:
+    """The most weights an estimated selection may track for a budget of ``k``: ``ceil(1.1 k)``."""
+    return math.ceil(1.1 * k)
+
+
+def budget_band(k: int) -> tuple[int, int]:
+    """The counts an estimated selection may end a step with for a budget of ``k``."""
+    return math.floor(0.9 * k), budget_cap(k)
+
+
+def _within_band(results, plan, segments, params, k, geometries, hist=None, rethreshold=False):
+    """``results`` if their count is within :func:`budget_band`, else the step redone (with the
+    threshold of its own histogram ``hist`` when ``rethreshold``, then by the exact top-k),
+    counted in ``plan["capped"]``."""
+    low, high = budget_band(k)
+    kept = sum(r.kept for r in results)
+    if low <= kept <= high:
+        return results, plan
+    if hist is not None and kept <= high and int(hist[1:].sum()) < low:
+        return results, plan  # fewer positive scores than the band's floor: all are kept
+    plan = {**plan, "capped": plan["capped"] + 1}
+    if rethreshold:
+        theta = threshold_from_histogram(hist, float(k))
+        redone = [ops.compact(s, p, theta) for s, p in zip(segments, params)]
+        if low <= sum(r.kept for r in redone) <= high:
+            return redone, plan
+    exact, _ = TopK().update(segments, params, k, geometries)
+    return exact, plan
 
 
 def _float32_of_bits(bits: int) -> float:
@@ -110,7 +148,11 @@ class Quantile(Rule):
         else:
             results = [ops.compact(s, p, sel.theta, with_histogram=True) for s, p in sp]
             hist = sum(r.histogram.cpu() for r in results)
-        return results, sel.advance(hist, k, sum(r.kept for r in results))
+        plan = sel.advance(hist, k, sum(r.kept for r in results))
+        # (a two-pass step's threshold came from its own histogram already)
+        return _within_band(
+            results, plan, segments, params, k, geometries, hist, rethreshold=not sel.two_pass
+        )
 
     def state_dict(self) -> dict:
         return self.selector.state_dict()
@@ -132,7 +174,7 @@ class PaperQuantile(Rule):
         results = [
             ops.compact_mask(s, p, m.to(s.grad.device)) for s, p, m in zip(segments, params, masks)
         ]
-        return results, plan
+        return _within_band(results, plan, segments, params, k, geometries)
 
     def state_dict(self) -> dict:
         return self.selector.state_dict()

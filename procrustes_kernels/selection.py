@@ -128,6 +128,7 @@ class QuantileSelector:
         self.theta: float | None = None
         self.aim: float | None = None
         self.ratios: list[float] = []
+        self.capped = 0  # steps whose count went over the hard cap (redone exactly)
 
     @property
     def two_pass(self) -> bool:
@@ -154,6 +155,7 @@ class QuantileSelector:
             "theta": threshold_from_histogram(hist, aim),
             "aim": aim,
             "ratios": ratios,
+            "capped": self.capped,
         }
 
     def step(self, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, dict]:
@@ -175,6 +177,7 @@ class QuantileSelector:
             "theta": self.theta,
             "aim": self.aim,
             "ratios": list(self.ratios),
+            "capped": self.capped,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -182,6 +185,7 @@ class QuantileSelector:
         self.theta = state["theta"]
         self.aim = state["aim"]
         self.ratios = list(state["ratios"])[-self.drift_window :]
+        self.capped = int(state.get("capped", 0))  # checkpoints from before the cap have none
 
 
 class PaperQuantileSelector:
@@ -201,6 +205,7 @@ class PaperQuantileSelector:
         self.theta0 = theta0
         self.lam = lam
         self.theta = theta0
+        self.capped = 0  # steps whose count went over the hard cap (redone exactly)
 
     def step(self, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, dict]:
         """Mask of one sequential pass and the next state (not applied); the walk runs in the
@@ -208,7 +213,7 @@ class PaperQuantileSelector:
         from . import ops
 
         mask, theta = ops.paper_walk(scores, self.theta, self.lam, k)
-        return mask, {"theta": theta}
+        return mask, {"theta": theta, "capped": self.capped}
 
     def select(self, scores: torch.Tensor, k: int) -> torch.Tensor:
         mask, state = self.step(scores, k)
@@ -216,7 +221,8 @@ class PaperQuantileSelector:
         return mask
 
     def state_dict(self) -> dict:
-        return {"theta": self.theta}
+        return {"theta": self.theta, "capped": self.capped}
 
     def load_state_dict(self, state: dict) -> None:
         self.theta = state["theta"]
+        self.capped = int(state.get("capped", 0))
