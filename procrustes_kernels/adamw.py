@@ -55,7 +55,7 @@ from torch import Tensor
 __all__ = [
     "AdamWMoments",
     "budget_scales",
-    "dense_adamw_",
+    "dense_adamw",
     "direction",
     "factored_update",
     "moments",
@@ -126,7 +126,7 @@ def factored_update(
     return row * beta2 + r, col * beta2 + c
 
 
-def dense_adamw_(
+def dense_adamw(
     p: Tensor,
     grad: Tensor,
     state: dict,
@@ -134,21 +134,24 @@ def dense_adamw_(
     betas: tuple[float, float],
     eps: float,
     wd: float,
-) -> None:
-    """``torch.optim.AdamW``'s update of one dense parameter (its single-tensor form), in place."""
+) -> dict[str, Tensor]:
+    """``torch.optim.AdamW``'s update of one dense parameter (its single-tensor form, the same ops
+    out of place, so the same bits): the new ``"param"`` and state, nothing written."""
     beta1, beta2 = betas
-    if not state:
-        state["step"] = torch.tensor(0.0)
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    state["step"] += 1
-    t = int(state["step"].item())
-    p.mul_(1 - lr * wd)
-    state["exp_avg"].lerp_(grad, 1 - beta1)
-    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    step = state["step"] + 1 if "step" in state else torch.tensor(1.0)
+    exp_avg = state.get("exp_avg")
+    exp_avg_sq = state.get("exp_avg_sq")
+    if exp_avg is None:
+        exp_avg = torch.zeros_like(p, memory_format=torch.preserve_format)
+        exp_avg_sq = torch.zeros_like(p, memory_format=torch.preserve_format)
+    t = int(step.item())
+    param = p.mul(1 - lr * wd)
+    exp_avg = exp_avg.lerp(grad, 1 - beta1)
+    exp_avg_sq = exp_avg_sq.mul(beta2).addcmul(grad, grad, value=1 - beta2)
     bc1, bc2 = 1 - beta1**t, 1 - beta2**t
-    denom = (state["exp_avg_sq"].sqrt() / math.sqrt(bc2)).add_(eps)
-    p.addcdiv_(state["exp_avg"], denom, value=-lr / bc1)
+    denom = (exp_avg_sq.sqrt() / math.sqrt(bc2)).add(eps)
+    param = param.addcdiv(exp_avg, denom, value=-lr / bc1)
+    return {"param": param, "step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 
 
 def budget_scales(

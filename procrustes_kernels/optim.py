@@ -38,14 +38,14 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from .adamw import (
     AdamWMoments,
     budget_scales,
-    dense_adamw_,
+    dense_adamw,
     direction,
     factored_update,
     moments,
 )
 from .compute import COMPUTE_TILE_SIZES
 from .ops import Compacted, Segment, StepParams
-from .rules import Rule, make_rule
+from .rules import NonFiniteScores, Rule, make_rule
 from .storage import BlockStorage, unpack_bits
 from .tiles import check_tile
 from .weight import BudgetedWeight, is_budgeted
@@ -497,7 +497,9 @@ class DropBack(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_step_hyper()
         self._check_grads()
+        self._check_stored()
         n = self.step_count + 1
         d_n = self.decay_at(n)
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
@@ -577,6 +579,24 @@ class DropBack(Optimizer):
             self._adamw_state(self.weights[i], grad, res, *state, group_of[id(self.weights[i])])
             for i, grad, res, state in zip(active, grads, results, adam)
         ]
+        dense = self._dense_updates()
+        # One reduction per new tensor and one host read: a non-finite update refuses the step.
+        checked = [
+            (self.weights[i], "candidate weights", r.values) for i, r in zip(active, results)
+        ]
+        checked += [
+            (self.weights[i], "momentum", r.momentum)
+            for i, r in zip(active, results)
+            if r.momentum is not None
+        ]
+        checked += [
+            (self.weights[i], key, t)
+            for i, moment in zip(active, new_moments)
+            for key, t in moment.items()
+            if key != "step"
+        ]
+        checked += [(p, what, t) for p, news in dense for what, t in news.items()]
+        self._refuse_nonfinite(checked, "the update")
 
         for j, (i, p, res) in enumerate(zip(active, params, results)):
             w = self.weights[i]
@@ -598,7 +618,9 @@ class DropBack(Optimizer):
         for i, plan in plans:
             if plan is not None:
                 self.rules[i].load_state_dict(plan)
-        self._dense_update()
+        for p, news in dense:
+            p.copy_(news.pop("param"))
+            self.state[p].update(news)
         self.step_count = n
         self.tracked_count = sum(w.nnz for w in self.weights)
         self._refresh_live_state()
@@ -693,28 +715,92 @@ class DropBack(Optimizer):
         """New tracked sets of ``segments`` (of weights ``ids``) sharing one budget ``k``, and
         the rule's next state (:mod:`procrustes_kernels.rules`)."""
         geometries = [self.weights[i].geometry for i in ids]
-        return rule.update(segments, params, k, geometries)
+        try:
+            return rule.update(segments, params, k, geometries)
+        except NonFiniteScores as e:
+            raise FloatingPointError(
+                f"{type(self).__name__}.step(): the update of "
+                f"{self._param_name(self.weights[ids[e.segment]])} is not finite (inf / NaN "
+                "scores: lr x gradient overflowed); model and optimizer left unchanged"
+            ) from None
 
-    def _dense_update(self) -> None:
-        """The base rule (SGD, or torch.optim.AdamW's) on every parameter that is not budgeted."""
+    def _dense_updates(self) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """The base rule (SGD, or torch.optim.AdamW's) on every parameter that is not budgeted,
+        computed out of place (``"param"``: the new value, the rest: its new state), written only
+        once the whole step has succeeded. The same ops as the in-place rules, so the same bits."""
+        out = []
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
                 if is_budgeted(p) or p.grad is None:
                     continue
                 if self.update == "adamw":
-                    dense_adamw_(p, p.grad, self.state[p], lr, group["betas"], group["eps"], wd)
+                    news = dense_adamw(
+                        p, p.grad, self.state[p], lr, group["betas"], group["eps"], wd
+                    )
+                    out.append((p, news))
                     continue
+                news = {}
                 d_p = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
                 if mu != 0:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = torch.clone(d_p).detach()
-                    else:
-                        buf.mul_(mu).add_(d_p)
-                    d_p = buf
-                p.add_(d_p, alpha=-lr)
+                    buf = self.state[p].get("momentum_buffer")
+                    buf = torch.clone(d_p).detach() if buf is None else buf.mul(mu).add(d_p)
+                    news["momentum_buffer"] = d_p = buf
+                news["param"] = p.add(d_p, alpha=-lr)
+                out.append((p, news))
+        return out
+
+    def _refuse_nonfinite(self, checked: list[tuple[torch.Tensor, str, torch.Tensor]], what: str):
+        """FloatingPointError naming the first parameter and tensor holding a NaN or inf."""
+        bad = _first_nonfinite([t for _, _, t in checked])
+        if bad is None:
+            return
+        p, name, _ = checked[bad]
+        raise FloatingPointError(
+            f"{type(self).__name__}.step(): {what} of {self._param_name(p)} is not finite "
+            f"(its new {name}: lr x gradient overflowed, or a non-finite value in its state); "
+            "model and optimizer left unchanged"
+        )
+
+    def _check_step_hyper(self) -> None:
+        """The groups' hyperparameters as the step finds them (a scheduler or a user may have set
+        them since the last check): non-finite ones raise FloatingPointError, others out of
+        range ValueError, before anything changes."""
+        name = f"{type(self).__name__}.step()"
+        for gi, group in enumerate(self.param_groups):
+            keys = ["lr", "momentum", "weight_decay"]
+            if self.update == "adamw":
+                keys += ["eps", "betas"]
+            for key in keys:
+                values = group.get(key)
+                values = values if isinstance(values, (tuple, list)) else (values,)
+                for v in values:
+                    v = _scalar(v)
+                    if _is_number(v) and not math.isfinite(v):
+                        raise FloatingPointError(
+                            f"{name}: param_groups[{gi}]['{key}'] is {group[key]!r}; expected a "
+                            "finite value (model and optimizer left unchanged)"
+                        )
+            _check_group_hyper(group, f"{name}: param_groups[{gi}]", self.update)
+
+    def _check_stored(self) -> None:
+        """The tracked values and moments the step starts from are finite (a NaN there would drop
+        its weight silently): one reduction each."""
+        checked = []
+        for w in self.weights:
+            if w.grad is None:
+                continue
+            checked.append((w, "tracked values", w.values))
+            for key in TRACKED_MOMENTS[self.update]:
+                if key in self.state[w]:
+                    checked.append((w, key, self.state[w][key]))
+        bad = _first_nonfinite([t for _, _, t in checked])
+        if bad is not None:
+            w, what, _ = checked[bad]
+            raise FloatingPointError(
+                f"{type(self).__name__}.step(): the {what} of {self._param_name(w)} are not "
+                "finite (a corrupted checkpoint or state); model and optimizer left unchanged"
+            )
 
     def decay_at(self, step: int) -> float:
         """``d_n``, the factor of the initial values of untracked weights after step ``step``."""

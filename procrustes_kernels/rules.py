@@ -35,7 +35,29 @@ from .ops import Compacted, Segment, StepParams
 from .selection import PaperQuantileSelector, QuantileSelector, threshold_from_histogram
 from .tiles import select_tiles, tile_element_mask, tile_scores, tile_sizes
 
-__all__ = ["Rule", "TopK", "Quantile", "PaperQuantile", "Tiles", "budget_band", "budget_cap"]
+__all__ = [
+    "Rule",
+    "TopK",
+    "Quantile",
+    "PaperQuantile",
+    "Tiles",
+    "NonFiniteScores",
+    "budget_band",
+    "budget_cap",
+]
+
+# Radix bins of the float32 bit patterns with an all-ones exponent: inf and NaN scores.
+_NONFINITE_HIGH = 0x7F80
+
+
+class NonFiniteScores(FloatingPointError):
+    """A rule met inf / NaN scores (an update that overflowed) in segment ``segment`` of the
+    step; the optimizer names the parameter and refuses the step."""
+
+    def __init__(self, segment: int) -> None:
+        super().__init__(f"non-finite scores in segment {segment}")
+        self.segment = segment
+
 
 Geometry = tuple[int, int, int, int]
 
@@ -114,7 +136,11 @@ class TopK(Rule):
 
     def update(self, segments, params, k, geometries):
         sp = list(zip(segments, params))
-        high = sum(ops.radix_histogram(s, p).cpu() for s, p in sp).numpy()
+        highs = [ops.radix_histogram(s, p).cpu() for s, p in sp]
+        for j, h in enumerate(highs):
+            if int(h[_NONFINITE_HIGH:].sum()):
+                raise NonFiniteScores(j)
+        high = sum(highs).numpy()
         b, above = _highest_bin_reaching(high, k)
         low = sum(ops.radix_histogram(s, p, b).cpu() for s, p in sp).numpy()
         lo, above_low = _highest_bin_reaching(low, k - above)
@@ -168,7 +194,11 @@ class PaperQuantile(Rule):
         self.selector = PaperQuantileSelector()
 
     def update(self, segments, params, k, geometries):
-        scores = torch.cat([ops.scores(s, p).cpu() for s, p in zip(segments, params)])
+        per_segment = [ops.scores(s, p).cpu() for s, p in zip(segments, params)]
+        for j, sc in enumerate(per_segment):
+            if not bool(torch.isfinite(sc).all()):
+                raise NonFiniteScores(j)
+        scores = torch.cat(per_segment)
         mask, plan = self.selector.step(scores, k)
         masks = torch.split(mask, [s.numel for s in segments])
         results = [
@@ -202,6 +232,9 @@ class Tiles(Rule):
             tile_scores(ops.scores(s, p), geo, self.tile).cpu()
             for s, p, geo in zip(segments, params, geometries)
         ]
+        for j, m in enumerate(means):
+            if not bool(torch.isfinite(m).all()):
+                raise NonFiniteScores(j)
         kept = select_tiles(means, k, [self._tile_sizes(geo) for geo in geometries])
         results = [
             ops.compact_mask(s, p, tile_element_mask(t.to(s.grad.device), geo, self.tile))

@@ -122,4 +122,17 @@ def assert_same_state(a, b) -> None:
     assert oa["state"].keys() == ob["state"].keys()
     for i in oa["state"]:
         for key, value in oa["state"][i].items():
-            assert torch.equal(value, ob["state"][i][key])
+            assert _same_bits(value, ob["state"][i][key]), (i, key)
+
+
+_INT_OF = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality (a NaN equals the same NaN)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        view = _INT_OF[a.element_size()]
+        return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+    return torch.equal(a, b)
