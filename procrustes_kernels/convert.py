@@ -21,6 +21,7 @@ from .layers import (
     LINEAR_BLOCK,
     SparseConv2d,
     SparseLinear,
+    _load_old_layout,
     _new_weight,
     _seeded_bias,
     _watch_old_layout,
@@ -28,7 +29,7 @@ from .layers import (
     _zero_param,
 )
 from .philox import derive_seed
-from .weight import BudgetedWeight, check_seed, is_budgeted
+from .weight import BudgetedWeight, check_loadable, check_seed, is_budgeted
 
 __all__ = ["sparsify", "densify", "set_compute"]
 
@@ -202,7 +203,40 @@ def sparsify(
 
     if target_device is not None:
         _materialise_meta(model, target_device)
+    if not model.__dict__.get("_pk_checks_loads", False):
+        model.register_load_state_dict_pre_hook(_check_checkpoint)
+        model._pk_checks_loads = True
     return model
+
+
+def _check_checkpoint(module: nn.Module, state_dict: dict, prefix: str, *rest: Any) -> None:
+    """Load pre-hook of a sparsified model: the whole checkpoint is checked before any module
+    loads, so that on any error nothing changes (torch itself loads every entry it can and
+    reports the rest at the end). Checked: every budgeted weight's entry (storage, shape, seed,
+    decay factor, finite values; entries of the layer-based layout are converted first) and the
+    shapes of the other entries. Missing and unexpected keys are torch's to report (with
+    ``strict=True`` after loading the rest, as for any module: every weight is then whole)."""
+    error_msgs = rest[-1]
+    for qname, sub in module.named_modules():
+        if is_budgeted(sub._parameters.get("weight")):
+            _load_old_layout(sub, state_dict, f"{prefix}{qname}." if qname else prefix, error_msgs)
+    if error_msgs:
+        raise RuntimeError("load_state_dict(): " + "; ".join(error_msgs))
+    own = module.state_dict(prefix=prefix, keep_vars=True)
+    for key, current in own.items():
+        if key not in state_dict:
+            continue
+        given = state_dict[key]
+        if is_budgeted(current):
+            check_loadable(current, given, f"load_state_dict(): '{key}'")
+        elif isinstance(given, torch.Tensor) and not isinstance(
+            current, nn.parameter.UninitializedParameter
+        ):
+            if given.shape != current.shape:
+                raise RuntimeError(
+                    f"load_state_dict(): size mismatch for '{key}': the checkpoint has shape "
+                    f"{tuple(given.shape)}, the model {tuple(current.shape)}"
+                )
 
 
 def _materialise_meta(model: nn.Module, device: torch.device) -> None:

@@ -693,31 +693,13 @@ def _copy(func: Any, args: tuple, kwargs: dict) -> Tensor:
     if not isinstance(dst, BudgetedWeight):  # a dense tensor loads the effective weight
         dst.copy_(src.effective(), **kwargs)
         return dst
-    fn = "BudgetedWeight.copy_()"
-    if not isinstance(src, BudgetedWeight) and _same_values(dst, src):
+    storage = check_loadable(dst, src)
+    if storage is None:
         # Writing the value the weight already has (DistributedDataParallel's start-up broadcast
         # of rank 0's weights into ranks built from the same seed) changes nothing.
         return dst
-    if not isinstance(src, BudgetedWeight):
-        raise TypeError(
-            f"{fn}: expected a budgeted weight to load from, got a dense {type(src).__name__} of "
-            f"shape {tuple(src.shape)}: a dense weight has no tracked set and seed to store. "
-            "Load dense weights into the nn model before pk.sparsify, or load a checkpoint of "
-            "the sparsified model (under DistributedDataParallel, build the model on every "
-            "rank with the same pk.sparsify seed: the start-up broadcast then changes nothing)"
-        )
-    if src._shape != dst._shape:
-        raise ValueError(f"{fn}: expected a weight of shape {dst._shape}, got {src._shape}")
-    # Check everything before anything changes: a bad checkpoint leaves the weight as it was.
-    storage = BlockStorage(src._shape, dst.block_size, src.values, src.bits, src.group_ptr)
-    seed = check_seed(src.seed, fn)
-    scale = _check_scale(src._scale_value, fn)
-    if not (math.isfinite(src.bound) and src.bound > 0):
-        raise ValueError(f"{fn}: expected a positive finite bound, got {src.bound!r}")
-    if src.bits.numel() != (dst.weight_numel + 7) // 8 or src.group_ptr.numel() != (
-        (dst.weight_numel + GROUP_SIZE - 1) // GROUP_SIZE + 1
-    ):
-        raise ValueError(f"{fn}: storage does not describe {dst.weight_numel} weights")
+    fn = "BudgetedWeight.copy_()"
+    seed, scale = check_seed(src.seed, fn), _check_scale(src._scale_value, fn)
     device, dtype = dst.values.device, dst.values.dtype
     dst.values = storage.values.to(device=device, dtype=dtype, copy=True)
     dst.bits = storage.bits.to(device=device, copy=True)
@@ -726,6 +708,45 @@ def _copy(func: Any, args: tuple, kwargs: dict) -> Tensor:
     dst.set_scale(scale)
     dst._tracked_version += 1
     return dst
+
+
+def check_loadable(dst: BudgetedWeight, src: Any, fn: str = "BudgetedWeight.copy_()"):
+    """Everything ``dst.copy_(src)`` checks, changing nothing: the checked storage of ``src``, or
+    None when ``src`` is a dense tensor equal to ``dst``'s effective weight (a no-op copy).
+    Raises TypeError / ValueError naming what does not fit."""
+    if not isinstance(src, BudgetedWeight) and isinstance(src, Tensor) and _same_values(dst, src):
+        return None
+    if not isinstance(src, BudgetedWeight):
+        raise TypeError(
+            f"{fn}: expected a budgeted weight to load from, got a dense {type(src).__name__} of "
+            f"shape {tuple(getattr(src, 'shape', ()))}: a dense weight has no tracked set and seed "
+            "to store. "
+            "Load dense weights into the nn model before pk.sparsify, or load a checkpoint of "
+            "the sparsified model (under DistributedDataParallel, build the model on every "
+            "rank with the same pk.sparsify seed: the start-up broadcast then changes nothing)"
+        )
+    if src._shape != dst._shape:
+        raise ValueError(f"{fn}: expected a weight of shape {dst._shape}, got {src._shape}")
+    # Check everything before anything changes: a bad checkpoint leaves the weight as it was.
+    storage = BlockStorage(src._shape, dst.block_size, src.values, src.bits, src.group_ptr)
+    check_seed(src.seed, fn)
+    _check_scale(src._scale_value, fn)
+    if not (math.isfinite(src.bound) and src.bound > 0):
+        raise ValueError(f"{fn}: expected a positive finite bound, got {src.bound!r}")
+    if float(src.bound) != float(dst.bound):
+        # The initial values' bound follows from the layer's shape (PyTorch's default init):
+        # a different one is a checkpoint of another architecture.
+        raise ValueError(
+            f"{fn}: expected the bound of the initial values {dst.bound!r} (this layer's), "
+            f"got {src.bound!r}"
+        )
+    if src.bits.numel() != (dst.weight_numel + 7) // 8 or src.group_ptr.numel() != (
+        (dst.weight_numel + GROUP_SIZE - 1) // GROUP_SIZE + 1
+    ):
+        raise ValueError(f"{fn}: storage does not describe {dst.weight_numel} weights")
+    if src.values.numel() and not bool(torch.isfinite(src.values).all()):
+        raise ValueError(f"{fn}: expected finite tracked values, the checkpoint holds NaN / inf")
+    return storage
 
 
 _DISPATCH = {
