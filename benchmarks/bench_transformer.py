@@ -131,7 +131,9 @@ def run_one(method, budget, init, train, val, val_starts, args) -> dict:
             model.parameters(), lr=args.lr, betas=args.betas, weight_decay=args.weight_decay
         )
     else:
-        kw = dict(update="adamw", betas=args.betas, weight_decay=args.weight_decay)
+        kw = dict(
+            update="adamw", betas=args.betas, weight_decay=args.weight_decay, scope=args.scope
+        )
         lr = args.sparse_lr or args.lr
         if method == "dropback":
             opt = pk.DropBack(model.parameters(), lr, budget=budget, **kw)
@@ -172,6 +174,14 @@ def run_one(method, budget, init, train, val, val_starts, args) -> dict:
     wall = time.perf_counter() - start
     total = sum(w.numel() for _, w in pk.budgeted_weights(init))
     stored = total if method == "dense" else sum(w.nnz for _, w in pk.budgeted_weights(model))
+    # where the budget went: tracked fraction of the attention, MLP and head weights
+    parts = {"attn": [0, 0], "mlp": [0, 0], "head": [0, 0]}
+    if method != "dense":
+        for name, w in pk.budgeted_weights(model):
+            part = "attn" if ".attn." in name else "mlp" if ".mlp." in name else "head"
+            parts[part][0] += w.nnz
+            parts[part][1] += w.numel()
+    density = " ".join(f"{k} {a / b:.3f}" for k, (a, b) in parts.items() if b)
     return {
         "method": method,
         "budget": budget,
@@ -180,6 +190,7 @@ def run_one(method, budget, init, train, val, val_starts, args) -> dict:
         "stored_weights": stored,
         "total_weights": total,
         "wall_s": round(wall, 1),
+        "density": density or "1",
         "curve": curve,
     }
 
@@ -225,6 +236,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--sparse-lr", type=cli.float_at_least(0), default=None, help="lr of the sparse runs (--lr)"
     )
     p.add_argument("--betas", default="0.9,0.99")
+    p.add_argument("--scope", choices=("global", "layer"), default="global", help="budget scope")
+    p.add_argument(
+        "--dense-head",
+        action="store_true",
+        help="keep the output head dense (budget the attention and MLP weights only)",
+    )
     p.add_argument("--weight-decay", type=cli.float_at_least(0), default=0.01)
     p.add_argument(
         "--warmup",
@@ -283,7 +300,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         generator=torch.Generator().manual_seed(1234),
     )
     torch.manual_seed(args.seed)
-    init = pk.sparsify(ByteGPT(args.d_model, args.layers, args.heads, args.context), seed=args.seed)
+    init = pk.sparsify(
+        ByteGPT(args.d_model, args.layers, args.heads, args.context),
+        seed=args.seed,
+        filter=(lambda name, m: name != "head") if args.dense_head else None,
+    )
     total = sum(w.numel() for _, w in pk.budgeted_weights(init))
     print(
         f"{train.numel()} training / {val.numel()} validation bytes; "
@@ -307,6 +328,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "train_loss",
         "stored_weights",
         "total_weights",
+        "density",
         "wall_s",
     ]
     stem = args.out / f"transformer_{args.tag}"

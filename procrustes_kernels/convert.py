@@ -228,7 +228,14 @@ def _check_checkpoint(module: nn.Module, state_dict: dict, prefix: str, *rest: A
             continue
         given = state_dict[key]
         if is_budgeted(current):
-            check_loadable(current, given, f"load_state_dict(): '{key}'")
+            try:
+                check_loadable(current, given, f"'{key}'")
+            except (TypeError, ValueError) as e:
+                # torch's load_state_dict reports what does not load as a RuntimeError
+                raise RuntimeError(
+                    f"Error(s) in loading state_dict for {type(module).__name__} (nothing was "
+                    f"loaded): {e}"
+                ) from e
         elif isinstance(given, torch.Tensor) and not isinstance(
             current, nn.parameter.UninitializedParameter
         ):

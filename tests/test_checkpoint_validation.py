@@ -66,9 +66,9 @@ def test_a_bad_entry_in_the_last_layer_leaves_every_layer_unchanged(mutate, matc
     sd = copy.deepcopy(_trained(seed=4).state_dict())
     last = [k for k in sd if pk.is_budgeted(sd[k])][-1]
     mutate(sd[last])
-    with pytest.raises((ValueError, TypeError), match=match) as err:
+    with pytest.raises(RuntimeError, match=match) as err:
         model.load_state_dict(sd)
-    print(err.value)
+    assert "nothing was loaded" in str(err.value)
     _same_model(model, before)  # the first layers did not load either
 
 
@@ -108,7 +108,7 @@ def test_a_copied_or_pickled_model_keeps_the_check():
     key = [k for k in sd if pk.is_budgeted(sd[k])][-1]
     sd[key]._scale_value = 2.0
     before = copy.deepcopy(model)
-    with pytest.raises(ValueError, match="decay factor"):
+    with pytest.raises(RuntimeError, match="decay factor"):
         model.load_state_dict(sd)
     _same_model(model, before)
 

@@ -607,8 +607,11 @@ def test_checkpoint_of_the_layer_layout_loads_and_resumes():
     )
     model.load_state_dict(ckpt["model"])
     x, y = ckpt["x"], ckpt["y"]
+    # The outputs were recorded on another CPU: torch's convolution rounds differently per
+    # instruction set (AVX-512 there, AVX2 on some machines here), a few float32 ulps.
+    close = {"rtol": 1e-6, "atol": 1e-6}
     with torch.no_grad():
-        torch.testing.assert_close(model(x), ckpt["out_after_3"], rtol=0, atol=0)
+        torch.testing.assert_close(model(x), ckpt["out_after_3"], **close)
     opt = pk.DropBack(model.parameters(), lr=0.2, budget=0.3, momentum=0.9)
     opt.load_state_dict(ckpt["opt"])
     assert opt.step_count == 3
@@ -616,7 +619,7 @@ def test_checkpoint_of_the_layer_layout_loads_and_resumes():
     F.cross_entropy(model(x), y).backward()
     opt.step()
     with torch.no_grad():
-        torch.testing.assert_close(model(x), ckpt["out_after_4"], rtol=0, atol=0)
+        torch.testing.assert_close(model(x), ckpt["out_after_4"], **close)
 
 
 def test_deepcopy_and_pickle_of_model_and_optimizer_train_on():
