@@ -198,3 +198,20 @@ def test_a_mutated_checkpoint_is_refused_unchanged_or_loads_consistently(mutatio
 def _pair():
     """A trained model and the state dict of another (built once, copied by each example)."""
     return _trained(seed=3), copy.deepcopy(_trained(seed=4).state_dict())
+
+
+def test_a_model_of_sparse_layers_gets_the_check_from_sparsify():
+    def build(seed):
+        model = torch.nn.Sequential(
+            pk.SparseLinear(6, 5, seed=seed), torch.nn.ReLU(), pk.SparseLinear(5, 3, seed=seed + 1)
+        )
+        return pk.sparsify(model, filter=lambda *_: False)  # converts nothing, adds the check
+
+    model, other = build(1), build(7)
+    before = copy.deepcopy(model)
+    sd = copy.deepcopy(other.state_dict())
+    sd["2.weight"]._scale_value = -1.0
+    with pytest.raises(RuntimeError, match="decay factor"):
+        model.load_state_dict(sd)
+    _same_model(model, before)
+    assert model[0].weight.seed == before[0].weight.seed != other[0].weight.seed
