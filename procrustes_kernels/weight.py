@@ -731,6 +731,11 @@ def check_loadable(dst: BudgetedWeight, src: Any, fn: str = "BudgetedWeight.copy
     storage = BlockStorage(src._shape, dst.block_size, src.values, src.bits, src.group_ptr)
     check_seed(src.seed, fn)
     _check_scale(src._scale_value, fn)
+    if src.scale.numel() != 1 or float(src.scale) != float(np.float32(src._scale_value)):
+        raise ValueError(
+            f"{fn}: the decay factor's tensor ({src.scale.flatten()[:1].tolist()}) and its value "
+            f"({src._scale_value!r}) disagree: an inconsistent checkpoint"
+        )
     if not (math.isfinite(src.bound) and src.bound > 0):
         raise ValueError(f"{fn}: expected a positive finite bound, got {src.bound!r}")
     if float(src.bound) != float(dst.bound):

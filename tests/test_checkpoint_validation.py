@@ -36,14 +36,15 @@ def _same_model(a, b):
 
 
 def _consistent(model):
-    """Every budgeted weight's storage is valid and the model computes finite outputs."""
+    """Every budgeted weight's storage is valid, its values finite, and the model computes (a
+    finite but huge loaded value may still overflow the outputs: that is the checkpoint's)."""
     for _, w in pk.budgeted_weights(model):
         BlockStorage(w.shape, w.block_size, w.values, w.bits, w.group_ptr)  # validates
         assert w.nnz == int(w.storage.mask().sum())
         assert 0.0 <= w.scale_value <= 1.0 and 0 <= w.seed < 2**63
         assert bool(torch.isfinite(w.effective()).all())
     x, _ = batches("cnn", 1)[0]
-    assert bool(torch.isfinite(model(x)).all())
+    assert model(x).shape == (x.shape[0], 5)
 
 
 # ----------------------------------------------------------------------------- whole-model check
@@ -164,6 +165,7 @@ def _apply(sd, mutation):
 @settings(
     max_examples=60,
     deadline=None,
+    derandomize=True,  # the same examples on every run (CI included)
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(mutation=_mutations(), strict=st.booleans())
@@ -186,11 +188,16 @@ def test_a_mutated_checkpoint_is_refused_unchanged_or_loads_consistently(mutatio
     if key in sd:  # what loaded is the (valid) entry
         got = model.state_dict()[key]
         assert torch.equal(got.effective(), sd[key].effective())
-    # a step still works on the loaded model
+    # a step works on the loaded model, or (outputs overflowed by a huge loaded value) is refused
+    # with nothing changed
     opt = pk.Procrustes(model.parameters(), lr=0.05, budget=0.2)
     x, y = batches("cnn", 1)[0]
     F.cross_entropy(model(x), y).backward()
-    opt.step()
+    loaded = copy.deepcopy(model)
+    try:
+        opt.step()
+    except FloatingPointError:
+        _same_model(model, loaded)
     _consistent(model)
 
 
