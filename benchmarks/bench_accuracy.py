@@ -510,6 +510,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     p.add_argument(
         "--budgets",
+        type=cli.fractions,
         default=None,
         help="fractions in (0, 1], comma-separated (default "
         + ",".join(f"{b:g}" for b in BUDGETS)
@@ -538,7 +539,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         default="sgd",
         help="base rule of every method: SGD with momentum, or AdamW (sparse: update='adamw')",
     )
-    p.add_argument("--betas", default="0.9,0.999", help="AdamW's beta1,beta2 (--optimizer adamw)")
+    p.add_argument(
+        "--betas",
+        type=cli.betas,
+        default=(0.9, 0.999),
+        help="AdamW's beta1,beta2 (--optimizer adamw)",
+    )
     p.add_argument("--weight-decay", type=cli.float_at_least(0), default=0.0)
     p.add_argument(
         "--warmup",
@@ -567,11 +573,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 p.error(f"--quick: sets its own --{name}; expected no --{name} with it")
         args.models = args.models or "lenet300"
         args.seeds, args.epochs = 1, min(args.epochs, 2)
-        args.budgets = "0.1,0.04"
+        args.budgets = (0.1, 0.04)
         args.max_train = args.max_train or 512
     args.seeds = 3 if args.seeds is None else args.seeds
-    if args.budgets is None:
-        args.budgets = ",".join(f"{b:g}" for b in BUDGETS)
+    budgets = list(BUDGETS if args.budgets is None else args.budgets)
     default_models = "resnet" if args.cifar10 else "lenet300,lenet5"
     models = (args.models or default_models).split(",")
     for m in models:
@@ -587,19 +592,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ):
             p.error(f"--methods: expected names from {METHODS}, got {m!r}")
     try:
-        budgets = [cli.fraction(b) for b in args.budgets.split(",")]
-    except argparse.ArgumentTypeError as e:
-        p.error(f"--budgets: {e}")
-    try:
         args.tile = tuple(int(v) for v in args.tile.split(","))
         assert len(args.tile) == 2 and min(args.tile) > 0
     except (ValueError, AssertionError):
         p.error(f"--tile: expected two positive ints 'rows,cols', got {args.tile!r}")
-    try:
-        args.betas = tuple(float(v) for v in args.betas.split(","))
-        assert len(args.betas) == 2 and all(0 <= b < 1 for b in args.betas)
-    except (ValueError, AssertionError):
-        p.error(f"--betas: expected two numbers in [0, 1) 'beta1,beta2', got {args.betas!r}")
     command = shlex.join(
         ["python", "benchmarks/bench_accuracy.py", *(argv if argv is not None else sys.argv[1:])]
     )

@@ -225,7 +225,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--methods", default=",".join(METHODS), help=f"names from {METHODS}")
-    p.add_argument("--budgets", default="0.1,0.04", help="fractions of the budgeted weights")
+    p.add_argument(
+        "--budgets", type=cli.fractions, default=(0.1, 0.04), help="fractions of the weights"
+    )
     size = cli.int_at_least(1)
     p.add_argument("--steps", type=size, default=None, help="training steps (default 1200)")
     p.add_argument("--batch-size", type=size, default=32)
@@ -242,7 +244,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         default=0.04,
         help="lr of the sparse runs (their best here; results/transformer_lr_sweep.md)",
     )
-    p.add_argument("--betas", default="0.9,0.99")
+    p.add_argument("--betas", type=cli.betas, default=(0.9, 0.99), help="AdamW's beta1,beta2")
     p.add_argument("--scope", choices=("global", "layer"), default="global", help="budget scope")
     p.add_argument(
         "--dense-head",
@@ -283,16 +285,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for m in methods:
         if m not in METHODS:
             p.error(f"--methods: expected names from {METHODS}, got {m!r}")
-    try:
-        budgets = [float(b) for b in args.budgets.split(",")]
-        assert all(0 < b <= 1 for b in budgets)
-    except (ValueError, AssertionError):
-        p.error(f"--budgets: expected fractions in (0, 1], got {args.budgets!r}")
-    try:
-        args.betas = tuple(float(v) for v in args.betas.split(","))
-        assert len(args.betas) == 2 and all(0 <= b < 1 for b in args.betas)
-    except (ValueError, AssertionError):
-        p.error(f"--betas: expected two numbers in [0, 1) 'beta1,beta2', got {args.betas!r}")
+    budgets = list(args.budgets)
     if args.d_model % args.heads:
         p.error(f"--heads: expected a divisor of --d-model {args.d_model}, got {args.heads}")
     command = shlex.join(

@@ -10,7 +10,15 @@ import argparse
 import math
 from collections.abc import Callable
 
-__all__ = ["int_at_least", "number_in", "fraction", "float_at_least"]
+__all__ = [
+    "int_at_least",
+    "number_in",
+    "fraction",
+    "float_at_least",
+    "comma_list",
+    "fractions",
+    "betas",
+]
 
 
 def int_at_least(low: int) -> Callable[[str], int]:
@@ -61,3 +69,23 @@ def float_at_least(low: float) -> Callable[[str], float]:
 
 
 fraction = number_in(0.0, 1.0, low_open=True)  # a budget: (0, 1]
+
+
+def comma_list(item: Callable[[str], float], length: int | None = None) -> Callable[[str], tuple]:
+    """Comma-separated values, each parsed by ``item`` (one of the types above); ``length``
+    values exactly when given."""
+
+    def parse(text: str) -> tuple:
+        parts = text.split(",")
+        if length is not None and len(parts) != length:
+            raise argparse.ArgumentTypeError(
+                f"expected {length} comma-separated values, got {text!r}"
+            )
+        return tuple(item(v) for v in parts)
+
+    parse.__name__ = f"comma-separated {item.__name__}"
+    return parse
+
+
+fractions = comma_list(fraction)  # budgets: "0.1,0.04"
+betas = comma_list(number_in(0.0, 1.0, high_open=True), 2)  # AdamW's "beta1,beta2"
