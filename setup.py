@@ -24,6 +24,7 @@ CPP_SOURCES = [
     "csrc/ops_f64.cpp",
     "csrc/philox_simd.cpp",
     "csrc/runtime.cpp",
+    "csrc/spmm.cpp",
 ]
 CPP_HEADERS = [
     "csrc/common.h",
@@ -35,6 +36,7 @@ CPP_HEADERS = [
     "csrc/philox.h",
     "csrc/score.h",
     "csrc/sinks.h",
+    "csrc/spmm.h",
 ]
 # -ffp-contract=off: the kernels must round like PyTorch's separate ops (no silent FMA fusion);
 # the FMAs that PyTorch itself performs are written out explicitly in the sources. -g0 drops the

@@ -15,6 +15,7 @@
 
 #include "common.h"
 #include "ops.h"
+#include "spmm.h"
 
 namespace py = pybind11;
 
@@ -416,6 +417,122 @@ double paper_walk(py::object scores, double theta, double up, double down, py::o
   return pk::paper_walk(static_cast<const double*>(s.data()), n, theta, up, down, mp);
 }
 
+
+// ------------------------------------------------------------------- sparse compute (spmm.h)
+struct SpmmIn {
+  pk::SparseGeometry g;
+  int64_t max_shift;
+  py::array values, bits, phase, shift;  // kept alive while g points into them
+};
+
+SpmmIn spmm_in(const py::handle& values, const py::handle& bits, int64_t rows, int64_t cols,
+               int64_t ksize, int64_t groups, int64_t phases, const py::handle& phase,
+               const py::handle& shift, int64_t L, const char* fn) {
+  if (rows <= 0 || cols <= 0 || ksize <= 0 || groups <= 0 || rows % groups || phases <= 0 ||
+      L < 0) {
+    throw py::value_error(where(fn) + "expected positive rows, cols, ksize, groups, phases "
+                          "(rows divisible by groups) and L >= 0, got " + std::to_string(rows) +
+                          ", " + std::to_string(cols) + ", " + std::to_string(ksize) + ", " +
+                          std::to_string(groups) + ", " + std::to_string(phases) + ", " +
+                          std::to_string(L));
+  }
+  SpmmIn in;
+  in.values = expect<float>(values, fn, "values", -1);
+  in.bits = expect<uint8_t>(bits, fn, "bits", ceil_div(rows * cols * ksize, 8));
+  in.phase = expect<int32_t>(phase, fn, "phase", ksize);
+  in.shift = expect<int64_t>(shift, fn, "shift", ksize);
+  const auto* ph = static_cast<const int32_t*>(in.phase.data());
+  const auto* sh = static_cast<const int64_t*>(in.shift.data());
+  in.max_shift = 0;
+  for (int64_t k = 0; k < ksize; ++k) {
+    if (ph[k] < 0 || ph[k] >= phases || sh[k] < 0) {
+      throw py::value_error(where(fn) + "expected phase in [0, phases) and shift >= 0, got " +
+                            std::to_string(ph[k]) + " and " + std::to_string(sh[k]) +
+                            " at position " + std::to_string(k));
+    }
+    in.max_shift = std::max(in.max_shift, sh[k]);
+  }
+  in.g = pk::SparseGeometry{static_cast<const float*>(in.values.data()),
+                            static_cast<int64_t>(in.values.size()),
+                            static_cast<const uint8_t*>(in.bits.data()),
+                            rows, cols, ksize, groups, phases, ph, sh, L};
+  return in;
+}
+
+template <class T>
+T* spmm_buffer(const py::handle& obj, const char* fn, const char* name, int64_t size,
+               bool at_least, bool writable) {
+  py::array a = expect<T>(obj, fn, name, at_least ? -1 : size, writable);
+  if (at_least && a.size() < size) {
+    throw py::value_error(where(fn) + "expected " + name + " of length >= " +
+                          std::to_string(size) + ", got " + std::to_string(a.size()));
+  }
+  return static_cast<T*>(const_cast<void*>(a.data()));
+}
+
+int64_t spmm_head(int64_t head, int64_t max_shift, const char* fn) {
+  if (head < max_shift) {
+    throw py::value_error(where(fn) + "expected head >= max(shift) = " +
+                          std::to_string(max_shift) + ", got " + std::to_string(head));
+  }
+  return head;
+}
+
+#define SPMM_GEOMETRY_ARGS                                                                   \
+  const py::handle &values, const py::handle &bits, int64_t rows, int64_t cols, int64_t ksize, \
+      int64_t groups, int64_t phases, const py::handle &phase, const py::handle &shift, int64_t L
+#define SPMM_GEOMETRY values, bits, rows, cols, ksize, groups, phases, phase, shift, L
+
+void spmm_forward(SPMM_GEOMETRY_ARGS, const py::handle& x, const py::object& bias,
+                  const py::handle& out) {
+  const char* fn = "spmm_forward";
+  SpmmIn in = spmm_in(SPMM_GEOMETRY, fn);
+  const int64_t planes = groups * cols * phases * L;
+  const float* xp = spmm_buffer<float>(x, fn, "x", planes + in.max_shift, true, false);
+  const float* b = bias.is_none() ? nullptr : spmm_buffer<float>(bias, fn, "bias", rows, false, false);
+  float* y = spmm_buffer<float>(out, fn, "out", rows * L, false, true);
+  try {
+    py::gil_scoped_release release;
+    pk::sparse_forward(in.g, xp, b, y);
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(where(fn) + e.what());
+  }
+}
+
+void spmm_backward(SPMM_GEOMETRY_ARGS, const py::handle& dy, int64_t head, const py::handle& out) {
+  const char* fn = "spmm_backward";
+  SpmmIn in = spmm_in(SPMM_GEOMETRY, fn);
+  head = spmm_head(head, in.max_shift, fn);
+  const float* d = spmm_buffer<float>(dy, fn, "dy", head + rows * L, true, false);
+  float* dx = spmm_buffer<float>(out, fn, "out", groups * cols * phases * L, false, true);
+  try {
+    py::gil_scoped_release release;
+    pk::sparse_backward(in.g, d + head, dx);
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(where(fn) + e.what());
+  }
+}
+
+void spmm_sddmm(SPMM_GEOMETRY_ARGS, const py::handle& dy, int64_t head, const py::handle& x,
+                const py::handle& out) {
+  const char* fn = "spmm_sddmm";
+  SpmmIn in = spmm_in(SPMM_GEOMETRY, fn);
+  head = spmm_head(head, 0, fn);
+  const float* d = spmm_buffer<float>(dy, fn, "dy", head + rows * L, true, false);
+  const int64_t planes = groups * cols * phases * L;
+  const float* xp = spmm_buffer<float>(x, fn, "x", planes + in.max_shift, true, false);
+  float* o = spmm_buffer<float>(out, fn, "out", in.g.nnz, false, true);
+  try {
+    py::gil_scoped_release release;
+    pk::sparse_sddmm(in.g, d + head, xp, o);
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(where(fn) + e.what());
+  }
+}
+
+#undef SPMM_GEOMETRY_ARGS
+#undef SPMM_GEOMETRY
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -464,6 +581,24 @@ PYBIND11_MODULE(_C, m) {
         "PaperQuantileSelector's sequential walk; writes mask_out, returns the final theta.",
         py::arg("scores"), py::arg("theta"), py::arg("up"), py::arg("down"),
         py::arg("mask_out"));
+
+  m.def("spmm_forward", &spmm_forward,
+        "y[rows * L] = W x (+ bias) from the compressed weight, feature-major planes (spmm.h).",
+        py::kw_only(), py::arg("values"), py::arg("bits"), py::arg("rows"), py::arg("cols"),
+        py::arg("ksize"), py::arg("groups"), py::arg("phases"), py::arg("phase"),
+        py::arg("shift"), py::arg("L"), py::arg("x"), py::arg("bias").none(true),
+        py::arg("out"));
+  m.def("spmm_backward", &spmm_backward,
+        "dx = W^T dy into out; dy's first plane starts at element head (zeros before it).",
+        py::kw_only(), py::arg("values"), py::arg("bits"), py::arg("rows"), py::arg("cols"),
+        py::arg("ksize"), py::arg("groups"), py::arg("phases"), py::arg("phase"),
+        py::arg("shift"), py::arg("L"), py::arg("dy"), py::arg("head"), py::arg("out"));
+  m.def("spmm_sddmm", &spmm_sddmm,
+        "The weight gradient at every tracked position (storage order) into out.",
+        py::kw_only(), py::arg("values"), py::arg("bits"), py::arg("rows"), py::arg("cols"),
+        py::arg("ksize"), py::arg("groups"), py::arg("phases"), py::arg("phase"),
+        py::arg("shift"), py::arg("L"), py::arg("dy"), py::arg("head"), py::arg("x"),
+        py::arg("out"));
 
   m.def("max_threads", &pk::max_threads, "Threads the kernels use.");
   m.def(

@@ -13,7 +13,8 @@ Two paths give the same function:
 A budgeted weight's ``compute`` attribute (also reachable as ``SparseLinear.compute``) picks one: ``"dense"``, ``"sparse"`` (raises when the sparse path is
 not valid) or ``"auto"`` (default), which takes the sparse kernels when they are valid, the Triton
 kernels run (CUDA), the layer is large enough and few enough tiles hold tracked weights
-(:data:`AUTO_MAX_TILE_DENSITY`, :data:`AUTO_MIN_WEIGHTS`); the choice is made per weight and
+(:data:`AUTO_MAX_TILE_DENSITY`, :data:`AUTO_MIN_WEIGHTS`), or, on the CPU with the C++ kernels
+(float32), few enough weights are tracked (:data:`AUTO_MAX_DENSITY_CPU`); the choice is made per weight and
 call (so per step), and ``weight.last_path`` records it. The autograd functions of both paths live
 in :mod:`procrustes_kernels.functional`.
 """
@@ -35,6 +36,7 @@ __all__ = [
     "COMPUTE_MODES",
     "AUTO_MAX_TILE_DENSITY",
     "AUTO_MIN_WEIGHTS",
+    "AUTO_MAX_DENSITY_CPU",
     "DEFAULT_COMPUTE_TILE",
     "COMPUTE_TILE_SIZES",
     "check_compute",
@@ -49,6 +51,9 @@ COMPUTE_MODES = ("auto", "dense", "sparse")
 AUTO_MAX_TILE_DENSITY = 0.3
 # ... for layers with at least this many weights (below it, launches dominate either path).
 AUTO_MIN_WEIGHTS = 1 << 16
+# On the CPU (C++ kernels) "auto" takes the sparse kernels at or below this density of tracked
+# weights (measured by benchmarks/bench_layers.py --cpu: the crossover with the materialise path).
+AUTO_MAX_DENSITY_CPU = 0.2
 # Rows x columns of a weight tile of the sparse kernels (and of the tile index). Larger tiles make
 # the kernels spill registers (checked by compiling for sm_90).
 DEFAULT_COMPUTE_TILE = (32, 32)
@@ -121,10 +126,17 @@ def choose_path(weight: BudgetedWeight, x: torch.Tensor, where: str) -> str:
                 f"input and weights, got {dtype} / {weight.values.dtype}"
             )
         return "sparse"
-    if not valid or backend_for(x.device) != "triton" or weight.weight_numel < AUTO_MIN_WEIGHTS:
+    backend = backend_for(x.device)
+    if not valid or backend not in ("triton", "cpp") or weight.weight_numel < AUTO_MIN_WEIGHTS:
         return "dense"
     if torch.compiler.is_compiling():
         # The tile density is data: a traced graph cannot branch on it. Compiled, "auto" takes
         # the materialise path; compute="sparse" traces the sparse kernels as custom ops.
         return "dense"
+    if backend == "cpp":
+        # The C++ kernels walk the tracked weights one by one (no tiles to skip): their cost
+        # follows the density (float32 only; other dtypes would run the reference).
+        if dtype != torch.float32 or weight.values.dtype != torch.float32:
+            return "dense"
+        return "sparse" if weight.nnz <= AUTO_MAX_DENSITY_CPU * weight.weight_numel else "dense"
     return "sparse" if tile_index(weight).tile_density <= AUTO_MAX_TILE_DENSITY else "dense"

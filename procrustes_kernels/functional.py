@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
 from . import ops
-from .compute import autocast_on, choose_path, input_dtype
+from .compute import SPARSE_DTYPES, autocast_on, choose_path, input_dtype
 
 __all__ = ["linear", "conv2d"]
 
@@ -145,13 +145,126 @@ class _SparseConv2dFn(torch.autograd.Function):
         return dx, dw, dbias, None, None
 
 
+def _tracked_grad(values: Tensor, weight_dtype: torch.dtype, bits: Tensor, shape) -> Tensor:
+    from .gradient import TrackedGradient
+
+    return TrackedGradient(values.to(weight_dtype), bits, tuple(shape))
+
+
+class _SampledLinearFn(torch.autograd.Function):
+    """``x @ W^T + b`` whose weight gradient is computed at the tracked positions only (a
+    :class:`~procrustes_kernels.gradient.TrackedGradient`, by :func:`ops.sddmm_linear`): the
+    weight's gradient on steps that keep the tracked set. The output and input gradient come from
+    the sparse kernels (``sparse``) or the materialised effective weight."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight, bias, sparse):  # type: ignore[override]
+        vals, bits, geo = weight.values, weight.bits, _geometry(weight)
+        b = None if bias is None else bias.detach()
+        with _no_autocast(x2d):
+            if sparse:
+                out = ops.sparse_linear(x2d, vals, bits, b, geo)
+                dense = None
+            else:
+                dense = weight.effective().to(x2d.dtype)
+                out = F.linear(x2d, dense, None if b is None else b.to(x2d.dtype))
+        ctx.save_for_backward(x2d, vals, bits, dense)
+        ctx.geo, ctx.sparse, ctx.shape = geo, sparse, tuple(weight._shape)
+        ctx.weight_dtype = vals.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):  # type: ignore[override]
+        x2d, vals, bits, dense = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = dw = dbias = None
+        with _no_autocast(dy):
+            if ctx.needs_input_grad[0]:
+                dx = ops.sparse_linear_t(dy, vals, bits, ctx.geo) if ctx.sparse else dy.mm(dense)
+            if ctx.needs_input_grad[1]:
+                g = ops.sddmm_linear(x2d, dy, vals, bits, ctx.geo)
+                dw = _tracked_grad(g, ctx.weight_dtype, bits, ctx.shape)
+            if ctx.needs_input_grad[2]:
+                dbias = dy.sum(0).to(ctx.bias_dtype)
+        return dx, dw, dbias, None
+
+
+class _SampledConv2dFn(torch.autograd.Function):
+    """``conv2d`` whose weight gradient is computed at the tracked positions only (see
+    :class:`_SampledLinearFn`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, conv, groups, sparse):  # type: ignore[override]
+        vals, bits, geo = weight.values, weight.bits, _geometry(weight)
+        b = None if bias is None else bias.detach()
+        _, stride, padding, dilation = conv
+        with _no_autocast(x):
+            if sparse:
+                out = ops.sparse_conv2d(x, vals, bits, b, geo, conv)
+                dense = None
+            else:
+                dense = weight.effective().to(x.dtype)
+                b = None if b is None else b.to(x.dtype)
+                out = F.conv2d(x, dense, b, stride, padding, dilation, groups)
+        ctx.save_for_backward(x, vals, bits, dense)
+        ctx.geo, ctx.conv, ctx.groups, ctx.sparse = geo, conv, groups, sparse
+        ctx.shape, ctx.weight_dtype = tuple(weight._shape), vals.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):  # type: ignore[override]
+        x, vals, bits, dense = ctx.saved_tensors
+        _, stride, padding, dilation = ctx.conv
+        dy = dy.contiguous()
+        dx = dw = dbias = None
+        with _no_autocast(dy):
+            if ctx.needs_input_grad[0]:
+                if ctx.sparse:
+                    dx = ops.sparse_conv2d_t(dy, vals, bits, ctx.geo, tuple(x.shape[-2:]), ctx.conv)
+                else:
+                    dx = torch.nn.grad.conv2d_input(
+                        x.shape, dense, dy, stride, padding, dilation, ctx.groups
+                    )
+            if ctx.needs_input_grad[1]:
+                g = ops.sddmm_conv2d(x, dy, vals, bits, ctx.geo, ctx.conv)
+                dw = _tracked_grad(g, ctx.weight_dtype, bits, ctx.shape)
+            if ctx.needs_input_grad[2]:
+                dbias = dy.sum((0, 2, 3)).to(ctx.bias_dtype)
+        return dx, dw, dbias, None, None, None
+
+
+def _sampled(weight: Any, x: Tensor, where: str, groups: int | None = None) -> bool:
+    """Whether this call's weight gradient is taken at the tracked positions only (otherwise it
+    is dense, which the optimizer samples itself: float64 weights, a conv called with other
+    groups than its weight's)."""
+    if not (weight.sampled_grad and weight.requires_grad and torch.is_grad_enabled()):
+        return False
+    if input_dtype(x) not in SPARSE_DTYPES or weight.values.dtype not in SPARSE_DTYPES:
+        return False
+    if groups is not None and groups != weight.groups:
+        return False
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"{where}: the optimizer's reselect_every > 1 samples this weight's gradient at its "
+            "tracked positions, which a compiled graph does not do yet; train with "
+            "reselect_every=1 under torch.compile"
+        )
+    return True
+
+
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Any:
     """``F.linear`` with a budgeted ``weight`` (``NotImplemented`` for any other combination)."""
     if not _budgeted(weight) or _budgeted(input) or _budgeted(bias) or len(weight._shape) != 2:
         return NotImplemented
     where = "F.linear()"
     path = choose_path(weight, input, where)
-    if path == "dense":
+    if _sampled(weight, input, where):
+        out = _sparse_linear(input, weight, bias, where, path)
+    elif path == "dense":
         out = F.linear(input, effective_weight(weight), bias)
     else:
         out = _sparse_linear(input, weight, bias, where)
@@ -159,7 +272,11 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Any:
     return out
 
 
-def _sparse_linear(input: Tensor, weight: Any, bias: Tensor | None, where: str) -> Tensor:
+def _sparse_linear(
+    input: Tensor, weight: Any, bias: Tensor | None, where: str, sampled: str | None = None
+) -> Tensor:
+    """The sparse kernels' ``F.linear``; with ``sampled`` (the path, "sparse" or "dense"), the
+    weight gradient at the tracked positions only."""
     _check_dtype(input, weight, where)
     out_features, in_features = weight._shape
     if input.dim() < 1 or input.shape[-1] != in_features:
@@ -169,7 +286,10 @@ def _sparse_linear(input: Tensor, weight: Any, bias: Tensor | None, where: str) 
     x, bias = _cast_for_autocast(input, bias)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, in_features).contiguous()
-    out = _SparseLinearFn.apply(x2d, weight, bias)
+    if sampled is not None:
+        out = _SampledLinearFn.apply(x2d, weight, bias, sampled == "sparse")
+    else:
+        out = _SparseLinearFn.apply(x2d, weight, bias)
     return out.view(*lead, out_features)
 
 
@@ -212,7 +332,9 @@ def conv2d(
                 f"got {groups}"
             )
         path = "dense"
-    if path == "dense":
+    if _sampled(weight, input, where, groups):
+        out = _sparse_conv2d(input, weight, bias, stride, padding, dilation, groups, where, path)
+    elif path == "dense":
         out = F.conv2d(input, effective_weight(weight), bias, stride, padding, dilation, groups)
     else:
         out = _sparse_conv2d(input, weight, bias, stride, padding, dilation, groups, where)
@@ -229,6 +351,7 @@ def _sparse_conv2d(
     dilation: Any,
     groups: int,
     where: str,
+    sampled: str | None = None,
 ) -> Tensor:
     _check_dtype(input, weight, where)
     if input.dim() not in (3, 4) or input.shape[-3] != weight._shape[1] * groups:
@@ -249,5 +372,8 @@ def _sparse_conv2d(
     else:
         pad_hw = (pads[2], pads[0])
     geo = (kernel_size, _pair(stride), pad_hw, dilation)
-    out = _SparseConv2dFn.apply(x, weight, bias, geo, groups)
+    if sampled is not None:
+        out = _SampledConv2dFn.apply(x, weight, bias, geo, groups, sampled == "sparse")
+    else:
+        out = _SparseConv2dFn.apply(x, weight, bias, geo, groups)
     return out.squeeze(0) if unbatched else out

@@ -44,6 +44,7 @@ from .adamw import (
     moments,
 )
 from .compute import COMPUTE_TILE_SIZES
+from .gradient import is_tracked_gradient
 from .ops import Compacted, Segment, StepParams
 from .rules import NonFiniteScores, Rule, make_rule
 from .storage import BlockStorage, unpack_bits
@@ -180,7 +181,10 @@ def _first_nonfinite(tensors: list[torch.Tensor]) -> int | None:
     for idx in by_device.values():
         flags = []
         for i in idx:
-            t = tensors[i].detach()
+            t = tensors[i]
+            if is_tracked_gradient(t):
+                t = t.values
+            t = t.detach()
             if t.is_sparse:
                 t = t.coalesce().values()
             if t.numel() == 0:
@@ -297,8 +301,25 @@ class DropBack(Optimizer):
         update: str = "sgd",
         betas: tuple[float, float] | None = None,
         eps: float | None = None,
+        reselect_every: int = 1,
     ) -> None:
         name = type(self).__name__ + "()"
+        reselect_every = _scalar(reselect_every)
+        if (
+            isinstance(reselect_every, bool)
+            or not isinstance(reselect_every, int)
+            or reselect_every < 1
+        ):
+            raise ValueError(
+                f"{name}: expected reselect_every to be an int >= 1, got {reselect_every!r}"
+            )
+        if reselect_every > 1 and update != "sgd":
+            raise ValueError(
+                f"{name}: reselect_every > 1 is defined for update='sgd' (the factored second "
+                f"moment of update={update!r} needs every weight's gradient at every step); got "
+                f"reselect_every={reselect_every}"
+            )
+        self.reselect_every = reselect_every
         if not isinstance(update, str) or update not in UPDATES:
             raise ValueError(f"{name}: expected update in {UPDATES}, got {update!r}")
         lr, momentum, weight_decay = _scalar(lr), _scalar(momentum), _scalar(weight_decay)
@@ -381,6 +402,19 @@ class DropBack(Optimizer):
             )
         self.step_count = 0
         self.tracked_count = sum(w.nnz for w in self.weights)
+        self._set_sampled_grads()
+
+    def reselects(self, step: int) -> bool:
+        """Whether step ``step`` (1-based) selects a new tracked set: every ``reselect_every``-th
+        step from the first; the others keep it (``T' = T``)."""
+        return (step - 1) % self.reselect_every == 0
+
+    def _set_sampled_grads(self) -> None:
+        """Tell every weight whether the next backward needs its gradient at its tracked positions
+        only (the next step keeps the tracked set) or everywhere."""
+        sampled = not self.reselects(self.step_count + 1)
+        for w in self.weights:
+            w.set_sampled_grad(sampled)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group (torch.optim semantics); its budgeted weights join the budget."""
@@ -393,6 +427,8 @@ class DropBack(Optimizer):
             if is_budgeted(p) and not any(p is q for q in self.weights):
                 self.weights.append(p)
                 self._momentum_bits.append(None)
+                if hasattr(self, "step_count"):
+                    p.set_sampled_grad(not self.reselects(self.step_count + 1))
                 if self.scope == "layer":
                     self.rules.append(self._new_rule())
                 if self.granularity == "tile" and all(v in COMPUTE_TILE_SIZES for v in self.tile):
@@ -504,6 +540,18 @@ class DropBack(Optimizer):
         d_n = self.decay_at(n)
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         active = [i for i, w in enumerate(self.weights) if w.grad is not None]
+        if not self.reselects(n):
+            self._keep_step(n, d_n, active, group_of)
+            return loss
+        for i in active:
+            if is_tracked_gradient(self.weights[i].grad):
+                raise RuntimeError(
+                    f"{type(self).__name__}.step(): step {n} selects a new tracked set, which "
+                    f"needs the dense gradient of {self._param_name(self.weights[i])}, but its "
+                    ".grad holds the tracked positions only (computed before the previous step, "
+                    "or under another optimizer); run forward and backward again after the "
+                    "previous step(); model and optimizer left unchanged"
+                )
         adamw = self.update == "adamw"
         segments, params, grads, adam = [], [], [], []
         for i in active:
@@ -621,10 +669,76 @@ class DropBack(Optimizer):
         for p, news in dense:
             p.copy_(news.pop("param"))
             self.state[p].update(news)
+        self._finish_step(n)
+        return loss
+
+    def _finish_step(self, n: int) -> None:
         self.step_count = n
         self.tracked_count = sum(w.nnz for w in self.weights)
+        self._set_sampled_grads()
         self._refresh_live_state()
-        return loss
+
+    def _keep_step(self, n: int, d_n: float, active: list[int], group_of: dict) -> None:
+        """A step that keeps every tracked set (``reselect_every > 1``, docs/training_rule.md):
+        each tracked weight takes the base update (SGD with momentum and weight decay, the same
+        arithmetic as a selecting step's candidate), each untracked weight is ``d_n * w0`` (the
+        new decay factor). Reads the gradient at the tracked positions only: a
+        :class:`~procrustes_kernels.gradient.TrackedGradient`, or a dense one sampled there."""
+        news = []
+        for i in active:
+            w = self.weights[i]
+            group = group_of[id(w)]
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            g = self._tracked_grad(w)
+            cdt = torch.float64 if w.values.dtype == torch.float64 else torch.float32
+            W = w.values.to(cdt)
+            g = g.to(cdt)
+            if wd != 0:
+                g = g.add(W, alpha=wd)
+            m = g
+            bufs = self._tracked_moments(i, w) if mu != 0 else {}
+            buf = bufs.get("momentum_buffer")
+            if mu != 0 and buf is not None and buf.numel():
+                m = buf.to(cdt).mul(mu).add_(g)
+            c = W.add(m, alpha=-lr).to(w.values.dtype)
+            news.append((i, c, m.to(w.values.dtype) if mu != 0 else None, min(d_n, w.scale_value)))
+        dense = self._dense_updates()
+        checked = [(self.weights[i], "candidate weights", c) for i, c, _, _ in news]
+        checked += [(self.weights[i], "momentum", m) for i, _, m, _ in news if m is not None]
+        checked += [(p, what, t) for p, upd in dense for what, t in upd.items()]
+        self._refuse_nonfinite(checked, "the update")
+        for i, c, m, scale in news:
+            w = self.weights[i]
+            w.set_tracked(
+                BlockStorage(w._shape, w.block_size, c, w.bits, w.group_ptr, validate=False),
+                scale=scale,
+            )
+            if m is not None:
+                self.state[w]["momentum_buffer"] = m
+                self._momentum_bits[i] = w.bits
+            else:
+                self.state[w].pop("momentum_buffer", None)
+                self._momentum_bits[i] = None
+        for p, upd in dense:
+            p.copy_(upd.pop("param"))
+            self.state[p].update(upd)
+        self._finish_step(n)
+
+    def _tracked_grad(self, w: BudgetedWeight) -> torch.Tensor:
+        """``w.grad`` at ``w``'s tracked positions, in storage order."""
+        grad = w.grad
+        if is_tracked_gradient(grad):
+            if grad.bits is not w.bits and not _same_bits(grad.bits, w.bits):
+                raise RuntimeError(
+                    f"{type(self).__name__}.step(): the gradient of {self._param_name(w)} was "
+                    "taken at another tracked set than the weight's (its tracked set was "
+                    "replaced after backward); run forward and backward again; model and "
+                    "optimizer left unchanged"
+                )
+            return grad.values
+        if grad.is_sparse:
+            grad = grad.to_dense()
+        return grad.reshape(-1)[unpack_bits(w.bits.to(grad.device), w.weight_numel)]
 
     def _tracked_moments(self, i: int, w: BudgetedWeight) -> dict[str, torch.Tensor]:
         """The optimizer state aligned with weight ``i``'s tracked values (momentum, or AdamW's
@@ -837,6 +951,7 @@ class DropBack(Optimizer):
             "tracked_count": self.tracked_count,
             "selectors": [r.state_dict() for r in self.rules],
             "update": self.update,
+            "reselect_every": self.reselect_every,
         }
 
     def _from_layer_layout(self, state_dict: dict[str, Any], name: str) -> dict[str, Any]:
@@ -881,7 +996,9 @@ class DropBack(Optimizer):
         # ... and decayed exponentially (no decay_steps), and before AdamW, with SGD.
         saved["decay_steps"] = extra.get("decay_steps")
         saved["update"] = extra.get("update", "sgd")
+        saved["reselect_every"] = extra.get("reselect_every", 1)  # ... and reselected every step
         keys = ["update", "selection", "scope", "granularity", "init_decay", "decay_steps"]
+        keys.append("reselect_every")
         keys.append("budget")
         if self.granularity == "tile" and saved["granularity"] == "tile":
             saved["tile"] = tuple(extra.get("tile", ()))
@@ -917,6 +1034,7 @@ class DropBack(Optimizer):
         for rule, state in zip(self.rules, extra["selectors"]):
             if state is not None:
                 rule.load_state_dict(state)
+        self._set_sampled_grads()
 
     def _check_extra_state(self, extra: Any, name: str) -> None:
         """The checkpoint's ``"dropback"`` entry, checked whole before anything is applied."""
@@ -967,6 +1085,8 @@ class DropBack(Optimizer):
     def __repr__(self) -> str:
         g = self.param_groups[0]
         tile = f", tile={self.tile}" if self.granularity == "tile" else ""
+        if self.reselect_every > 1:
+            tile += f", reselect_every={self.reselect_every}"
         groups = f", groups={len(self.param_groups)}" if len(self.param_groups) > 1 else ""
         base = (
             f"update='adamw', betas={g['betas']}, eps={g['eps']}"

@@ -56,10 +56,12 @@ class _Tracked:
     ``state_dict()``), as a dense tensor shares its storage: a write through any of them (the
     optimizer's step, ``copy_`` of a checkpoint) is seen by all. ``clone()`` / ``to()`` copy it."""
 
-    __slots__ = (*_INNER, "seed", "bound", "scale_value", "version")
+    __slots__ = (*_INNER, "seed", "bound", "scale_value", "version", "sampled_grad")
 
     def __init__(self) -> None:
         self.version = 0  # bumped whenever the tracked set is replaced
+        # Set by the optimizer (reselect_every > 1) when its next step keeps the tracked set.
+        self.sampled_grad = False
 
 
 def _shared(name: str, doc: str) -> property:
@@ -289,6 +291,16 @@ class BudgetedWeight(Tensor):
     def scale_value(self) -> float:
         """The decay factor of untracked weights as a Python float (no device read)."""
         return self._scale_value
+
+    @property
+    def sampled_grad(self) -> bool:
+        """Whether backward computes this weight's gradient at its tracked positions only (a
+        :class:`~procrustes_kernels.gradient.TrackedGradient`): set by the optimizer with
+        ``reselect_every > 1`` before each step that keeps the tracked set."""
+        return self._store.sampled_grad
+
+    def set_sampled_grad(self, on: bool) -> None:
+        self._store.sampled_grad = bool(on)
 
     @property
     def geometry(self) -> tuple[int, int, int, int]:

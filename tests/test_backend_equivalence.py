@@ -56,6 +56,7 @@ from procrustes_kernels import ops
 from procrustes_kernels.ops import (
     BACKENDS,
     COMPUTE_OPS,
+    GRAD_OPS,
     RADIX_HIGH_BINS,
     RADIX_LOW_BINS,
     UPDATE_OPS,
@@ -92,10 +93,10 @@ class Inputs:
 INPUTS = {
     "cpp": Inputs(
         device=CPU,
-        ops=UPDATE_OPS,
+        ops=UPDATE_OPS + COMPUTE_OPS + GRAD_OPS,
         sizes=(1, 7, 255, 256, 257, 1000, 4099, 100_003),
         update_dtypes=(F32, F64),
-        compute_dtypes=(),
+        compute_dtypes=(F32,),
         every_flag_set=True,
     ),
     "triton": Inputs(
@@ -136,7 +137,7 @@ FLAG_SETS = {
 
 REFERENCE = {
     **{op: getattr(update_ref, op) for op in UPDATE_OPS},
-    **{op: getattr(compute_ref, op) for op in COMPUTE_OPS},
+    **{op: getattr(compute_ref, op) for op in COMPUTE_OPS + GRAD_OPS},
 }
 
 
@@ -216,7 +217,7 @@ def test_every_backend_is_available_and_covered():
         assert set(own) == set(INPUTS[backend].ops), f"{backend} implements {own}"
         missing = set(own) - set(OP_TESTS)
         assert not missing, f"{backend} has ops without a test here: {missing}"
-    assert set(OP_TESTS) == set(UPDATE_OPS + COMPUTE_OPS)
+    assert set(OP_TESTS) == set(UPDATE_OPS + COMPUTE_OPS + GRAD_OPS)
 
 
 # ------------------------------------------------------------------------- golden: update ops
@@ -773,6 +774,58 @@ def test_sparse_conv2d_t(poison, backend, shape, xd, vd):
     TOLERANCES[backend].assert_compute(dx, want)
 
 
+@pytest.mark.parametrize("backend", implementations("sddmm_linear"))
+def test_golden_sddmm_linear(poison, backend):
+    dev = device_of(backend)
+    values, bits, index = compressed_weight(GOLD_W_MASK, GOLD_W_VALUES, device=dev)
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], device=dev)
+    dy = torch.tensor([[1.0, 2.0], [3.0, 4.0]], device=dev)
+    got = implementation(backend, "sddmm_linear")(x, dy, values, bits, index)
+    want = (dy.t() @ x).reshape(-1)[GOLD_W_MASK.reshape(-1).to(dev)]
+    assert got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("backend", implementations("sddmm_conv2d"))
+def test_golden_sddmm_conv2d(poison, backend):
+    # One 2x2 kernel with (0, 0) and (1, 1) tracked on the image 1..9: dW sums 2x2 windows.
+    dev = device_of(backend)
+    mask = torch.tensor([1, 0, 0, 1], dtype=torch.bool)
+    values, bits, index = compressed_weight(
+        mask, torch.tensor([1.0, 2.0]), rows=1, cols=1, ksize=4, device=dev
+    )
+    x = torch.arange(1.0, 10.0, device=dev).view(1, 1, 3, 3)
+    dy = torch.ones(1, 1, 2, 2, device=dev)
+    got = implementation(backend, "sddmm_conv2d")(x, dy, values, bits, index, (2, 2))
+    assert got.tolist() == [12.0, 28.0]
+
+
+@pytest.mark.parametrize(
+    "backend,shape,xd,vd", compute_cases("sddmm_linear", LINEAR, LINEAR_DTYPE_SHAPE)
+)
+def test_sddmm_linear(poison, backend, shape, xd, vd):
+    m, weight = linear_inputs(backend, shape, vd)
+    index, dev = weight[2], device_of(backend)
+    x = torch.randn(m, index.cols).to(xd).to(dev)
+    dy = torch.randn(m, index.rows).to(xd).to(dev)
+    got = implementation(backend, "sddmm_linear")(x, dy, *weight)
+    want = compute_ref.sddmm_linear(x.cpu(), dy.cpu(), *on_cpu(*weight))
+    assert got.shape == weight[0].shape and got.device == x.device
+    TOLERANCES[backend].assert_compute(got, want)
+
+
+@pytest.mark.parametrize(
+    "backend,shape,xd,vd", compute_cases("sddmm_conv2d", CONV_SHAPES, CONV_DTYPE_SHAPE)
+)
+def test_sddmm_conv2d(poison, backend, shape, xd, vd):
+    x, weight, geo, _ = conv_inputs(backend, shape, xd, vd)
+    out_shape = compute_ref.sparse_conv2d(x.cpu(), *on_cpu(*weight), *geo).shape
+    dy = torch.randn(out_shape).to(xd).to(x.device)
+    got = implementation(backend, "sddmm_conv2d")(x, dy, *weight, *geo)
+    want = compute_ref.sddmm_conv2d(x.cpu(), dy.cpu(), *on_cpu(*weight), *geo)
+    assert got.shape == weight[0].shape and got.device == x.device
+    TOLERANCES[backend].assert_compute(got, want)
+
+
 # ------------------------------------------------------------------------------- the optimizer
 STEPS = 8
 
@@ -863,4 +916,6 @@ OP_TESTS = {
     "sparse_linear_t": (test_golden_sparse_linear_t, test_sparse_linear_t),
     "sparse_conv2d": (test_golden_sparse_conv2d, test_sparse_conv2d),
     "sparse_conv2d_t": (test_golden_sparse_conv2d_t, test_sparse_conv2d_t),
+    "sddmm_linear": (test_golden_sddmm_linear, test_sddmm_linear),
+    "sddmm_conv2d": (test_golden_sddmm_conv2d, test_sddmm_conv2d),
 }

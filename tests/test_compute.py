@@ -237,11 +237,20 @@ def test_bad_compute_arguments():
 
 def test_auto_choice(monkeypatch):
     cpu_layer = _zero_untracked(pk.SparseLinear(300, 260, seed=9), 0.0)
-    # The CPU backends have no fast sparse compute: auto materialises.
-    for backend in ("cpp", "reference"):
-        with use_backend(backend):
+    # On the CPU, the C++ kernels up to AUTO_MAX_DENSITY_CPU; the reference has no fast path.
+    with use_backend("reference"):
+        cpu_layer(torch.randn(3, 300))
+    assert cpu_layer.last_path == "dense"
+    if pk.ops.available_backends()["cpp"]:
+        with use_backend("cpp"):
             cpu_layer(torch.randn(3, 300))
-        assert cpu_layer.last_path == "dense"
+            assert cpu_layer.last_path == "sparse"
+            _zero_untracked(cpu_layer, 0.5)
+            cpu_layer(torch.randn(3, 300))
+            assert cpu_layer.last_path == "dense"
+            double = _zero_untracked(pk.SparseLinear(300, 260, seed=9).double(), 0.0)
+            double(torch.randn(3, 300).double())  # float64: only the materialise path
+            assert double.last_path == "dense"
     layer = _zero_untracked(pk.SparseLinear(300, 260, seed=9).to(DEV), 0.0)
     x = torch.randn(3, 300).to(DEV)
     with use_backend("triton"):
@@ -402,7 +411,7 @@ def test_tile_granularity_makes_empty_kernel_tiles(monkeypatch):
         assert int(index.tile_nnz[selected].min()) == 16 * 16  # whole tiles only
         return model, paths, index
 
-    dense_model, dense_paths, _ = run("cpp", "cpu")
+    dense_model, dense_paths, _ = run("reference", "cpu")  # no fast CPU path: materialises
     sparse_model, sparse_paths, index = run("triton", DEV)
     assert set(dense_paths) == {"dense"}
     assert sparse_paths[0] == "dense" and sparse_paths[-1] == "sparse"
@@ -418,7 +427,7 @@ def test_tile_granularity_makes_empty_kernel_tiles(monkeypatch):
 
 def test_sparse_ops_dispatch():
     from procrustes_kernels import ops
-    from procrustes_kernels.ops.compute import reference, triton_conv, triton_linear
+    from procrustes_kernels.ops.compute import cpp, reference, triton_conv, triton_linear
 
     triton_impl = {
         "sparse_linear": triton_linear.sparse_linear,
@@ -426,10 +435,11 @@ def test_sparse_ops_dispatch():
         "sparse_conv2d": triton_conv.sparse_conv2d,
         "sparse_conv2d_t": triton_conv.sparse_conv2d_t,
     }
-    for forced in ("reference", "cpp", "triton"):  # the C++ backend has no sparse compute
+    for forced in ("reference", "cpp", "triton"):
         with use_backend(forced):
             for op in ops.COMPUTE_OPS:
-                want = triton_impl[op] if forced == "triton" else getattr(reference, op)
+                own = {"triton": triton_impl, "cpp": {o: getattr(cpp, o) for o in ops.COMPUTE_OPS}}
+                want = own.get(forced, {}).get(op, getattr(reference, op))
                 assert ops.kernel(op, "cpu") is want
 
 

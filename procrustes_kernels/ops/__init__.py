@@ -6,7 +6,8 @@
   one file per backend: ``reference.py`` (the definition), ``cpp.py`` (``csrc/``),
   ``triton_kernels.py``.
 * :mod:`.compute`: the sparse linear / conv forward and input gradient from the compressed weight
-  (``reference.py``, ``triton_linear.py``, ``triton_conv.py``) and their tile index (``index.py``).
+  (``reference.py``, ``cpp.py``, ``triton_linear.py``, ``triton_conv.py``), the sampled weight
+  gradients (SDDMM) and their tile index (``index.py``).
 * :mod:`.dispatch`: which backend runs an op on which device, and the one fallback.
 * :mod:`.library`: every op as a ``procrustes::`` custom op, and the functions below, which the
   rest of the package calls.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from .contract import (
     COMPUTE_OPS,
+    GRAD_OPS,
     RADIX_HIGH_BINS,
     RADIX_LOW_BINS,
     UPDATE_OPS,
@@ -42,6 +44,8 @@ from .library import (
     paper_walk,
     radix_histogram,
     scores,
+    sddmm_conv2d,
+    sddmm_linear,
     sparse_conv2d,
     sparse_conv2d_t,
     sparse_linear,
@@ -52,6 +56,7 @@ __all__ = [
     "BACKENDS",
     "UPDATE_OPS",
     "COMPUTE_OPS",
+    "GRAD_OPS",
     "available_backends",
     "backend_error",
     "backend_for",
@@ -76,4 +81,6 @@ __all__ = [
     "sparse_linear_t",
     "sparse_conv2d",
     "sparse_conv2d_t",
+    "sddmm_linear",
+    "sddmm_conv2d",
 ]

@@ -20,6 +20,7 @@ from ..storage import GROUP_SIZE
 __all__ = [
     "UPDATE_OPS",
     "COMPUTE_OPS",
+    "GRAD_OPS",
     "COMPUTE_DTYPES",
     "GROUP_SIZE",
     "Segment",
@@ -49,6 +50,8 @@ UPDATE_OPS = (
 )
 # ... and the compute ops (forward / input gradient straight from the compressed weight).
 COMPUTE_OPS = ("sparse_linear", "sparse_linear_t", "sparse_conv2d", "sparse_conv2d_t")
+# ... and the sampled weight gradients: dL/dW at the tracked positions only (reselect_every > 1).
+GRAD_OPS = ("sddmm_linear", "sddmm_conv2d")
 
 # The input / weight dtypes of the compute ops (products accumulate in float32).
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

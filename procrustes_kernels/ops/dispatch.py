@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Set
 
 import torch
 
-from .contract import COMPUTE_OPS, UPDATE_OPS
+from .contract import COMPUTE_OPS, GRAD_OPS, UPDATE_OPS
 
 __all__ = [
     "BACKENDS",
@@ -42,11 +42,11 @@ __all__ = [
 ]
 
 BACKENDS = ("reference", "triton", "cpp")
-OPS = UPDATE_OPS + COMPUTE_OPS
+OPS = UPDATE_OPS + COMPUTE_OPS + GRAD_OPS
 _MODULES = {
     "reference": (".update.reference", ".compute.reference"),
     "triton": (".update.triton_kernels", ".compute.triton_linear", ".compute.triton_conv"),
-    "cpp": (".update.cpp",),
+    "cpp": (".update.cpp", ".compute.cpp"),
 }
 # name -> {op: (implementation, accepts)} once loaded; None when the backend cannot load here
 _tables: dict[str, dict[str, tuple[Callable, Callable | None]] | None] = {}

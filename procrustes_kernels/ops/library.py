@@ -23,6 +23,7 @@ whose autograd functions call the input-gradient ops; the update ops run under `
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -52,6 +53,8 @@ __all__ = [
     "sparse_linear_t",
     "sparse_conv2d",
     "sparse_conv2d_t",
+    "sddmm_linear",
+    "sddmm_conv2d",
 ]
 
 _I64 = 2**63
@@ -399,23 +402,38 @@ def paper_walk(scores: Tensor, theta: float, lam: float, k: int) -> tuple[Tensor
 _GEOMETRY = "int rows, int cols, int ksize, int groups, int block_n, int block_c"
 
 
-def _index(bits: Tensor, geometry: Sequence[int]):
-    return cached_tile_index(bits, *geometry)
+class Geometry(NamedTuple):
+    """A weight's matrix geometry and compute tile: what kernels that walk the bits themselves
+    (the C++ ones, ``takes_geometry``) take instead of a :class:`~.compute.index.TileIndex`."""
+
+    rows: int
+    cols: int
+    ksize: int
+    groups: int
+    block_n: int
+    block_c: int
+
+
+def _impl_and_index(op: str, x: Tensor, values: Tensor, bits: Tensor, geometry: Sequence[int]):
+    impl = kernel(op, x.device, {x.dtype, values.dtype})
+    if getattr(impl, "__module__", "").endswith("compute.cpp"):
+        return impl, Geometry(*geometry)
+    return impl, cached_tile_index(bits, *geometry)
 
 
 def _sparse_linear_impl(x, values, bits, bias, *geometry):
-    index = _index(bits, geometry)
-    return kernel("sparse_linear", x.device)(x, values, bits, index, bias)
+    impl, index = _impl_and_index("sparse_linear", x, values, bits, geometry)
+    return impl(x, values, bits, index, bias)
 
 
 def _sparse_linear_t_impl(dy, values, bits, *geometry):
-    return kernel("sparse_linear_t", dy.device)(dy, values, bits, _index(bits, geometry))
+    impl, index = _impl_and_index("sparse_linear_t", dy, values, bits, geometry)
+    return impl(dy, values, bits, index)
 
 
 def _sparse_conv2d_impl(x, values, bits, bias, *args):
     geometry, (kernel_size, stride, padding, dilation) = args[:6], args[6:]
-    index = _index(bits, geometry)
-    impl = kernel("sparse_conv2d", x.device)
+    impl, index = _impl_and_index("sparse_conv2d", x, values, bits, geometry)
     return impl(
         x,
         values,
@@ -431,14 +449,34 @@ def _sparse_conv2d_impl(x, values, bits, bias, *args):
 
 def _sparse_conv2d_t_impl(dy, values, bits, *args):
     geometry, (hw, kernel_size, stride, padding, dilation) = args[:6], args[6:]
-    index = _index(bits, geometry)
-    impl = kernel("sparse_conv2d_t", dy.device)
+    impl, index = _impl_and_index("sparse_conv2d_t", dy, values, bits, geometry)
     return impl(
         dy,
         values,
         bits,
         index,
         tuple(hw),
+        tuple(kernel_size),
+        tuple(stride),
+        tuple(padding),
+        tuple(dilation),
+    )
+
+
+def _sddmm_linear_impl(x, dy, values, bits, *geometry):
+    impl, index = _impl_and_index("sddmm_linear", x, values, bits, geometry)
+    return impl(x, dy, values, bits, index)
+
+
+def _sddmm_conv2d_impl(x, dy, values, bits, *args):
+    geometry, (kernel_size, stride, padding, dilation) = args[:6], args[6:]
+    impl, index = _impl_and_index("sddmm_conv2d", x, values, bits, geometry)
+    return impl(
+        x,
+        dy,
+        values,
+        bits,
+        index,
         tuple(kernel_size),
         tuple(stride),
         tuple(padding),
@@ -467,6 +505,28 @@ _sparse_conv2d_t_op = _define(
     f"(Tensor dy, Tensor values, Tensor bits, {_GEOMETRY}, int[] input_hw, {_CONV}) -> Tensor",
     _sparse_conv2d_t_impl,
 )
+
+
+_sddmm_linear_op = _define(
+    "sddmm_linear",
+    f"(Tensor x, Tensor dy, Tensor values, Tensor bits, {_GEOMETRY}) -> Tensor",
+    _sddmm_linear_impl,
+)
+_sddmm_conv2d_op = _define(
+    "sddmm_conv2d",
+    f"(Tensor x, Tensor dy, Tensor values, Tensor bits, {_GEOMETRY}, {_CONV}) -> Tensor",
+    _sddmm_conv2d_impl,
+)
+
+
+@_fake(_sddmm_linear_op)
+def _(x, dy, values, bits, *geometry):
+    return values.new_empty(values.shape, dtype=dy.dtype)
+
+
+@_fake(_sddmm_conv2d_op)
+def _(x, dy, values, bits, *args):
+    return values.new_empty(values.shape, dtype=dy.dtype)
 
 
 def _out_size(size, k, stride, pad, dil):
@@ -560,3 +620,28 @@ def sparse_conv2d_t(
     if eager(dy, values, bits):
         return _sparse_conv2d_t_impl(dy, values, bits, *geometry, list(input_hw), *conv)
     return _sparse_conv2d_t_op(dy, values, bits, *geometry, list(input_hw), *conv)
+
+
+def sddmm_linear(
+    x: Tensor, dy: Tensor, values: Tensor, bits: Tensor, geometry: Sequence[int]
+) -> Tensor:
+    """``dy^T @ x`` at the tracked positions of the weight (one value per entry of ``values``,
+    storage order): the weight gradient of :func:`sparse_linear` where the optimizer reads it."""
+    if eager(x, dy, values, bits):
+        return _sddmm_linear_impl(x, dy, values, bits, *geometry)
+    return _sddmm_linear_op(x, dy, values, bits, *geometry)
+
+
+def sddmm_conv2d(
+    x: Tensor,
+    dy: Tensor,
+    values: Tensor,
+    bits: Tensor,
+    geometry: Sequence[int],
+    conv: Sequence[Sequence[int]],
+) -> Tensor:
+    """The weight gradient of :func:`sparse_conv2d` at the tracked positions (storage order)."""
+    conv = [list(c) for c in conv]
+    if eager(x, dy, values, bits):
+        return _sddmm_conv2d_impl(x, dy, values, bits, *geometry, *conv)
+    return _sddmm_conv2d_op(x, dy, values, bits, *geometry, *conv)

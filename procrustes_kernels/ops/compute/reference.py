@@ -7,6 +7,9 @@ every untracked weight is exactly zero (Procrustes after its decay), so only tra
 * :func:`sparse_linear_t`: ``dX = dY W``; ``dy [M, rows]`` -> ``[M, cols]``
 * :func:`sparse_conv2d`: the convolution of ``x [B, C, H, W]`` with ``W`` (+ ``b``), zero padding
 * :func:`sparse_conv2d_t`: its gradient with respect to the input, from ``dy [B, N, OH, OW]``
+* :func:`sddmm_linear` / :func:`sddmm_conv2d`: the weight gradient at the tracked positions only,
+  one float per tracked weight in storage order (a sampled dense-dense product); it does not
+  depend on the weight's values, so it serves every weight, decayed or not
 
 Arithmetic contract: each weight is rounded to the input's dtype (as a cast of the weight before an
 ``nn`` layer would), products are accumulated in float32, the bias is added in float32 and the
@@ -24,7 +27,15 @@ from ...storage import unpack_bits
 from ..contract import COMPUTE_DTYPES
 from .index import TileIndex
 
-__all__ = ["sparse_linear", "sparse_linear_t", "sparse_conv2d", "sparse_conv2d_t", "dense_weight"]
+__all__ = [
+    "sparse_linear",
+    "sparse_linear_t",
+    "sparse_conv2d",
+    "sparse_conv2d_t",
+    "sddmm_linear",
+    "sddmm_conv2d",
+    "dense_weight",
+]
 
 
 def _check_input(fn: str, name: str, t: object, ndim: int, dim: int, size: int) -> Tensor:
@@ -130,3 +141,49 @@ def sparse_conv2d_t(
         size, w, dy.to(torch.float32), stride, padding, dilation, index.groups
     )
     return dx.to(dy.dtype)
+
+
+def _tracked_of(grad: Tensor, values: Tensor, bits: Tensor, dtype: torch.dtype) -> Tensor:
+    numel = grad.numel()
+    picked = grad.reshape(-1)[unpack_bits(bits, numel)]
+    if picked.numel() != values.numel():
+        raise ValueError(
+            f"expected values with {picked.numel()} entries (the bits' tracked count), "
+            f"got {values.numel()}"
+        )
+    return picked.to(dtype)
+
+
+def sddmm_linear(x: Tensor, dy: Tensor, values: Tensor, bits: Tensor, index) -> Tensor:
+    """``(dy^T @ x)`` at the tracked positions, in storage order."""
+    fn = "sddmm_linear()"
+    x = _check_input(fn, "x", x, 2, 1, index.cols)
+    dy = _check_input(fn, "dy", dy, 2, 1, index.rows)
+    if x.shape[0] != dy.shape[0]:
+        raise ValueError(
+            f"{fn}: expected x and dy with the same rows, got {tuple(x.shape)} and {tuple(dy.shape)}"
+        )
+    grad = dy.to(torch.float32).t() @ x.to(torch.float32)
+    return _tracked_of(grad, values, bits, dy.dtype)
+
+
+def sddmm_conv2d(
+    x: Tensor,
+    dy: Tensor,
+    values: Tensor,
+    bits: Tensor,
+    index,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+) -> Tensor:
+    """The weight gradient of :func:`sparse_conv2d` at the tracked positions (storage order)."""
+    fn = "sddmm_conv2d()"
+    x = _check_input(fn, "x", x, 4, 1, index.cols * index.groups)
+    dy = _check_input(fn, "dy", dy, 4, 1, index.rows)
+    shape = (index.rows, index.cols, *kernel_size)
+    grad = torch.nn.grad.conv2d_weight(
+        x.to(torch.float32), shape, dy.to(torch.float32), stride, padding, dilation, index.groups
+    )
+    return _tracked_of(grad, values, bits, dy.dtype)

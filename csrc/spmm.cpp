@@ -1,0 +1,468 @@
+// Sparse compute kernels on the compressed storage (spmm.h has the geometry and the definitions).
+//
+// Every kernel walks the tracked bits and, per tracked weight, runs one contiguous axpy or dot
+// over a chunk of L: the forward pass and the backward-data pass keep a 64-float chunk of one
+// output plane in registers and stream the input planes of the tracked weights through it (one
+// load per multiply-add); the sampled weight gradient keeps one chunk of dy in registers against
+// four input planes at a time. Rows (forward, SDDMM) or column blocks (backward) are split over
+// threads, and L as well when there are too few of them, so no two threads write the same float.
+//
+// The bodies are written once on GCC vector types and compiled three times, for 4-float (SSE2),
+// 8-float (AVX2) and 16-float (AVX-512) vectors, chosen by simd_level() as the update kernels do.
+// Products accumulate in float32 in an order that depends on the vector width (the reference's
+// contract: equal to the rounding of a float32 sum).
+#include "spmm.h"
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "ops.h"
+#include "parallel.h"
+
+#if defined(__GNUC__)
+#pragma GCC diagnostic ignored "-Wpsabi"  // vector arguments only ever cross inlined calls
+#endif
+
+namespace pk {
+namespace {
+
+// Columns per block of the backward pass (and per entry of the row offset table).
+constexpr int64_t kColBlock = 32;
+// Floats of L per register chunk.
+constexpr int kChunk = 64;
+
+int64_t bit_bytes(const SparseGeometry& g) { return ceil_div(g.rows * g.cols * g.ksize, 8); }
+
+// 64-bit word w of the mask (bit e of the mask is bit e % 64 of word e / 64).
+PK_INLINE uint64_t word_at(const uint8_t* bits, int64_t nbytes, int64_t w) {
+  const int64_t b = w * 8;
+  uint64_t x = 0;
+#if PK_LITTLE_ENDIAN
+  if (b + 8 <= nbytes) {
+    std::memcpy(&x, bits + b, 8);
+    return x;
+  }
+#endif
+  const int64_t n = std::min<int64_t>(8, nbytes - b);
+  for (int64_t i = 0; i < n; ++i) x |= static_cast<uint64_t>(bits[b + i]) << (8 * i);
+  return x;
+}
+
+// f(word index, word) for the words of bits [pos, pos + len), bits outside the range cleared.
+template <class F>
+PK_INLINE void for_each_word(const uint8_t* bits, int64_t nbytes, int64_t pos, int64_t len,
+                             const F& f) {
+  if (len <= 0) return;
+  const int64_t end = pos + len, w0 = pos >> 6, w1 = (end - 1) >> 6;
+  for (int64_t w = w0; w <= w1; ++w) {
+    uint64_t x = word_at(bits, nbytes, w);
+    if (w == w0) x &= ~uint64_t{0} << (pos & 63);
+    if (w == w1 && (end & 63)) x &= (uint64_t{1} << (end & 63)) - 1;
+    f(w, x);
+  }
+}
+
+PK_INLINE int64_t count_bits(const uint8_t* bits, int64_t nbytes, int64_t pos, int64_t len) {
+  int64_t n = 0;
+  for_each_word(bits, nbytes, pos, len, [&](int64_t, uint64_t x) { n += popcount64(x); });
+  return n;
+}
+
+// f(j) for every set bit pos + j, j < len, ascending.
+template <class F>
+PK_INLINE void for_each_bit(const uint8_t* bits, int64_t nbytes, int64_t pos, int64_t len,
+                            const F& f) {
+  for_each_word(bits, nbytes, pos, len, [&](int64_t w, uint64_t x) {
+    const int64_t at = w * 64 - pos;
+    while (x) {
+      f(at + ctz64(x));
+      x &= x - 1;
+    }
+  });
+}
+
+// Value index of the first tracked element of row n: row[n]; with blocks, of its first tracked
+// element at or after column block b: row[n] + rel[n * blocks + b]. Checks that the mask holds
+// exactly nnz tracked elements.
+struct RowOffsets {
+  int64_t blocks = 0;
+  std::vector<int64_t> row;
+  std::vector<int32_t> rel;
+  int64_t at(int64_t n, int64_t b) const { return row[n] + (b ? rel[n * blocks + b] : 0); }
+};
+
+RowOffsets row_offsets(const SparseGeometry& g, bool with_blocks) {
+  RowOffsets r;
+  const int64_t nbytes = bit_bytes(g), row_len = g.cols * g.ksize, blen = kColBlock * g.ksize;
+  r.blocks = ceil_div(g.cols, kColBlock);
+  r.row.assign(static_cast<size_t>(g.rows + 1), 0);
+  if (with_blocks) r.rel.resize(static_cast<size_t>(g.rows * r.blocks));
+  const int64_t chunks = ceil_div(g.rows, 256);
+  for_each_chunk(chunks, threads_for(chunks), [&](int64_t ch, int) {
+    for (int64_t n = ch * 256; n < std::min(g.rows, (ch + 1) * 256); ++n) {
+      int64_t c = 0;
+      if (with_blocks) {
+        for (int64_t b = 0; b < r.blocks; ++b) {
+          r.rel[n * r.blocks + b] = static_cast<int32_t>(c);
+          c += count_bits(g.bits, nbytes, n * row_len + b * blen, std::min(blen, row_len - b * blen));
+        }
+      } else {
+        c = count_bits(g.bits, nbytes, n * row_len, row_len);
+      }
+      r.row[n + 1] = c;
+    }
+  });
+  for (int64_t n = 0; n < g.rows; ++n) r.row[n + 1] += r.row[n];
+  if (r.row[g.rows] != g.nnz) {
+    throw std::invalid_argument("the mask holds " + std::to_string(r.row[g.rows]) +
+                                " tracked weights, values has " + std::to_string(g.nnz));
+  }
+  return r;
+}
+
+void check(const SparseGeometry& g) {
+  if (g.rows <= 0 || g.cols <= 0 || g.ksize <= 0 || g.groups <= 0 || g.rows % g.groups ||
+      g.phases <= 0 || g.L < 0) {
+    throw std::invalid_argument("invalid sparse geometry");
+  }
+  for (int64_t k = 0; k < g.ksize; ++k) {
+    if (g.phase[k] < 0 || g.phase[k] >= g.phases || g.shift[k] < 0) {
+      throw std::invalid_argument("expected phase in [0, phases) and shift >= 0 per position");
+    }
+  }
+}
+
+// Per element j of a row: its input offset within the group (plane and shift), its input plane
+// within the group and its shift; built once per call so the walks never divide.
+struct Columns {
+  std::vector<int64_t> in_off, shift;
+  std::vector<int64_t> plane;
+  int64_t group_stride;
+};
+
+Columns columns(const SparseGeometry& g) {
+  const int64_t row_len = g.cols * g.ksize;
+  Columns t;
+  t.in_off.resize(static_cast<size_t>(row_len));
+  t.shift.resize(static_cast<size_t>(row_len));
+  t.plane.resize(static_cast<size_t>(row_len));
+  for (int64_t c = 0, j = 0; c < g.cols; ++c) {
+    for (int64_t k = 0; k < g.ksize; ++k, ++j) {
+      t.plane[j] = c * g.phases + g.phase[k];
+      t.shift[j] = g.shift[k];
+      t.in_off[j] = t.plane[j] * g.L + g.shift[k];
+    }
+  }
+  t.group_stride = g.cols * g.phases * g.L;
+  return t;
+}
+
+// Tasks over blocks of `items` (rows, or column blocks) x ranges of L. A range of L is cut so
+// that the planes a task streams (`planes` of them) stay within ~256 KB of cache; items are
+// batched so that there are ~8 tasks per thread (dynamic scheduling costs ~0.1 us per task).
+struct Split {
+  int64_t items, per, lchunks, lsize;
+  int64_t item_tasks() const { return ceil_div(items, per); }
+  int64_t tasks() const { return item_tasks() * lchunks; }
+};
+
+constexpr int64_t kCacheFloats = 64 * 1024;
+
+Split split(int64_t items, int64_t planes, int64_t L) {
+  const int64_t Lr = ceil_div(std::max<int64_t>(L, 1), kChunk) * kChunk;
+  const int64_t fit = kCacheFloats / std::max<int64_t>(planes, 1) / kChunk * kChunk;
+  const int64_t lsize = std::clamp<int64_t>(fit, kChunk, Lr);
+  const int64_t lchunks = ceil_div(std::max<int64_t>(L, 1), lsize);
+  const int64_t want = 8 * static_cast<int64_t>(max_threads());
+  const int64_t per = std::max<int64_t>(1, items * lchunks / want);
+  return {items, per, lchunks, lsize};
+}
+
+struct Scratch {  // one thread's decoded tracked weights
+  std::vector<int64_t> off;
+  std::vector<float> val;
+  std::vector<int64_t> idx;
+  std::vector<int64_t> count;
+};
+
+// ---------------------------------------------------------------------------- vector bodies
+template <int W>
+struct Vec {
+  typedef float type __attribute__((vector_size(W * 4)));
+};
+
+template <int W>
+PK_INLINE typename Vec<W>::type vload(const float* p) {
+  typename Vec<W>::type v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <int W>
+PK_INLINE void vstore(float* p, typename Vec<W>::type v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+template <int W>
+PK_INLINE float vsum(typename Vec<W>::type v) {
+  float s = 0.0f;
+  for (int i = 0; i < W; ++i) s += v[i];
+  return s;
+}
+
+// out[l] = init + sum_e val[e] * src[off[e] + l] for l in [l0, l1): the chunk sits in registers.
+template <int W>
+PK_INLINE void axpy_rows(const float* src, const int64_t* off, const float* val, int64_t ne,
+                         float init, float* out, int64_t l0, int64_t l1) {
+  typedef typename Vec<W>::type V;
+  constexpr int U = kChunk / W;
+  int64_t l = l0;
+  for (; l + kChunk <= l1; l += kChunk) {
+    V acc[U];
+    for (int u = 0; u < U; ++u) acc[u] = V{} + init;
+    for (int64_t e = 0; e < ne; ++e) {
+      const float* p = src + off[e] + l;
+      const float w = val[e];
+      for (int u = 0; u < U; ++u) acc[u] += w * vload<W>(p + u * W);
+    }
+    for (int u = 0; u < U; ++u) vstore<W>(out + l + u * W, acc[u]);
+  }
+  for (; l + W <= l1; l += W) {
+    V acc = V{} + init;
+    for (int64_t e = 0; e < ne; ++e) acc += val[e] * vload<W>(src + off[e] + l);
+    vstore<W>(out + l, acc);
+  }
+  for (; l < l1; ++l) {
+    float acc = init;
+    for (int64_t e = 0; e < ne; ++e) acc += val[e] * src[off[e] + l];
+    out[l] = acc;
+  }
+}
+
+// Forward: one row of y over [l0, l1).
+template <int W>
+PK_INLINE void forward_task(const SparseGeometry& g, const RowOffsets& ro, const Columns& cl,
+                            const float* x,
+                            const float* bias, float* y, const Split& s, int64_t task,
+                            Scratch& sc) {
+  const int64_t lc = task / s.item_tasks(), it = task % s.item_tasks();
+  const int64_t l0 = lc * s.lsize, l1 = std::min(g.L, l0 + s.lsize);
+  const int64_t row_len = g.cols * g.ksize;
+  sc.off.resize(static_cast<size_t>(row_len));
+  sc.val.resize(static_cast<size_t>(row_len));
+  const int64_t* in_off = cl.in_off.data();
+  for (int64_t n = it * s.per; n < std::min(g.rows, (it + 1) * s.per); ++n) {
+    const int64_t base = (n / (g.rows / g.groups)) * cl.group_stride;
+    int64_t ne = 0, vi = ro.row[n];
+    for_each_bit(g.bits, bit_bytes(g), n * row_len, row_len, [&](int64_t j) {
+      sc.off[ne] = base + in_off[j];
+      sc.val[ne++] = g.values[vi++];
+    });
+    axpy_rows<W>(x, sc.off.data(), sc.val.data(), ne, bias ? bias[n] : 0.0f, y + n * g.L, l0,
+                 l1);
+  }
+}
+
+template <int W>
+PK_INLINE void backward_block(const SparseGeometry& g, const RowOffsets& ro, const Columns& cl,
+                              const float* dy, float* dx, int64_t grp, int64_t b, int64_t l0,
+                              int64_t l1, Scratch& sc);
+
+// Backward-data: the input planes of blocks of columns of one group, over a range of L.
+template <int W>
+PK_INLINE void backward_task(const SparseGeometry& g, const RowOffsets& ro, const Columns& cl,
+                             const float* dy,
+                             float* dx, const Split& s, int64_t task, Scratch& sc) {
+  const int64_t lc = task / s.item_tasks(), it = task % s.item_tasks();
+  const int64_t l0 = lc * s.lsize, l1 = std::min(g.L, l0 + s.lsize);
+  for (int64_t item = it * s.per; item < std::min(s.items, (it + 1) * s.per); ++item) {
+    backward_block<W>(g, ro, cl, dy, dx, item / ro.blocks, item % ro.blocks, l0, l1, sc);
+  }
+}
+
+template <int W>
+PK_INLINE void backward_block(const SparseGeometry& g, const RowOffsets& ro, const Columns& cl,
+                              const float* dy, float* dx, int64_t grp, int64_t b, int64_t l0,
+                              int64_t l1, Scratch& sc) {
+  const int64_t row_len = g.cols * g.ksize, rpg = g.rows / g.groups, nbytes = bit_bytes(g);
+  const int64_t c0 = b * kColBlock, ncols = std::min(kColBlock, g.cols - c0);
+  const int64_t planes = ncols * g.phases, len = ncols * g.ksize;
+  // Bucket the block's tracked weights by input plane: count, then place.
+  sc.count.assign(static_cast<size_t>(planes + 1), 0);
+  const int64_t* plane = cl.plane.data() + c0 * g.ksize;  // block-relative planes below
+  const int64_t* shift = cl.shift.data() + c0 * g.ksize;
+  const int64_t p0 = c0 * g.phases;
+  for (int64_t n = grp * rpg; n < (grp + 1) * rpg; ++n) {
+    for_each_bit(g.bits, nbytes, n * row_len + c0 * g.ksize, len,
+                 [&](int64_t j) { ++sc.count[plane[j] - p0 + 1]; });
+  }
+  for (int64_t p = 0; p < planes; ++p) sc.count[p + 1] += sc.count[p];
+  const int64_t total = sc.count[planes];
+  sc.off.resize(static_cast<size_t>(total));
+  sc.val.resize(static_cast<size_t>(total));
+  sc.idx.assign(sc.count.begin(), sc.count.end() - 1);
+  for (int64_t n = grp * rpg; n < (grp + 1) * rpg; ++n) {
+    int64_t vi = ro.at(n, b);
+    for_each_bit(g.bits, nbytes, n * row_len + c0 * g.ksize, len, [&](int64_t j) {
+      const int64_t at = sc.idx[plane[j] - p0]++;
+      sc.off[at] = n * g.L - shift[j];
+      sc.val[at] = g.values[vi++];
+    });
+  }
+  float* base = dx + (grp * g.cols + c0) * g.phases * g.L;
+  for (int64_t p = 0; p < planes; ++p) {
+    const int64_t e0 = sc.count[p], e1 = sc.count[p + 1];
+    axpy_rows<W>(dy, sc.off.data() + e0, sc.val.data() + e0, e1 - e0, 0.0f, base + p * g.L, l0,
+                 l1);
+  }
+}
+
+// SDDMM: the gradient of every tracked weight of one row.
+template <int W>
+PK_INLINE void sddmm_task(const SparseGeometry& g, const RowOffsets& ro, const Columns& cl,
+                          const float* dy,
+                          const float* x, float* out, int64_t n, Scratch& sc) {
+  typedef typename Vec<W>::type V;
+  const int64_t row_len = g.cols * g.ksize, grp = n / (g.rows / g.groups), L = g.L;
+  sc.off.resize(static_cast<size_t>(row_len));
+  int64_t ne = 0;
+  const int64_t* in_off = cl.in_off.data();
+  const int64_t base = grp * cl.group_stride;
+  for_each_bit(g.bits, bit_bytes(g), n * row_len, row_len,
+               [&](int64_t j) { sc.off[ne++] = base + in_off[j]; });
+  const float* d = dy + n * L;
+  float* o = out + ro.row[n];
+  int64_t e = 0;
+  for (; e + 4 <= ne; e += 4) {
+    const float* p0 = x + sc.off[e];
+    const float* p1 = x + sc.off[e + 1];
+    const float* p2 = x + sc.off[e + 2];
+    const float* p3 = x + sc.off[e + 3];
+    V a0{}, a1{}, a2{}, a3{};
+    int64_t l = 0;
+    for (; l + W <= L; l += W) {
+      const V dv = vload<W>(d + l);
+      a0 += dv * vload<W>(p0 + l);
+      a1 += dv * vload<W>(p1 + l);
+      a2 += dv * vload<W>(p2 + l);
+      a3 += dv * vload<W>(p3 + l);
+    }
+    float s0 = vsum<W>(a0), s1 = vsum<W>(a1), s2 = vsum<W>(a2), s3 = vsum<W>(a3);
+    for (; l < L; ++l) {
+      s0 += d[l] * p0[l];
+      s1 += d[l] * p1[l];
+      s2 += d[l] * p2[l];
+      s3 += d[l] * p3[l];
+    }
+    o[e] = s0;
+    o[e + 1] = s1;
+    o[e + 2] = s2;
+    o[e + 3] = s3;
+  }
+  for (; e < ne; ++e) {
+    const float* p = x + sc.off[e];
+    V a{};
+    int64_t l = 0;
+    for (; l + W <= L; l += W) a += vload<W>(d + l) * vload<W>(p + l);
+    float s = vsum<W>(a);
+    for (; l < L; ++l) s += d[l] * p[l];
+    o[e] = s;
+  }
+}
+
+// ------------------------------------------------------------------ one instance per ISA
+struct Kernels {
+  void (*forward)(const SparseGeometry&, const RowOffsets&, const Columns&, const float*,
+                  const float*, float*, const Split&, int64_t, Scratch&);
+  void (*backward)(const SparseGeometry&, const RowOffsets&, const Columns&, const float*, float*,
+                   const Split&, int64_t, Scratch&);
+  void (*sddmm)(const SparseGeometry&, const RowOffsets&, const Columns&, const float*,
+                const float*, float*, int64_t, Scratch&);
+};
+
+#define PK_SPMM_INSTANCE(NAME, TARGET, W)                                                       \
+  TARGET void NAME##_forward(const SparseGeometry& g, const RowOffsets& ro, const Columns& cl,  \
+                             const float* x, const float* bias, float* y, const Split& s,       \
+                             int64_t t, Scratch& sc) {                                          \
+    forward_task<W>(g, ro, cl, x, bias, y, s, t, sc);                                           \
+  }                                                                                             \
+  TARGET void NAME##_backward(const SparseGeometry& g, const RowOffsets& ro, const Columns& cl, \
+                              const float* dy, float* dx, const Split& s, int64_t t,            \
+                              Scratch& sc) {                                                    \
+    backward_task<W>(g, ro, cl, dy, dx, s, t, sc);                                              \
+  }                                                                                             \
+  TARGET void NAME##_sddmm(const SparseGeometry& g, const RowOffsets& ro, const Columns& cl,    \
+                           const float* dy, const float* x, float* out, int64_t n,              \
+                           Scratch& sc) {                                                       \
+    sddmm_task<W>(g, ro, cl, dy, x, out, n, sc);                                                \
+  }                                                                                             \
+  constexpr Kernels NAME##_kernels{NAME##_forward, NAME##_backward, NAME##_sddmm};
+
+PK_SPMM_INSTANCE(plain, , 4)
+#if PK_HAVE_SIMD_VARIANT
+PK_SPMM_INSTANCE(avx2, PK_SIMD_TARGET, 8)
+PK_SPMM_INSTANCE(avx512, PK_AVX512_TARGET, 16)
+#endif
+#undef PK_SPMM_INSTANCE
+
+const Kernels& kernels() {
+#if PK_HAVE_SIMD_VARIANT
+  switch (simd_level()) {
+    case 2:
+      return avx512_kernels;
+    case 1:
+      return avx2_kernels;
+    default:
+      break;
+  }
+#endif
+  return plain_kernels;
+}
+
+template <class F>
+void run_tasks(int64_t tasks, const F& f) {
+  const int nt = threads_for(tasks);
+  std::vector<Scratch> scratch(static_cast<size_t>(nt));
+  for_each_chunk(tasks, nt, [&](int64_t t, int tid) { f(t, scratch[tid]); });
+}
+
+}  // namespace
+
+void sparse_forward(const SparseGeometry& g, const float* x, const float* bias, float* y) {
+  check(g);
+  const RowOffsets ro = row_offsets(g, false);
+  if (g.L == 0) return;
+  const Columns cl = columns(g);
+  const Kernels& k = kernels();
+  const Split s = split(g.rows, g.cols * g.phases, g.L);
+  run_tasks(s.tasks(), [&](int64_t t, Scratch& sc) { k.forward(g, ro, cl, x, bias, y, s, t, sc); });
+}
+
+void sparse_backward(const SparseGeometry& g, const float* dy, float* dx) {
+  check(g);
+  const RowOffsets ro = row_offsets(g, true);
+  if (g.L == 0) return;
+  const Columns cl = columns(g);
+  const Kernels& k = kernels();
+  const Split s = split(g.groups * ro.blocks, g.rows / g.groups, g.L);
+  run_tasks(s.tasks(), [&](int64_t t, Scratch& sc) { k.backward(g, ro, cl, dy, dx, s, t, sc); });
+}
+
+void sparse_sddmm(const SparseGeometry& g, const float* dy, const float* x, float* out) {
+  check(g);
+  const RowOffsets ro = row_offsets(g, false);
+  const Columns cl = columns(g);
+  const Kernels& k = kernels();
+  const int64_t per = std::max<int64_t>(1, g.rows / (8 * static_cast<int64_t>(max_threads())));
+  run_tasks(ceil_div(g.rows, per), [&](int64_t t, Scratch& sc) {
+    for (int64_t n = t * per; n < std::min(g.rows, (t + 1) * per); ++n) {
+      k.sddmm(g, ro, cl, dy, x, out, n, sc);
+    }
+  });
+}
+
+}  // namespace pk

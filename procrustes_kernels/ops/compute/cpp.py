@@ -1,0 +1,384 @@
+"""C++/OpenMP sparse compute ops for CPU tensors (``csrc/spmm.cpp``), float32.
+
+Same functions and results (to the rounding of a float32 sum) as :mod:`.reference`, plus the
+sampled weight gradients :func:`sddmm_linear` / :func:`sddmm_conv2d`. The kernels work on
+feature-major activations (one contiguous plane per feature, ``csrc/spmm.h``); this module moves
+between those and PyTorch's layouts:
+
+* linear: ``x [M, cols]`` becomes ``x^T``, one plane of ``M`` tokens per input feature;
+* convolution: the input is zero-padded and cut into ``stride_h x stride_w`` phase planes on the
+  output grid (``[C, sh, sw, B, Hg, Wg]``), so that every kernel position of every tracked weight is
+  one shifted contiguous run; outputs are computed on the whole grid and cropped.
+
+Only the tracked weights are read (the weight's untracked values must be zero: the caller checks),
+and no dense copy of the weight is made. The ``index`` argument may be a full
+:class:`~.index.TileIndex` or anything with its ``rows``, ``cols``, ``ksize`` and ``groups``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    from ... import _C
+except ImportError as err:  # the dispatcher turns this into one warning and uses the reference
+    raise ImportError(
+        f"procrustes_kernels.ops.compute.cpp: the compiled extension is not built ({err})"
+    ) from err
+
+__all__ = [
+    "sparse_linear",
+    "sparse_linear_t",
+    "sparse_conv2d",
+    "sparse_conv2d_t",
+    "sddmm_linear",
+    "sddmm_conv2d",
+    "accepts",
+    "takes_geometry",
+]
+
+# The dispatcher passes a light geometry instead of a tile index to the functions of this module.
+takes_geometry = True
+
+
+def accepts(dtypes: set[torch.dtype]) -> bool:
+    """float32 activations and weights (other dtypes run the reference)."""
+    return all(d == torch.float32 for d in dtypes)
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().numpy()
+
+
+def _check(fn: str, name: str, t: object, ndim: int) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{fn}: expected {name} to be a Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{fn}: expected {name} on the CPU, got {t.device}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{fn}: expected {name} of dtype float32, got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{fn}: expected {name} with {ndim} dims, got shape {tuple(t.shape)}")
+    return t
+
+
+def _check_size(fn: str, name: str, t: Tensor, dim: int, size: int) -> None:
+    if t.shape[dim] != size:
+        raise ValueError(
+            f"{fn}: expected {name}.shape[{dim}] == {size}, got shape {tuple(t.shape)}"
+        )
+
+
+_LINEAR_PHASE = np.zeros(1, dtype=np.int32)
+_LINEAR_SHIFT = np.zeros(1, dtype=np.int64)
+
+
+def _geometry(values: Tensor, bits: Tensor, index, phases: int, phase, shift, L: int) -> dict:
+    return dict(
+        values=_np(values.contiguous()),
+        bits=_np(bits.contiguous()),
+        rows=index.rows,
+        cols=index.cols,
+        ksize=index.ksize,
+        groups=index.groups,
+        phases=phases,
+        phase=phase,
+        shift=shift,
+        L=L,
+    )
+
+
+def _values(fn: str, values: Tensor) -> Tensor:
+    return _check(fn, "values", values, 1)
+
+
+# -------------------------------------------------------------------------------- linear layers
+def linear_planes(x: Tensor) -> Tensor:
+    """``x [M, cols]`` as the kernels' input planes (``x^T``, contiguous)."""
+    return x.t().contiguous()
+
+
+def sparse_linear(x: Tensor, values: Tensor, bits: Tensor, index, bias: Tensor | None = None):
+    """``x @ W^T + bias`` from the compressed weight."""
+    fn = "sparse_linear()"
+    _check_size(fn, "x", _check(fn, "x", x, 2), 1, index.cols * index.groups)
+    return sparse_linear_planes(linear_planes(x), values, bits, index, bias, x.shape[0])
+
+
+def sparse_linear_planes(
+    xt: Tensor, values: Tensor, bits: Tensor, index, bias: Tensor | None, m: int
+) -> Tensor:
+    """:func:`sparse_linear` on ``x^T`` (:func:`linear_planes`), as ``[M, rows]``."""
+    fn = "sparse_linear()"
+    values = _values(fn, values)
+    if bias is not None:
+        bias = _check(fn, "bias", bias, 1).contiguous()
+    y = torch.empty(index.rows, m, dtype=torch.float32)
+    _C.spmm_forward(
+        **_geometry(values, bits, index, 1, _LINEAR_PHASE, _LINEAR_SHIFT, m),
+        x=_np(xt).reshape(-1),
+        bias=None if bias is None else _np(bias),
+        out=_np(y).reshape(-1),
+    )
+    return y.t().contiguous()
+
+
+def sparse_linear_t(dy: Tensor, values: Tensor, bits: Tensor, index) -> Tensor:
+    """``dy @ W`` (the input gradient of :func:`sparse_linear`)."""
+    fn = "sparse_linear_t()"
+    _check_size(fn, "dy", _check(fn, "dy", dy, 2), 1, index.rows)
+    return sparse_linear_t_planes(linear_planes(dy), values, bits, index, dy.shape[0])
+
+
+def sparse_linear_t_planes(dyt: Tensor, values: Tensor, bits: Tensor, index, m: int) -> Tensor:
+    """:func:`sparse_linear_t` on ``dy^T``, as ``[M, cols]``."""
+    fn = "sparse_linear_t()"
+    values = _values(fn, values)
+    dx = torch.empty(index.cols * index.groups, m, dtype=torch.float32)
+    _C.spmm_backward(
+        **_geometry(values, bits, index, 1, _LINEAR_PHASE, _LINEAR_SHIFT, m),
+        dy=_np(dyt).reshape(-1),
+        head=0,
+        out=_np(dx).reshape(-1),
+    )
+    return dx.t().contiguous()
+
+
+def sddmm_linear(x: Tensor, dy: Tensor, values: Tensor, bits: Tensor, index) -> Tensor:
+    """``(dy^T @ x)`` at the tracked positions, in storage order (``values``' length): the
+    gradient of the tracked weights of :func:`sparse_linear`."""
+    fn = "sddmm_linear()"
+    _check_size(fn, "x", _check(fn, "x", x, 2), 1, index.cols * index.groups)
+    _check_size(fn, "dy", _check(fn, "dy", dy, 2), 1, index.rows)
+    if x.shape[0] != dy.shape[0]:
+        raise ValueError(
+            f"{fn}: expected x and dy with the same rows, got {tuple(x.shape)} and {tuple(dy.shape)}"
+        )
+    return sddmm_linear_planes(linear_planes(x), linear_planes(dy), values, bits, index)
+
+
+def sddmm_linear_planes(xt: Tensor, dyt: Tensor, values: Tensor, bits: Tensor, index) -> Tensor:
+    """:func:`sddmm_linear` on ``x^T`` and ``dy^T``."""
+    fn = "sddmm_linear()"
+    values = _values(fn, values)
+    out = torch.empty(values.numel(), dtype=torch.float32)
+    _C.spmm_sddmm(
+        **_geometry(values, bits, index, 1, _LINEAR_PHASE, _LINEAR_SHIFT, xt.shape[1]),
+        dy=_np(dyt).reshape(-1),
+        head=0,
+        x=_np(xt).reshape(-1),
+        out=_np(out),
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------- convolutions
+@dataclass(frozen=True)
+class ConvGrid:
+    """Where the kernels compute a convolution: padded input cut into stride phases, each of
+    ``Hg x Wg`` (the output grid); kernel position ``k`` reads phase ``phase[k]`` shifted by
+    ``shift[k]`` floats."""
+
+    batch: int
+    channels: int
+    hw: tuple[int, int]
+    out_hw: tuple[int, int]
+    grid: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    phase: np.ndarray
+    shift: np.ndarray
+
+    @property
+    def phases(self) -> int:
+        return self.stride[0] * self.stride[1]
+
+    @property
+    def L(self) -> int:
+        return self.batch * self.grid[0] * self.grid[1]
+
+    @property
+    def max_shift(self) -> int:
+        return int(self.shift.max())
+
+
+def conv_grid(
+    batch: int,
+    channels: int,
+    hw: tuple[int, int],
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> ConvGrid:
+    (h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw) = hw, kernel_size, stride, padding, dilation
+    hp, wp = h + 2 * ph, w + 2 * pw
+    oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    if oh <= 0 or ow <= 0:
+        raise ValueError(
+            f"sparse_conv2d(): the padded input {hp}x{wp} is smaller than the dilated kernel"
+        )
+    hg, wg = -(-hp // sh), -(-wp // sw)
+    r = np.repeat(np.arange(kh) * dh, kw)
+    s = np.tile(np.arange(kw) * dw, kh)
+    phase = ((r % sh) * sw + (s % sw)).astype(np.int32)
+    shift = ((r // sh) * wg + (s // sw)).astype(np.int64)
+    return ConvGrid(batch, channels, (h, w), (oh, ow), (hg, wg), (sh, sw), (ph, pw), phase, shift)
+
+
+def conv_planes(x: Tensor, grid: ConvGrid) -> Tensor:
+    """``x [B, C, H, W]`` as the kernels' input planes ``[C, sh, sw, B, Hg, Wg]``, flat, followed
+    by ``max_shift`` zeros."""
+    (h, w), (hg, wg), (sh, sw), (ph, pw) = grid.hw, grid.grid, grid.stride, grid.padding
+    b, c = grid.batch, grid.channels
+    flat = torch.zeros(c * grid.phases * grid.L + grid.max_shift, dtype=torch.float32)
+    planes = flat[: c * grid.phases * grid.L].view(c, sh, sw, b, hg, wg)
+    # Padded row y is row y // sh of phase y % sh (the same for columns).
+    padded = F.pad(x, (pw, wg * sw - w - pw, ph, hg * sh - h - ph))
+    planes.copy_(padded.view(b, c, hg, sh, wg, sw).permute(1, 3, 5, 0, 2, 4))
+    return flat
+
+
+def _out_planes(dy: Tensor, grid: ConvGrid) -> tuple[Tensor, int]:
+    """``dy [B, N, OH, OW]`` on the grid ``[N, B, Hg, Wg]`` (zeros off it), after ``max_shift``
+    zeros; returns the buffer and that head."""
+    n = dy.shape[1]
+    head = grid.max_shift
+    flat = torch.zeros(head + n * grid.L, dtype=torch.float32)
+    view = flat[head:].view(n, grid.batch, *grid.grid)
+    view[:, :, : grid.out_hw[0], : grid.out_hw[1]] = dy.transpose(0, 1)
+    return flat, head
+
+
+def _conv_args(fn: str, x_or_dy: Tensor, index, kernel_size) -> None:
+    if tuple(kernel_size)[0] * tuple(kernel_size)[1] != index.ksize:
+        raise ValueError(
+            f"{fn}: expected kernel_size with {index.ksize} positions, got {tuple(kernel_size)}"
+        )
+
+
+def sparse_conv2d(
+    x: Tensor,
+    values: Tensor,
+    bits: Tensor,
+    index,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    bias: Tensor | None = None,
+) -> Tensor:
+    """``conv2d(x, W, bias, stride, padding, dilation, index.groups)`` from the compressed weight."""
+    fn = "sparse_conv2d()"
+    _check_size(fn, "x", _check(fn, "x", x, 4), 1, index.cols * index.groups)
+    _conv_args(fn, x, index, kernel_size)
+    grid = conv_grid(
+        x.shape[0], x.shape[1], tuple(x.shape[2:]), kernel_size, stride, padding, dilation
+    )
+    return sparse_conv2d_planes(conv_planes(x, grid), grid, values, bits, index, bias)
+
+
+def sparse_conv2d_planes(
+    xp: Tensor, grid: ConvGrid, values: Tensor, bits: Tensor, index, bias: Tensor | None
+) -> Tensor:
+    """:func:`sparse_conv2d` on :func:`conv_planes`."""
+    fn = "sparse_conv2d()"
+    values = _values(fn, values)
+    if bias is not None:
+        bias = _check(fn, "bias", bias, 1).contiguous()
+    y = torch.empty(index.rows, grid.batch, *grid.grid, dtype=torch.float32)
+    _C.spmm_forward(
+        **_geometry(values, bits, index, grid.phases, grid.phase, grid.shift, grid.L),
+        x=_np(xp),
+        bias=None if bias is None else _np(bias),
+        out=_np(y).reshape(-1),
+    )
+    oh, ow = grid.out_hw
+    return y[:, :, :oh, :ow].transpose(0, 1).contiguous()
+
+
+def sparse_conv2d_t(
+    dy: Tensor,
+    values: Tensor,
+    bits: Tensor,
+    index,
+    input_hw: tuple[int, int],
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+) -> Tensor:
+    """Gradient of :func:`sparse_conv2d` with respect to its input ``[B, C, H, W]``."""
+    fn = "sparse_conv2d_t()"
+    _check_size(fn, "dy", _check(fn, "dy", dy, 4), 1, index.rows)
+    _conv_args(fn, dy, index, kernel_size)
+    values = _values(fn, values)
+    c = index.cols * index.groups
+    grid = conv_grid(dy.shape[0], c, tuple(input_hw), kernel_size, stride, padding, dilation)
+    if tuple(dy.shape[2:]) != grid.out_hw:
+        raise ValueError(
+            f"{fn}: expected dy of spatial size {grid.out_hw} for input {tuple(input_hw)}, "
+            f"got {tuple(dy.shape[2:])}"
+        )
+    buf, head = _out_planes(dy, grid)
+    dxp = torch.empty(c * grid.phases * grid.L, dtype=torch.float32)
+    _C.spmm_backward(
+        **_geometry(values, bits, index, grid.phases, grid.phase, grid.shift, grid.L),
+        dy=_np(buf),
+        head=head,
+        out=_np(dxp),
+    )
+    (h, w), (hg, wg), (sh, sw), (ph, pw) = grid.hw, grid.grid, grid.stride, grid.padding
+    padded = dxp.view(c, sh, sw, grid.batch, hg, wg).permute(3, 0, 4, 1, 5, 2)
+    padded = padded.reshape(grid.batch, c, hg * sh, wg * sw)
+    return padded[:, :, ph : ph + h, pw : pw + w].contiguous()
+
+
+def sddmm_conv2d(
+    x: Tensor,
+    dy: Tensor,
+    values: Tensor,
+    bits: Tensor,
+    index,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+) -> Tensor:
+    """The weight gradient of :func:`sparse_conv2d` at the tracked positions (storage order)."""
+    fn = "sddmm_conv2d()"
+    _check_size(fn, "x", _check(fn, "x", x, 4), 1, index.cols * index.groups)
+    _check_size(fn, "dy", _check(fn, "dy", dy, 4), 1, index.rows)
+    _conv_args(fn, x, index, kernel_size)
+    grid = conv_grid(
+        x.shape[0], x.shape[1], tuple(x.shape[2:]), kernel_size, stride, padding, dilation
+    )
+    if tuple(dy.shape[2:]) != grid.out_hw or dy.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"{fn}: expected dy of shape {(x.shape[0], index.rows, *grid.out_hw)}, "
+            f"got {tuple(dy.shape)}"
+        )
+    return sddmm_conv2d_planes(conv_planes(x, grid), grid, dy, values, bits, index)
+
+
+def sddmm_conv2d_planes(
+    xp: Tensor, grid: ConvGrid, dy: Tensor, values: Tensor, bits: Tensor, index
+) -> Tensor:
+    """:func:`sddmm_conv2d` on :func:`conv_planes`."""
+    fn = "sddmm_conv2d()"
+    values = _values(fn, values)
+    buf, head = _out_planes(dy, grid)
+    out = torch.empty(values.numel(), dtype=torch.float32)
+    _C.spmm_sddmm(
+        **_geometry(values, bits, index, grid.phases, grid.phase, grid.shift, grid.L),
+        dy=_np(buf),
+        head=head,
+        x=_np(xp),
+        out=_np(out),
+    )
+    return out
