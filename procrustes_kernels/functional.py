@@ -240,20 +240,15 @@ class _SampledConv2dFn(torch.autograd.Function):
 def _sampled(weight: Any, x: Tensor, where: str, groups: int | None = None) -> bool:
     """Whether this call's weight gradient is taken at the tracked positions only (otherwise it
     is dense, which the optimizer samples itself: float64 weights, a conv called with other
-    groups than its weight's)."""
+    groups than its weight's, compiled graphs)."""
     if not (weight.sampled_grad and weight.requires_grad and torch.is_grad_enabled()):
         return False
     if input_dtype(x) not in SPARSE_DTYPES or weight.values.dtype not in SPARSE_DTYPES:
         return False
     if groups is not None and groups != weight.groups:
         return False
-    if torch.compiler.is_compiling():
-        raise RuntimeError(
-            f"{where}: the optimizer's reselect_every > 1 samples this weight's gradient at its "
-            "tracked positions, which a compiled graph does not do yet; train with "
-            "reselect_every=1 under torch.compile"
-        )
-    return True
+    # Compiled, the gradient stays dense (the optimizer samples it): same numbers, no SDDMM.
+    return not torch.compiler.is_compiling()
 
 
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Any:

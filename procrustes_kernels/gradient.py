@@ -9,7 +9,8 @@ storage order, with the weight's tracked bits. The gradient of an untracked weig
 What a PyTorch user does with gradients works on it, on the computed values:
 
 * accumulation (a weight used twice, gradient accumulation over micro-batches): sums values; a
-  dense gradient meeting it is sampled at the tracked positions;
+  dense gradient meeting it is sampled at the tracked positions (a dense ``.grad`` kept from an
+  earlier backward, without ``zero_grad()``, takes the values in place and stays dense);
 * ``zero_grad()`` (``set_to_none`` or not), ``detach``, ``clone``;
 * ``torch.nn.utils.clip_grad_norm_`` / ``clip_grad_value_``, ``GradScaler.unscale_``,
   ``grad.mul_`` / ``div_`` by a number, ``torch.linalg.vector_norm``, ``isfinite`` checks: on the
@@ -140,6 +141,15 @@ def _elementwise(func: Any, args: tuple, kwargs: dict) -> TrackedGradient:
 def _inplace(func: Any, args: tuple, kwargs: dict) -> Tensor:
     target = args[0]
     if not isinstance(target, TrackedGradient):
+        if func in (aten.add_.Tensor, aten.sub_.Tensor) and len(args) == 2:
+            # A dense gradient (kept from before, without zero_grad()) accumulates the sampled
+            # values at their positions; it stays dense and keeps its other entries.
+            g = args[1]
+            flat = target.view(-1)
+            mask = unpack_bits(g.bits, g.numel())
+            alpha = kwargs.get("alpha", 1) * (1 if func is aten.add_.Tensor else -1)
+            flat[mask] = flat[mask].add(g.values.to(target.dtype), alpha=alpha)
+            return target
         raise RuntimeError(_dense_error(func))
     func(target.values, *[_values_of(a, target) for a in args[1:]], **kwargs)
     return target
@@ -213,6 +223,19 @@ _DISPATCH = {
     aten.linalg_vector_norm.default: _reduce,
     aten.norm.Scalar: _reduce,
     aten.isfinite.default: _elementwise,
+    aten.ne.Scalar: _elementwise,
+    aten.ne.Tensor: _elementwise,
+    aten.eq.Tensor: _elementwise,
+    aten.bitwise_and.Tensor: _elementwise,
+    aten.bitwise_or.Tensor: _elementwise,
+    aten.bitwise_not.default: _elementwise,
+    aten.logical_and.default: _elementwise,
+    aten.logical_not.default: _elementwise,
+    aten.eq.Scalar: _elementwise,
+    aten.gt.Scalar: _elementwise,
+    aten.lt.Scalar: _elementwise,
+    aten.ge.Scalar: _elementwise,
+    aten.le.Scalar: _elementwise,
     aten.isnan.default: _elementwise,
     aten.isinf.default: _elementwise,
     aten.all.default: _reduce,

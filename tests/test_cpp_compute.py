@@ -56,7 +56,10 @@ def test_golden_linear():
     y = cpp.sparse_linear(x, values, bits, index, torch.tensor([0.5, -1.0, 0.0]))
     assert y.tolist() == [[7.5, -1.0, 6.0], [16.5, -1.0, 15.0]]
     dy = torch.tensor([[1.0, 1.0, 1.0], [0.0, 2.0, -1.0]])
-    assert cpp.sparse_linear_t(dy, values, bits, index).tolist() == [[1.0, 3.0, 2.0], [0.0, -3.0, 0.0]]
+    assert cpp.sparse_linear_t(dy, values, bits, index).tolist() == [
+        [1.0, 3.0, 2.0],
+        [0.0, -3.0, 0.0],
+    ]
     # dW = dy^T x at (0, 0), (0, 2), (2, 1): 1*1 + 0*4, 1*3 + 0*6, 1*2 + -1*5.
     assert cpp.sddmm_linear(x, dy, values, bits, index).tolist() == [1.0, 3.0, -3.0]
 
@@ -187,9 +190,18 @@ def test_bad_arguments_name_the_argument():
     conv_values, conv_bits, _ = compressed_weight(random_mask(6, 20, 0.5), device="cpu")
     with pytest.raises(ValueError, match="expected head >= max"):
         _C.spmm_backward(
-            values=conv_values.numpy(), bits=conv_bits.numpy(), rows=6, cols=10, ksize=2, groups=1,
-            phases=1, phase=torch.zeros(2, dtype=torch.int32).numpy(),
-            shift=torch.tensor([0, 3]).numpy(), L=4, dy=torch.zeros(40).numpy(), head=0,
+            values=conv_values.numpy(),
+            bits=conv_bits.numpy(),
+            rows=6,
+            cols=10,
+            ksize=2,
+            groups=1,
+            phases=1,
+            phase=torch.zeros(2, dtype=torch.int32).numpy(),
+            shift=torch.tensor([0, 3]).numpy(),
+            L=4,
+            dy=torch.zeros(40).numpy(),
+            head=0,
             out=torch.zeros(80).numpy(),
         )
 
