@@ -13,6 +13,7 @@ Quick use::
 
 from .convert import densify, set_compute, sparsify
 from .data import Dataset, load_cifar10, load_dataset, load_digits, load_mnist
+from .gradient import TrackedGradient
 from .layers import SparseConv2d, SparseLinear
 from .optim import DropBack, Procrustes, decay_factor, decay_for_steps, linear_decay_factor
 from .philox import derive_seed, init_values, philox_uniform
@@ -30,6 +31,7 @@ __all__ = [
     "Procrustes",
     "SparseConv2d",
     "SparseLinear",
+    "TrackedGradient",
     "budgeted_weights",
     "decay_factor",
     "decay_for_steps",
