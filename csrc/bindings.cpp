@@ -530,6 +530,18 @@ void spmm_sddmm(SPMM_GEOMETRY_ARGS, const py::handle& dy, int64_t head, const py
   }
 }
 
+void spmm_transpose(const py::handle& src, int64_t rows, int64_t cols, const py::handle& out) {
+  const char* fn = "transpose";
+  if (rows < 0 || cols < 0) {
+    throw py::value_error(where(fn) + "expected rows, cols >= 0, got " + std::to_string(rows) +
+                          ", " + std::to_string(cols));
+  }
+  const float* s = spmm_buffer<float>(src, fn, "src", rows * cols, false, false);
+  float* d = spmm_buffer<float>(out, fn, "out", rows * cols, false, true);
+  py::gil_scoped_release release;
+  pk::transpose(s, rows, cols, d);
+}
+
 #undef SPMM_GEOMETRY_ARGS
 #undef SPMM_GEOMETRY
 
@@ -599,6 +611,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("ksize"), py::arg("groups"), py::arg("phases"), py::arg("phase"),
         py::arg("shift"), py::arg("L"), py::arg("dy"), py::arg("head"), py::arg("x"),
         py::arg("out"));
+
+  m.def("transpose", &spmm_transpose, "out[c * rows + r] = src[r * cols + c] (float32).",
+        py::arg("src"), py::arg("rows"), py::arg("cols"), py::arg("out"));
 
   m.def("max_threads", &pk::max_threads, "Threads the kernels use.");
   m.def(

@@ -175,7 +175,8 @@ constexpr int64_t kCacheFloats = 64 * 1024;
 Split split(int64_t items, int64_t planes, int64_t L) {
   const int64_t Lr = ceil_div(std::max<int64_t>(L, 1), kChunk) * kChunk;
   const int64_t fit = kCacheFloats / std::max<int64_t>(planes, 1) / kChunk * kChunk;
-  const int64_t lsize = std::clamp<int64_t>(fit, kChunk, Lr);
+  // At least 256 floats: a task decodes its tracked weights once per range of L.
+  const int64_t lsize = std::clamp<int64_t>(fit, std::min<int64_t>(4 * kChunk, Lr), Lr);
   const int64_t lchunks = ceil_div(std::max<int64_t>(L, 1), lsize);
   const int64_t want = 8 * static_cast<int64_t>(max_threads());
   const int64_t per = std::max<int64_t>(1, items * lchunks / want);
@@ -430,7 +431,55 @@ void run_tasks(int64_t tasks, const F& f) {
   for_each_chunk(tasks, nt, [&](int64_t t, int tid) { f(t, scratch[tid]); });
 }
 
+constexpr int64_t kTile = 32;
+
+PK_INLINE void transpose_tile(const float* src, int64_t rows, int64_t cols, float* dst,
+                              int64_t r0, int64_t c0) {
+  const int64_t r1 = std::min(rows, r0 + kTile), c1 = std::min(cols, c0 + kTile);
+  if (r1 - r0 == kTile && c1 - c0 == kTile) {
+    for (int64_t r = 0; r < kTile; r += 8) {
+      for (int64_t c = 0; c < kTile; c += 8) {
+        float blk[8][8];
+        for (int i = 0; i < 8; ++i) {
+          for (int j = 0; j < 8; ++j) blk[j][i] = src[(r0 + r + i) * cols + c0 + c + j];
+        }
+        for (int j = 0; j < 8; ++j) {
+          std::memcpy(dst + (c0 + c + j) * rows + r0 + r, blk[j], sizeof blk[j]);
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t c = c0; c < c1; ++c) dst[c * rows + r] = src[r * cols + c];
+  }
+}
+
+PK_SIMD_TARGET void transpose_tiles_avx2(const float* src, int64_t rows, int64_t cols,
+                                         float* dst, int64_t t0, int64_t t1, int64_t tc) {
+  for (int64_t t = t0; t < t1; ++t) transpose_tile(src, rows, cols, dst, (t / tc) * kTile, (t % tc) * kTile);
+}
+
+void transpose_tiles_plain(const float* src, int64_t rows, int64_t cols, float* dst, int64_t t0,
+                           int64_t t1, int64_t tc) {
+  for (int64_t t = t0; t < t1; ++t) transpose_tile(src, rows, cols, dst, (t / tc) * kTile, (t % tc) * kTile);
+}
+
 }  // namespace
+
+void transpose(const float* src, int64_t rows, int64_t cols, float* dst) {
+  if (rows <= 0 || cols <= 0) return;
+  const int64_t tr = ceil_div(rows, kTile), tc = ceil_div(cols, kTile), tiles = tr * tc;
+  const int64_t per = 64;  // tiles per task: 256 KB of floats
+  const int64_t tasks = ceil_div(tiles, per);
+  auto fn = transpose_tiles_plain;
+#if PK_HAVE_SIMD_VARIANT
+  if (simd_level() >= 1) fn = transpose_tiles_avx2;
+#endif
+  for_each_chunk(tasks, threads_for(tasks), [&](int64_t t, int) {
+    fn(src, rows, cols, dst, t * per, std::min(tiles, (t + 1) * per), tc);
+  });
+}
 
 void sparse_forward(const SparseGeometry& g, const float* x, const float* bias, float* y) {
   check(g);

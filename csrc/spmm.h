@@ -42,4 +42,8 @@ void sparse_forward(const SparseGeometry& g, const float* x, const float* bias, 
 void sparse_backward(const SparseGeometry& g, const float* dy, float* dx);
 void sparse_sddmm(const SparseGeometry& g, const float* dy, const float* x, float* out);
 
+// dst[c * rows + r] = src[r * cols + c]: the layout change between PyTorch's token-major
+// activations and the kernels' feature-major planes, in cache-sized tiles, threaded.
+void transpose(const float* src, int64_t rows, int64_t cols, float* dst);
+
 }  // namespace pk

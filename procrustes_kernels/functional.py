@@ -181,11 +181,17 @@ class _SampledLinearFn(torch.autograd.Function):
         dy = dy.contiguous()
         dx = dw = dbias = None
         with _no_autocast(dy):
-            if ctx.needs_input_grad[0]:
-                dx = ops.sparse_linear_t(dy, vals, bits, ctx.geo) if ctx.sparse else dy.mm(dense)
-            if ctx.needs_input_grad[1]:
-                g = ops.sddmm_linear(x2d, dy, vals, bits, ctx.geo)
+            if ctx.needs_input_grad[1] and ctx.sparse:
+                dx, g = ops.library.sampled_linear_backward(
+                    x2d, dy, vals, bits, ctx.geo, ctx.needs_input_grad[0]
+                )
                 dw = _tracked_grad(g, ctx.weight_dtype, bits, ctx.shape)
+            else:
+                if ctx.needs_input_grad[0]:
+                    dx = ops.sparse_linear_t(dy, vals, bits, ctx.geo) if ctx.sparse else dy.mm(dense)
+                if ctx.needs_input_grad[1]:
+                    g = ops.sddmm_linear(x2d, dy, vals, bits, ctx.geo)
+                    dw = _tracked_grad(g, ctx.weight_dtype, bits, ctx.shape)
             if ctx.needs_input_grad[2]:
                 dbias = dy.sum(0).to(ctx.bias_dtype)
         return dx, dw, dbias, None

@@ -22,6 +22,7 @@ whose autograd functions call the input-gradient ops; the update ops run under `
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -55,6 +56,7 @@ __all__ = [
     "sparse_conv2d_t",
     "sddmm_linear",
     "sddmm_conv2d",
+    "sampled_linear_backward",
 ]
 
 _I64 = 2**63
@@ -645,3 +647,18 @@ def sddmm_conv2d(
     if eager(x, dy, values, bits):
         return _sddmm_conv2d_impl(x, dy, values, bits, *geometry, *conv)
     return _sddmm_conv2d_op(x, dy, values, bits, *geometry, *conv)
+
+
+def sampled_linear_backward(
+    x: Tensor, dy: Tensor, values: Tensor, bits: Tensor, geometry: Sequence[int], need_dx: bool
+) -> tuple[Tensor | None, Tensor]:
+    """``(sparse_linear_t(dy) if need_dx, sddmm_linear(x, dy))``: one call where the C++ kernels
+    run both (eager, float32), which then lay ``dy`` out for the kernels once."""
+    if eager(x, dy, values, bits):
+        impl, index = _impl_and_index("sddmm_linear", x, values, bits, geometry)
+        t_impl, _ = _impl_and_index("sparse_linear_t", dy, values, bits, geometry)
+        fused = getattr(sys.modules[impl.__module__], "sampled_linear_backward", None)
+        if fused is not None and t_impl.__module__ == impl.__module__:
+            return fused(x, dy, values, bits, index, need_dx)
+    dx = sparse_linear_t(dy, values, bits, geometry) if need_dx else None
+    return dx, sddmm_linear(x, dy, values, bits, geometry)

@@ -98,9 +98,18 @@ def _values(fn: str, values: Tensor) -> Tensor:
 
 
 # -------------------------------------------------------------------------------- linear layers
+def transposed(x: Tensor) -> Tensor:
+    """``x.t().contiguous()`` of a 2-D float32 tensor, by the extension's tiled transpose."""
+    x = x.contiguous()
+    rows, cols = x.shape
+    out = torch.empty(cols, rows, dtype=torch.float32)
+    _C.transpose(_np(x).reshape(-1), rows, cols, _np(out).reshape(-1))
+    return out
+
+
 def linear_planes(x: Tensor) -> Tensor:
     """``x [M, cols]`` as the kernels' input planes (``x^T``, contiguous)."""
-    return x.t().contiguous()
+    return transposed(x)
 
 
 def sparse_linear(x: Tensor, values: Tensor, bits: Tensor, index, bias: Tensor | None = None):
@@ -125,7 +134,7 @@ def sparse_linear_planes(
         bias=None if bias is None else _np(bias),
         out=_np(y).reshape(-1),
     )
-    return y.t().contiguous()
+    return transposed(y)
 
 
 def sparse_linear_t(dy: Tensor, values: Tensor, bits: Tensor, index) -> Tensor:
@@ -146,7 +155,7 @@ def sparse_linear_t_planes(dyt: Tensor, values: Tensor, bits: Tensor, index, m: 
         head=0,
         out=_np(dx).reshape(-1),
     )
-    return dx.t().contiguous()
+    return transposed(dx)
 
 
 def sddmm_linear(x: Tensor, dy: Tensor, values: Tensor, bits: Tensor, index) -> Tensor:
@@ -160,6 +169,19 @@ def sddmm_linear(x: Tensor, dy: Tensor, values: Tensor, bits: Tensor, index) -> 
             f"{fn}: expected x and dy with the same rows, got {tuple(x.shape)} and {tuple(dy.shape)}"
         )
     return sddmm_linear_planes(linear_planes(x), linear_planes(dy), values, bits, index)
+
+
+def sampled_linear_backward(
+    x: Tensor, dy: Tensor, values: Tensor, bits: Tensor, index, need_dx: bool
+) -> tuple[Tensor | None, Tensor]:
+    """``(dy @ W or None, the tracked weights' gradient)``: the backward of a linear layer on a
+    step that keeps the tracked set, with ``x^T`` and ``dy^T`` made once for both."""
+    fn = "sddmm_linear()"
+    _check_size(fn, "x", _check(fn, "x", x, 2), 1, index.cols * index.groups)
+    _check_size(fn, "dy", _check(fn, "dy", dy, 2), 1, index.rows)
+    xt, dyt = linear_planes(x), linear_planes(dy)
+    dx = sparse_linear_t_planes(dyt, values, bits, index, dy.shape[0]) if need_dx else None
+    return dx, sddmm_linear_planes(xt, dyt, values, bits, index)
 
 
 def sddmm_linear_planes(xt: Tensor, dyt: Tensor, values: Tensor, bits: Tensor, index) -> Tensor:
