@@ -34,6 +34,8 @@ budget to ``accuracy_<dataset>.png`` and a markdown table to ``accuracy_<dataset
 With ``--optimizer adamw`` every method trains with AdamW instead of SGD with momentum: ``dense``
 with ``torch.optim.AdamW``, the sparse methods with the library's ``update="adamw"`` rule, the two
 baselines with AdamW on their masked weights; outputs are then ``accuracy_<dataset>_adamw.*``.
+``--reselect-every R`` makes the sparse methods keep their tracked sets between every R-th step
+(``reselect_every``; name the outputs with ``--tag``).
 
 Over 600 lines on purpose: one script per experiment is what a reader
 runs; its parts (data, models, training loops, the report) are short and used only here.
@@ -348,6 +350,7 @@ def run_one(
             scope=scope or "global",
             granularity=granularity,
             tile=args.tile,
+            reselect_every=args.reselect_every,
         )
     else:
         model = pk.densify(copy.deepcopy(sparse_init))
@@ -547,6 +550,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     p.add_argument("--weight-decay", type=cli.float_at_least(0), default=0.0)
     p.add_argument(
+        "--reselect-every",
+        type=cli.int_at_least(1),
+        default=1,
+        help="the sparse methods select a new tracked set every R steps (SGD only)",
+    )
+    p.add_argument(
         "--warmup",
         type=cli.number_in(0, 1, high_open=True),
         default=0.0,
@@ -566,6 +575,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     if args.optimizer == "adamw" and args.momentum is not None:
         p.error("--momentum: applies to --optimizer sgd; AdamW's first moment is --betas")
+    if args.optimizer == "adamw" and args.reselect_every > 1:
+        p.error("--reselect-every: applies to --optimizer sgd (AdamW reselects every step)")
     args.momentum = 0.9 if args.momentum is None else args.momentum
     if args.quick:
         for name in ("seeds", "budgets"):
