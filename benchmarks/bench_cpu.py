@@ -18,8 +18,10 @@ shape and density, untracked weights exact zeros (Procrustes after its decay):
 at batch 64 and of ResNet-18 (CIFAR shapes, batch 32): dense with SGD momentum against Procrustes
 at a 10% budget after its decay, with ``reselect_every`` 1 and 10 (the time of an average step of
 the interval; selecting and keeping steps also apart). Each configuration runs in its own process;
-``peak_mb`` is the process's peak resident memory above what it held before the model was built
-(model, optimizer state, activations, every transient), over the timed steps.
+a step's peak memory is the process's peak resident memory during that step (Linux: VmHWM, reset
+before each step) above what the process held before the model was built: the model, optimizer
+state, activations and every transient. ``peak_mb`` is the largest over the timed steps,
+``select_peak_mb`` / ``keep_peak_mb`` over the steps that select / keep the tracked set.
 
     python benchmarks/bench_cpu.py                      # both tables
     python benchmarks/bench_cpu.py --table passes --densities 0.1,0.05
@@ -55,6 +57,21 @@ from procrustes_kernels.storage import BlockStorage  # noqa: E402
 PASS_SHAPES = [(1024, 1024, 256), (4096, 1024, 128)]  # out, in, tokens
 QUICK_SHAPES = [(256, 192, 64)]
 PROVIDERS = ("nn", "materialise", "sparse", "sparse_keep", "sparseprop")
+STEP_COLUMNS = [
+    "model",
+    "method",
+    "reselect_every",
+    "ms",
+    "select_ms",
+    "keep_ms",
+    "peak_mb",
+    "select_peak_mb",
+    "keep_peak_mb",
+    "x_dense_time",
+    "x_dense_select_memory",
+    "x_dense_keep_memory",
+    "paths",
+]
 
 
 def _sparseprop():
@@ -186,14 +203,38 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _status_mb(key: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    """Start a new peak-RSS window (Linux: clear_refs 5 resets VmHWM); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _peak_mb() -> float:
+    hwm = _status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def step_config(model_name: str, method: str, reselect: int, quick: bool, steps: int) -> dict:
     """One configuration, in this process: time per step, peak memory above the start."""
     torch.manual_seed(0)
-    base = _rss_mb()
+    base = _rss_mb()  # before the model: its weights, optimizer state and every transient count
     if model_name == "mlp":
         width = 512 if quick else 4096
         model, shape, classes = mlp4096(width), (64, width), width
@@ -222,17 +263,22 @@ def step_config(model_name: str, method: str, reselect: int, quick: bool, steps:
     warm = 3 if method == "dense" else max(3, reselect)  # after the decay, at an interval start
     for _ in range(warm):
         step()
-    times = []
+    times, peaks = [], []
     for _ in range(steps):
+        per_step = _reset_peak()
         t0 = time.perf_counter()
         step()
         times.append((time.perf_counter() - t0) * 1e3)
-    row = {"ms": round(sum(times) / len(times), 1), "peak_mb": round(_peak_mb() - base, 1)}
+        peaks.append(_peak_mb() - base)
+    if not per_step:  # no per-step window here: the process's peak since it started
+        peaks = [_peak_mb() - base] * len(times)
+    row = {"ms": round(sum(times) / len(times), 1), "peak_mb": round(max(peaks), 1)}
     if method != "dense":
-        sel = [t for i, t in enumerate(times) if (warm + i) % reselect == 0]
-        keep = [t for i, t in enumerate(times) if (warm + i) % reselect != 0]
-        row["select_ms"] = round(sum(sel) / len(sel), 1) if sel else ""
-        row["keep_ms"] = round(sum(keep) / len(keep), 1) if keep else ""
+        sel = [i for i in range(len(times)) if (warm + i) % reselect == 0]
+        keep = [i for i in range(len(times)) if (warm + i) % reselect != 0]
+        for name, idx in (("select", sel), ("keep", keep)):
+            row[f"{name}_ms"] = round(sum(times[i] for i in idx) / len(idx), 1) if idx else ""
+            row[f"{name}_peak_mb"] = round(max(peaks[i] for i in idx), 1) if idx else ""
         paths = {
             m.weight.last_path
             for m in model.modules()
@@ -267,24 +313,18 @@ def bench_steps(args, info: dict) -> list[dict]:
                     **res,
                     "x_dense_time": round(res["ms"] / dense["ms"], 3),
                     "x_dense_memory": round(res["peak_mb"] / dense["peak_mb"], 3),
+                    **{
+                        f"x_dense_{k}_memory": round(res[f"{k}_peak_mb"] / dense["peak_mb"], 3)
+                        for k in ("select", "keep")
+                        if res.get(f"{k}_peak_mb") not in (None, "")
+                    },
                     **info,
                 }
             )
-        print_table(
-            rows[-len(results) :],
-            [
-                "model",
-                "method",
-                "reselect_every",
-                "ms",
-                "select_ms",
-                "keep_ms",
-                "peak_mb",
-                "x_dense_time",
-                "x_dense_memory",
-                "paths",
-            ],
-        )
+        for r in rows[-len(results) :]:  # every row with every column (the CSV's header)
+            for c in STEP_COLUMNS:
+                r.setdefault(c, "")
+        print_table(rows[-len(results) :], STEP_COLUMNS)
     return rows
 
 
@@ -303,8 +343,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--table", choices=("passes", "steps", "both"), default="both")
     ap.add_argument("--quick", action="store_true", help="small shapes and models")
     ap.add_argument("--densities", type=fractions, default=[0.5, 0.1, 0.05, 0.01])
-    ap.add_argument("--providers", type=comma_list, default=list(PROVIDERS))
-    ap.add_argument("--models", type=comma_list, default=["mlp", "resnet18"])
+    ap.add_argument("--providers", type=comma_list(str), default=list(PROVIDERS))
+    ap.add_argument("--models", type=comma_list(str), default=["mlp", "resnet18"])
     ap.add_argument("--rounds", type=int_at_least(1), default=15)
     ap.add_argument("--steps", type=int_at_least(1), default=10)
     ap.add_argument("--tag", default="", help="suffix of the result files")
@@ -336,21 +376,7 @@ def main(argv: list[str] | None = None) -> None:
         md += [
             "## Training steps: dense SGD momentum vs Procrustes 10% after its decay",
             "",
-            _markdown(
-                rows,
-                [
-                    "model",
-                    "method",
-                    "reselect_every",
-                    "ms",
-                    "select_ms",
-                    "keep_ms",
-                    "peak_mb",
-                    "x_dense_time",
-                    "x_dense_memory",
-                    "paths",
-                ],
-            ),
+            _markdown(rows, STEP_COLUMNS),
             "",
         ]
     head = [

@@ -34,6 +34,9 @@ namespace {
 constexpr int64_t kColBlock = 32;
 // Floats of L per register chunk.
 constexpr int kChunk = 64;
+// SDDMM over long runs: floats of L per range, and the most partial sums kept (64 MB).
+constexpr int64_t kSddmmRange = 2048;
+constexpr int64_t kSddmmPartials = int64_t{16} << 20;
 
 int64_t bit_bytes(const SparseGeometry& g) { return ceil_div(g.rows * g.cols * g.ksize, 8); }
 
@@ -322,20 +325,23 @@ PK_INLINE void backward_block(const SparseGeometry& g, const RowOffsets& ro, con
   }
 }
 
-// SDDMM: the gradient of every tracked weight of one row.
+// SDDMM: the partial dot products over [l0, l1) of every tracked weight of one row, written to
+// out[value index] (the driver sums the ranges when L is cut).
 template <int W>
 PK_INLINE void sddmm_task(const SparseGeometry& g, const RowOffsets& ro, const Columns& cl,
-                          const float* dy,
-                          const float* x, float* out, int64_t n, Scratch& sc) {
+                          const float* dy, const float* x, float* out, int64_t n, int64_t l0,
+                          int64_t l1, Scratch& sc) {
   typedef typename Vec<W>::type V;
-  const int64_t row_len = g.cols * g.ksize, grp = n / (g.rows / g.groups), L = g.L;
+  const int64_t row_len = g.cols * g.ksize, grp = n / (g.rows / g.groups), L = l1 - l0;
+  x += l0;
+  dy += l0;
   sc.off.resize(static_cast<size_t>(row_len));
   int64_t ne = 0;
   const int64_t* in_off = cl.in_off.data();
   const int64_t base = grp * cl.group_stride;
   for_each_bit(g.bits, bit_bytes(g), n * row_len, row_len,
                [&](int64_t j) { sc.off[ne++] = base + in_off[j]; });
-  const float* d = dy + n * L;
+  const float* d = dy + n * g.L;
   float* o = out + ro.row[n];
   int64_t e = 0;
   for (; e + 4 <= ne; e += 4) {
@@ -382,7 +388,7 @@ struct Kernels {
   void (*backward)(const SparseGeometry&, const RowOffsets&, const Columns&, const float*, float*,
                    const Split&, int64_t, Scratch&);
   void (*sddmm)(const SparseGeometry&, const RowOffsets&, const Columns&, const float*,
-                const float*, float*, int64_t, Scratch&);
+                const float*, float*, int64_t, int64_t, int64_t, Scratch&);
 };
 
 #define PK_SPMM_INSTANCE(NAME, TARGET, W)                                                       \
@@ -397,9 +403,9 @@ struct Kernels {
     backward_task<W>(g, ro, cl, dy, dx, s, t, sc);                                              \
   }                                                                                             \
   TARGET void NAME##_sddmm(const SparseGeometry& g, const RowOffsets& ro, const Columns& cl,    \
-                           const float* dy, const float* x, float* out, int64_t n,              \
-                           Scratch& sc) {                                                       \
-    sddmm_task<W>(g, ro, cl, dy, x, out, n, sc);                                                \
+                           const float* dy, const float* x, float* out, int64_t n, int64_t l0,  \
+                           int64_t l1, Scratch& sc) {                                           \
+    sddmm_task<W>(g, ro, cl, dy, x, out, n, l0, l1, sc);                                        \
   }                                                                                             \
   constexpr Kernels NAME##_kernels{NAME##_forward, NAME##_backward, NAME##_sddmm};
 
@@ -506,12 +512,40 @@ void sparse_sddmm(const SparseGeometry& g, const float* dy, const float* x, floa
   const RowOffsets ro = row_offsets(g, false);
   const Columns cl = columns(g);
   const Kernels& k = kernels();
-  const int64_t per = std::max<int64_t>(1, g.rows / (8 * static_cast<int64_t>(max_threads())));
-  run_tasks(ceil_div(g.rows, per), [&](int64_t t, Scratch& sc) {
-    for (int64_t n = t * per; n < std::min(g.rows, (t + 1) * per); ++n) {
-      k.sddmm(g, ro, cl, dy, x, out, n, sc);
+  const int64_t nt = max_threads();
+  // Long runs (convolutions) are cut into ranges whose input planes stay in cache; each range's
+  // partial sums go to their own buffer, added up in range order (the same for every thread count).
+  int64_t size = std::max<int64_t>(g.L, 1), chunks = 1;
+  if (g.L > 2 * kSddmmRange) {
+    size = kSddmmRange;
+    chunks = ceil_div(g.L, size);
+    if (chunks * g.nnz > kSddmmPartials) {
+      chunks = std::max<int64_t>(1, kSddmmPartials / std::max<int64_t>(g.nnz, 1));
+      size = ceil_div(g.L, chunks);
+      chunks = ceil_div(g.L, size);
+    }
+  }
+  std::vector<float> partial(static_cast<size_t>(chunks > 1 ? chunks * g.nnz : 0));
+  const int64_t per = std::max<int64_t>(1, g.rows * chunks / (8 * nt));
+  const int64_t row_tasks = ceil_div(g.rows, per);
+  run_tasks(row_tasks * chunks, [&](int64_t t, Scratch& sc) {
+    const int64_t ch = t / row_tasks, rt = t % row_tasks;
+    const int64_t l0 = ch * size, l1 = std::min(g.L, l0 + size);
+    float* o = chunks > 1 ? partial.data() + ch * g.nnz : out;
+    for (int64_t n = rt * per; n < std::min(g.rows, (rt + 1) * per); ++n) {
+      k.sddmm(g, ro, cl, dy, x, o, n, l0, l1, sc);
     }
   });
+  if (chunks > 1) {
+    const int64_t blocks = ceil_div(g.nnz, 4096);
+    for_each_chunk(blocks, threads_for(blocks), [&](int64_t b, int) {
+      for (int64_t e = b * 4096; e < std::min(g.nnz, (b + 1) * 4096); ++e) {
+        float acc = 0.0f;
+        for (int64_t c = 0; c < chunks; ++c) acc += partial[c * g.nnz + e];
+        out[e] = acc;
+      }
+    });
+  }
 }
 
 }  // namespace pk

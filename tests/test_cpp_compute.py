@@ -121,6 +121,7 @@ CONV = [  # batch, in, out, hw, kernel, stride, padding, dilation, groups, densi
     (2, 5, 7, (9, 9), (5, 3), (3, 1), (2, 0), (1, 2), 1, 0.0),  # all-zero layer
     (4, 16, 33, (8, 8), (3, 3), (2, 2), (1, 1), (1, 1), 1, 0.05),  # mostly empty rows
     (1, 2, 3, (4, 4), (4, 4), (1, 1), (0, 0), (1, 1), 1, 0.6),  # one output pixel
+    (4, 3, 5, (40, 38), (3, 3), (1, 1), (1, 1), (1, 1), 1, 0.3),  # SDDMM over ranges of L
 ]
 
 
@@ -147,6 +148,21 @@ def test_conv_matches_reference(b, c, n, hw, k, s, p, d, g, density, isa, thread
     assert_close_verbose(
         got, reference.sddmm_conv2d(x, dy, values, bits, index, k, s, p, d), rtol=1e-5, atol=1e-4
     )
+
+
+def test_long_conv_sddmm_does_not_depend_on_threads():
+    mask = random_mask(6, 4 * 9, 0.4, seed=4)
+    values, bits, index = compressed_weight(mask, rows=6, cols=4, ksize=9, device="cpu")
+    x, dy = torch.randn(5, 4, 45, 41), torch.randn(5, 6, 45, 41)
+    before = _C.max_threads()
+    outs = []
+    try:
+        for t in (1, 2, 3):
+            _C.set_max_threads(t)
+            outs.append(cpp.sddmm_conv2d(x, dy, values, bits, index, (3, 3), (1, 1), (1, 1)))
+    finally:
+        _C.set_max_threads(before)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
 def test_results_do_not_depend_on_threads():
