@@ -14,7 +14,8 @@ shape and density, untracked weights exact zeros (Procrustes after its decay):
   weight gradient is sampled at the tracked positions (SDDMM), the whole pass sparse;
 * ``sparseprop``: SparseProp's ``SparseLinear`` (``pip install sparseprop``), when installed.
 
-``steps``: whole training steps (zero_grad, forward, backward, optimizer step) of a 4 x 4096^2 MLP
+``steps``: whole training steps (forward, backward, optimizer step; ``zero_grad`` before each, outside
+the timing and the memory window) of a 4 x 4096^2 MLP
 at batch 64 and of ResNet-18 (CIFAR shapes, batch 32): dense with SGD momentum against Procrustes
 at a 10% budget after its decay, with ``reselect_every`` 1 and 10 (the time of an average step of
 the interval; selecting and keeping steps also apart). Each configuration runs in its own process;
@@ -28,12 +29,15 @@ state, activations and every transient. ``peak_mb`` is the largest over the time
     python benchmarks/bench_cpu.py --quick              # small shapes, a smoke run
 
 Rows go to ``benchmarks/results/cpu_passes.csv`` / ``cpu_steps.csv`` (``--tag`` names other files)
-with the machine description and the command line in every row, and a Markdown summary beside.
+with the machine description and the command line in every row, and a Markdown table beside each
+(``cpu_passes.md`` / ``cpu_steps.md``).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import resource
@@ -214,8 +218,18 @@ def _status_mb(key: str) -> float | None:
     return None
 
 
+def _trim() -> None:
+    """Hand memory the allocator holds but no tensor uses back to the system (glibc), so a
+    window starts from what is live, not from what an earlier step left cached."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak() -> bool:
     """Start a new peak-RSS window (Linux: clear_refs 5 resets VmHWM); False where it cannot."""
+    _trim()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -232,8 +246,12 @@ def _peak_mb() -> float:
 
 
 def step_config(model_name: str, method: str, reselect: int, quick: bool, steps: int) -> dict:
-    """One configuration, in this process: time per step, peak memory above the start."""
+    """One configuration, in this process: time per step, peak memory above the start (freed
+    memory the allocator still holds is handed back before each step's window: glibc's
+    malloc_trim)."""
     torch.manual_seed(0)
+    gc.collect()
+    _trim()
     base = _rss_mb()  # before the model: its weights, optimizer state and every transient count
     if model_name == "mlp":
         width = 512 if quick else 4096
@@ -256,15 +274,16 @@ def step_config(model_name: str, method: str, reselect: int, quick: bool, steps:
         )
 
     def step():
-        opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
     warm = 3 if method == "dense" else max(3, reselect)  # after the decay, at an interval start
     for _ in range(warm):
+        opt.zero_grad()
         step()
     times, peaks = [], []
     for _ in range(steps):
+        opt.zero_grad()  # the last step's gradients go before the window, as in a training loop
         per_step = _reset_peak()
         t0 = time.perf_counter()
         step()
@@ -360,32 +379,24 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     info = {**machine_info(torch.device("cpu")), "command": " ".join(["bench_cpu.py", *argv])}
     suffix = f"_{args.tag}" if args.tag else ""
-    md = []
-    if args.table in ("passes", "both"):
-        rows = bench_passes(args, info)
-        write_csv(rows, RESULTS / f"cpu_passes{suffix}.csv")
-        md += [
-            "## SparseLinear training pass (fwd + bwd), ms and x nn.Linear",
-            "",
-            _markdown(rows, ["shape", "density", "provider", "ms", "x_nn"]),
-            "",
-        ]
-    if args.table in ("steps", "both"):
-        rows = bench_steps(args, info)
-        write_csv(rows, RESULTS / f"cpu_steps{suffix}.csv")
-        md += [
-            "## Training steps: dense SGD momentum vs Procrustes 10% after its decay",
-            "",
-            _markdown(rows, STEP_COLUMNS),
-            "",
-        ]
     head = [
-        f"# CPU benchmark ({info['host_cpu']}, {info['cpu_threads']} threads)",
+        f"# CPU benchmark ({info['host_cpu']}, {info['cpu_threads']} threads, {info['date']})",
         "",
         f"`python benchmarks/{info['command']}`",
         "",
     ]
-    (RESULTS / f"cpu{suffix}.md").write_text("\n".join(head + md))
+    if args.table in ("passes", "both"):
+        rows = bench_passes(args, info)
+        write_csv(rows, RESULTS / f"cpu_passes{suffix}.csv")
+        md = ["## SparseLinear training pass (fwd + bwd), ms and x nn.Linear", ""]
+        md.append(_markdown(rows, ["shape", "density", "provider", "ms", "x_nn"]))
+        (RESULTS / f"cpu_passes{suffix}.md").write_text("\n".join(head + md) + "\n")
+    if args.table in ("steps", "both"):
+        rows = bench_steps(args, info)
+        write_csv(rows, RESULTS / f"cpu_steps{suffix}.csv")
+        md = ["## Training steps: dense SGD momentum vs Procrustes 10% after its decay", ""]
+        md.append(_markdown(rows, STEP_COLUMNS))
+        (RESULTS / f"cpu_steps{suffix}.md").write_text("\n".join(head + md) + "\n")
 
 
 if __name__ == "__main__":
