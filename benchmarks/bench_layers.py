@@ -10,8 +10,8 @@ providers are timed in the same run:
 * ``materialise``: the sparse layer with ``compute="dense"`` (effective weight written, then cuBLAS /
   cuDNN), Procrustes step;
 * ``sparse``: ``compute="sparse"``: forward and backward-data from the compressed weight (Triton
-  kernels on CUDA; on CPU the PyTorch reference, which shows the path runs but is no performance
-  claim), Procrustes step.
+  kernels on CUDA, the C++ kernels on the CPU; ``bench_cpu.py`` is the CPU comparison, with the
+  sampled weight gradient and SparseProp), Procrustes step.
 
 Untracked weights are exact zeros (Procrustes after its decay). ``fwd`` is a forward pass without
 autograd, ``bwd`` is (forward + backward) minus ``fwd``, ``step`` is zero_grad + forward + backward +
@@ -73,8 +73,9 @@ TILE = TILES["linear"]
 
 
 def _sparse_backend(device: torch.device) -> str:
-    """Which implementation runs the sparse compute ops here (the C++ backend has none)."""
-    return "triton" if backend_for(device) == "triton" else "reference"
+    """Which implementation runs the sparse compute ops here: Triton on CUDA, the C++ kernels on
+    the CPU (the reference where they are not built)."""
+    return backend_for(device)
 
 
 def cases(device: torch.device, quick: bool, kinds: list[str]) -> list[dict]:

@@ -188,7 +188,9 @@ class _SampledLinearFn(torch.autograd.Function):
                 dw = _tracked_grad(g, ctx.weight_dtype, bits, ctx.shape)
             else:
                 if ctx.needs_input_grad[0]:
-                    dx = ops.sparse_linear_t(dy, vals, bits, ctx.geo) if ctx.sparse else dy.mm(dense)
+                    dx = (
+                        ops.sparse_linear_t(dy, vals, bits, ctx.geo) if ctx.sparse else dy.mm(dense)
+                    )
                 if ctx.needs_input_grad[1]:
                     g = ops.sddmm_linear(x2d, dy, vals, bits, ctx.geo)
                     dw = _tracked_grad(g, ctx.weight_dtype, bits, ctx.shape)

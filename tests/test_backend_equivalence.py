@@ -102,7 +102,9 @@ INPUTS = {
     "triton": Inputs(
         device=DEVICE,
         ops=tuple(
-            op for op in UPDATE_OPS + COMPUTE_OPS if op not in ("compact_mask", "paper_walk")
+            op
+            for op in UPDATE_OPS + COMPUTE_OPS + GRAD_OPS
+            if op not in ("compact_mask", "paper_walk")
         ),
         sizes=(1, 7, 255, 257, 1000, 4099),
         update_dtypes=(F32, F16, BF16, F64),

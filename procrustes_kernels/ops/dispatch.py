@@ -45,7 +45,12 @@ BACKENDS = ("reference", "triton", "cpp")
 OPS = UPDATE_OPS + COMPUTE_OPS + GRAD_OPS
 _MODULES = {
     "reference": (".update.reference", ".compute.reference"),
-    "triton": (".update.triton_kernels", ".compute.triton_linear", ".compute.triton_conv"),
+    "triton": (
+        ".update.triton_kernels",
+        ".compute.triton_linear",
+        ".compute.triton_conv",
+        ".compute.triton_sddmm",
+    ),
     "cpp": (".update.cpp", ".compute.cpp"),
 }
 # name -> {op: (implementation, accepts)} once loaded; None when the backend cannot load here
