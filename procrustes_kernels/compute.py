@@ -14,7 +14,8 @@ A budgeted weight's ``compute`` attribute (also reachable as ``SparseLinear.comp
 not valid) or ``"auto"`` (default), which takes the sparse kernels when they are valid, the Triton
 kernels run (CUDA), the layer is large enough and few enough tiles hold tracked weights
 (:data:`AUTO_MAX_TILE_DENSITY`, :data:`AUTO_MIN_WEIGHTS`), or, on the CPU with the C++ kernels
-(float32), few enough weights are tracked (:data:`AUTO_MAX_DENSITY_CPU`); the choice is made per weight and
+(float32), the layer has at least :data:`AUTO_MIN_WEIGHTS_CPU` weights and few enough of them are
+tracked (:data:`AUTO_MAX_DENSITY_CPU`); the choice is made per weight and
 call (so per step), and ``weight.last_path`` records it. The autograd functions of both paths live
 in :mod:`procrustes_kernels.functional`.
 """
@@ -37,6 +38,7 @@ __all__ = [
     "AUTO_MAX_TILE_DENSITY",
     "AUTO_MIN_WEIGHTS",
     "AUTO_MAX_DENSITY_CPU",
+    "AUTO_MIN_WEIGHTS_CPU",
     "DEFAULT_COMPUTE_TILE",
     "COMPUTE_TILE_SIZES",
     "check_compute",
@@ -52,8 +54,11 @@ AUTO_MAX_TILE_DENSITY = 0.3
 # ... for layers with at least this many weights (below it, launches dominate either path).
 AUTO_MIN_WEIGHTS = 1 << 16
 # On the CPU (C++ kernels) "auto" takes the sparse kernels at or below this density of tracked
-# weights (measured by benchmarks/bench_layers.py --cpu: the crossover with the materialise path).
+# weights, for layers of at least AUTO_MIN_WEIGHTS_CPU weights (benchmarks/bench_cpu.py: at 10%
+# a SparseLinear pass is 0.86x nn.Linear's and ResNet-18's 64-channel 3x3 convolutions run 3x
+# faster than ATen's; at 50% the sparse pass is 1.85x).
 AUTO_MAX_DENSITY_CPU = 0.2
+AUTO_MIN_WEIGHTS_CPU = 1 << 12
 # Rows x columns of a weight tile of the sparse kernels (and of the tile index). Larger tiles make
 # the kernels spill registers (checked by compiling for sm_90).
 DEFAULT_COMPUTE_TILE = (32, 32)
@@ -127,7 +132,8 @@ def choose_path(weight: BudgetedWeight, x: torch.Tensor, where: str) -> str:
             )
         return "sparse"
     backend = backend_for(x.device)
-    if not valid or backend not in ("triton", "cpp") or weight.weight_numel < AUTO_MIN_WEIGHTS:
+    min_weights = AUTO_MIN_WEIGHTS_CPU if backend == "cpp" else AUTO_MIN_WEIGHTS
+    if not valid or backend not in ("triton", "cpp") or weight.weight_numel < min_weights:
         return "dense"
     if torch.compiler.is_compiling():
         # The tile density is data: a traced graph cannot branch on it. Compiled, "auto" takes
