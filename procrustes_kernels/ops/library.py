@@ -418,7 +418,7 @@ class Geometry(NamedTuple):
 
 def _impl_and_index(op: str, x: Tensor, values: Tensor, bits: Tensor, geometry: Sequence[int]):
     impl = kernel(op, x.device, {x.dtype, values.dtype})
-    if getattr(impl, "__module__", "").endswith("compute.cpp"):
+    if getattr(sys.modules.get(impl.__module__), "takes_geometry", False):
         return impl, Geometry(*geometry)
     return impl, cached_tile_index(bits, *geometry)
 

@@ -42,7 +42,8 @@ __all__ = [
     "takes_geometry",
 ]
 
-# The dispatcher passes a light geometry instead of a tile index to the functions of this module.
+# The functions of this module walk the bits themselves: the custom ops hand them the weight's
+# geometry (rows, cols, ksize, groups) instead of building a tile index.
 takes_geometry = True
 
 
