@@ -16,8 +16,8 @@ shape and density, untracked weights exact zeros (Procrustes after its decay):
 
 ``steps``: whole training steps (forward, backward, optimizer step; ``zero_grad`` before each, outside
 the timing and the memory window) of a 4 x 4096^2 MLP
-at batch 64 and of ResNet-18 (CIFAR shapes, batch 32): dense with SGD momentum against Procrustes
-at a 10% budget after its decay, with ``reselect_every`` 1 and 10 (the time of an average step of
+at batch 64 and of ResNet-18 (CIFAR shapes, batch 32): dense with SGD momentum against DropBack and
+Procrustes (after its decay) at a 10% budget, with ``reselect_every`` 1 and 10 (the time of an average step of
 the interval; selecting and keeping steps also apart). Each configuration runs in its own process;
 a step's peak memory is the process's peak resident memory during that step (Linux: VmHWM, reset
 before each step) above what the process held before the model was built: the model, optimizer
@@ -264,12 +264,16 @@ def step_config(model_name: str, method: str, reselect: int, quick: bool, steps:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     else:
         model = pk.sparsify(model, seed=1)
-        opt = pk.Procrustes(
+        # Procrustes after its decay (untracked weights zero), or DropBack (they stay w0).
+        cls, decay = (
+            (pk.Procrustes, {"decay_steps": 2}) if method == "procrustes" else (pk.DropBack, {})
+        )
+        opt = cls(
             model.parameters(),
             lr=0.01,
             budget=0.1,
             momentum=0.9,
-            decay_steps=2,
+            **decay,
             reselect_every=reselect,
         )
 
@@ -310,7 +314,8 @@ def step_config(model_name: str, method: str, reselect: int, quick: bool, steps:
 def bench_steps(args, info: dict) -> list[dict]:
     rows = []
     for model_name in args.models:
-        configs = [("dense", 1), ("procrustes", 1), ("procrustes", 10)]
+        configs = [("dense", 1), ("dropback", 1), ("dropback", 10), ("procrustes", 1)]
+        configs.append(("procrustes", 10))
         results = {}
         for method, r in configs:
             steps = args.steps if method == "dense" else max(args.steps, r)
@@ -394,7 +399,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.table in ("steps", "both"):
         rows = bench_steps(args, info)
         write_csv(rows, RESULTS / f"cpu_steps{suffix}.csv")
-        md = ["## Training steps: dense SGD momentum vs Procrustes 10% after its decay", ""]
+        md = [
+            "## Training steps: dense SGD momentum vs DropBack / Procrustes (after its decay), 10%",
+            "",
+        ]
         md.append(_markdown(rows, STEP_COLUMNS))
         (RESULTS / f"cpu_steps{suffix}.md").write_text("\n".join(head + md) + "\n")
 

@@ -51,12 +51,15 @@ def test_quick_run_writes_every_row(tmp_path, monkeypatch):
     steps = _rows(tmp_path / "cpu_steps_t.csv")
     assert [(r["method"], r["reselect_every"]) for r in steps] == [
         ("dense", "1"),
+        ("dropback", "1"),
+        ("dropback", "10"),
         ("procrustes", "1"),
         ("procrustes", "10"),
     ]
     for r in steps:
         assert float(r["ms"]) > 0 and float(r["peak_mb"]) > 0
-    assert steps[2]["keep_ms"] and steps[2]["paths"] == "sparse"
+    assert steps[4]["keep_ms"] and steps[4]["paths"] == "sparse"  # Procrustes after its decay
+    assert steps[2]["keep_ms"] and steps[2]["paths"] == "dense"  # DropBack: w0 is not zero
     for table in ("passes", "steps"):
         assert (tmp_path / f"cpu_{table}_t.md").read_text().startswith("# CPU benchmark")
 
