@@ -12,7 +12,9 @@ shape and density, untracked weights exact zeros (Procrustes after its decay):
   gradient ``dY^T X`` (a step that selects: ``reselect_every=1``);
 * ``sparse_keep``: the same, on a step that keeps the tracked set (``reselect_every > 1``): the
   weight gradient is sampled at the tracked positions (SDDMM), the whole pass sparse;
-* ``sparseprop``: SparseProp's ``SparseLinear`` (``pip install sparseprop``), when installed.
+* ``sparseprop``: SparseProp's ``SparseLinear``, when installed (its build needs pybind11's
+  headers: ``CPLUS_INCLUDE_PATH=$(python -c 'import pybind11; print(pybind11.get_include())')
+  pip install --no-build-isolation sparseprop``).
 
 ``steps``: whole training steps (forward, backward, optimizer step; ``zero_grad`` before each, outside
 the timing and the memory window) of a 4 x 4096^2 MLP
