@@ -371,19 +371,21 @@ py::tuple compact_mask(PK_SEGMENT_PARAMS, py::object keep) {
 }
 
 void materialize(uint64_t seed, double bound, double scale, py::object values, py::object bits,
-                 py::object group_ptr, int64_t numel, py::object out) {
+                 py::object group_ptr, int64_t numel, py::object out, int64_t start,
+                 int64_t count) {
   const char* fn = "materialize";
+  if (count < 0) count = numel - start;
   with_value_type(values, fn, [&](auto tag) {
     using T = decltype(tag);
     Storage st = expect_storage<T>(values, bits, group_ptr, numel, fn);
-    py::array o = expect<T>(out, fn, "out", numel, true);
+    py::array o = expect<T>(out, fn, "out", count, true);
     const T* v = static_cast<const T*>(st.values.data());
     const int64_t nv = st.values.size();
     const uint8_t* b = static_cast<const uint8_t*>(st.bits.data());
     const int64_t* gp = static_cast<const int64_t*>(st.group_ptr.data());
     T* op = static_cast<T*>(o.mutable_data());
     py::gil_scoped_release release;
-    pk::materialize<T>(seed, bound, scale, v, nv, b, gp, numel, op);
+    pk::materialize<T>(seed, bound, scale, v, nv, b, gp, numel, start, count, op);
     return 0;
   });
 }
@@ -564,9 +566,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("philox_uniform", &philox_uniform, "tl.rand(seed, offsets) for int32 or int64 offsets.",
         py::arg("seed"), py::arg("offsets"));
   m.def("materialize", &materialize,
-        "Write the effective weight (tracked values, else scale * w0) into out.", py::kw_only(),
-        py::arg("seed"), py::arg("bound"), py::arg("scale"), py::arg("values"), py::arg("bits"),
-        py::arg("group_ptr"), py::arg("numel"), py::arg("out"));
+        "Write elements [start, start + count) of the effective weight (tracked values, else "
+        "scale * w0) into out; count -1: up to numel.",
+        py::kw_only(), py::arg("seed"), py::arg("bound"), py::arg("scale"), py::arg("values"),
+        py::arg("bits"), py::arg("group_ptr"), py::arg("numel"), py::arg("out"),
+        py::arg("start") = 0, py::arg("count") = -1);
   def_seg(m, "log_histogram", &log_histogram,
           "Log-bin histogram of the scores. scores: optional numel uint16 buffer of the scores' "
           "upper halves; scores_valid: it holds this step's (read them), else they are stored.",

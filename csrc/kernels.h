@@ -63,15 +63,29 @@ void check_header(const int64_t* ptr, int64_t ngroups, int64_t nvalues, const ch
 
 template <class T>
 void materialize(uint64_t seed, double bound, double scale, const T* values, int64_t nvalues,
-                 const uint8_t* bits, const int64_t* group_ptr, int64_t numel, T* out) {
+                 const uint8_t* bits, const int64_t* group_ptr, int64_t numel, int64_t start,
+                 int64_t count, T* out) {
   const int64_t ngroups = ceil_div(numel, kGroupSize);
   check_header(group_ptr, ngroups, nvalues, "materialize");
+  const int64_t stop = start + count;
+  if (start < 0 || count < 0 || stop > numel || start % kGroupSize != 0 ||
+      (stop != numel && stop % kGroupSize != 0)) {
+    throw std::invalid_argument(
+        "materialize(): expected 0 <= start <= start + count <= numel with start and start + "
+        "count multiples of " + std::to_string(kGroupSize) + " (or start + count == numel), got "
+        "start=" + std::to_string(start) + ", count=" + std::to_string(count) + ", numel=" +
+        std::to_string(numel));
+  }
   std::atomic<int64_t> bad{std::numeric_limits<int64_t>::max()};
-  const MaterializeArgs<T> a{PhiloxKey(seed), init_block_fn(), to_f32(bound), to_f32(scale), numel,
-                             ceil_div(numel, 8), values, nvalues, bits, group_ptr, out, &bad};
+  const MaterializeArgs<T> a{PhiloxKey(seed), init_block_fn(), to_f32(bound),  to_f32(scale),
+                             numel,           ceil_div(numel, 8), values,      nvalues,
+                             bits,            group_ptr,          out,         start,
+                             &bad};
   const int level = simd_level();
-  for_each_group_chunk(ngroups, [&](int64_t g0, int64_t g1) {
-    run_isa<MaterializePass<T>>(level, false, a, g0, g1);
+  const int64_t first = start / kGroupSize;
+  for_each_group_chunk(ceil_div(stop, kGroupSize) - first, [&](int64_t g0, int64_t g1) {
+    int64_t lo = first + g0, hi = first + g1;
+    run_isa<MaterializePass<T>>(level, false, a, lo, hi);
   });
   throw_if_bad(bad, group_ptr, "materialize");
 }
@@ -275,7 +289,7 @@ void compact_gather(const SegmentArgs<T>& seg, const StepArgs& p, const uint8_t*
 
 #define PK_INSTANTIATE(T)                                                                      \
   template void materialize<T>(uint64_t, double, double, const T*, int64_t, const uint8_t*,    \
-                               const int64_t*, int64_t, T*);                                   \
+                               const int64_t*, int64_t, int64_t, int64_t, T*);                 \
   template void log_histogram<T>(const SegmentArgs<T>&, const StepArgs&, const LogBins&,       \
                                  int64_t*, uint16_t*, bool);                                   \
   template void radix_histogram<T>(const SegmentArgs<T>&, const StepArgs&, int64_t, int64_t,   \

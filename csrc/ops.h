@@ -69,9 +69,12 @@ InitIdxFn init_idx_fn();
 void philox_uniform(uint64_t seed, const int32_t* off32, const int64_t* off64, int64_t n,
                     float* out);
 
+// Elements [start, start + count) of the effective weight (numel elements in all) into out[0, count):
+// start is a multiple of the group size, start + count one too or numel (whole groups are walked).
 template <class T>
 void materialize(uint64_t seed, double bound, double scale, const T* values, int64_t nvalues,
-                 const uint8_t* bits, const int64_t* group_ptr, int64_t numel, T* out);
+                 const uint8_t* bits, const int64_t* group_ptr, int64_t numel, int64_t start,
+                 int64_t count, T* out);
 
 // The scoring passes take an optional buffer `upper` of numel uint16: the upper 16 bits of this
 // step's scores. With upper_valid the pass reads them (and recomputes the exact scores of the few

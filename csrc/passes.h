@@ -387,7 +387,8 @@ struct MaterializeArgs {
   int64_t nvalues;
   const uint8_t* bits;
   const int64_t* ptr;
-  T* out;
+  T* out;             // element out_start of the weight is out[0]
+  int64_t out_start;  // a multiple of kGroupSize
   std::atomic<int64_t>* bad;
 };
 
@@ -404,7 +405,7 @@ PK_INLINE void materialize_groups(const MaterializeArgs<T>& a, int64_t g0, int64
       report_bad_group(a.bad, g);
       continue;
     }
-    T* out = a.out + base;
+    T* out = a.out + (base - a.out_start);
     if (a.scale == 0.0f) {
       for (int j = 0; j < len; ++j) out[j] = T(0);
     } else {

@@ -5,8 +5,12 @@
 materialised effective weight. Both paths leave the dense gradient of the effective weight in
 ``weight.grad``, through autograd:
 
-* materialise (``"dense"``): :class:`_EffectiveWeight` writes the effective weight (its backward
-  passes the gradient through unchanged), then the nn op runs (cuBLAS / cuDNN);
+* materialise (``"dense"``): the effective weight is regenerated a panel of output rows at a time
+  and each panel is consumed at once (:class:`_PanelLinearFn` / :class:`_PanelConv2dFn` over
+  :mod:`procrustes_kernels.panels`, forward and input gradient), so no dense copy of the weight
+  exists; a weight of one panel, or in a compiled graph, is written whole by
+  :class:`_EffectiveWeight` (its backward passes the gradient through unchanged), then the nn op
+  runs (cuBLAS / cuDNN);
 * sparse kernels (``"sparse"``): :class:`_SparseLinearFn` / :class:`_SparseConv2dFn` compute the
   output and the input gradient from the compressed weight; the weight gradient stays a dense GEMM
   (``dY^T X`` / cuDNN's weight gradient), since the optimizer scores every weight.
@@ -25,7 +29,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
-from . import ops
+from . import ops, panels
 from .compute import SPARSE_DTYPES, autocast_on, choose_path, input_dtype
 
 __all__ = ["linear", "conv2d"]
@@ -145,6 +149,83 @@ class _SparseConv2dFn(torch.autograd.Function):
         return dx, dw, dbias, None, None
 
 
+class _PanelLinearFn(torch.autograd.Function):
+    """``x @ W^T + b`` with the dense effective weight regenerated a panel at a time
+    (:mod:`procrustes_kernels.panels`), for the forward pass and again for the input gradient; the
+    weight's gradient is the dense ``dY^T X``."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight, bias, pan):  # type: ignore[override]
+        with _no_autocast(x2d):
+            out = panels.linear(x2d, pan, None if bias is None else bias.detach())
+        ctx.save_for_backward(x2d)
+        ctx.pan, ctx.weight_dtype = pan, weight.values.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):  # type: ignore[override]
+        (x2d,) = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = dw = dbias = None
+        with _no_autocast(dy):
+            if ctx.needs_input_grad[0]:
+                dx = panels.linear_t(dy, ctx.pan)
+            if ctx.needs_input_grad[1]:
+                dw = dy.t().mm(x2d).to(ctx.weight_dtype)
+            if ctx.needs_input_grad[2]:
+                dbias = dy.sum(0).to(ctx.bias_dtype)
+        return dx, dw, dbias, None
+
+
+class _PanelConv2dFn(torch.autograd.Function):
+    """``conv2d`` with the dense effective weight regenerated a panel of output channels at a
+    time (see :class:`_PanelLinearFn`); the weight's gradient is ATen's / cuDNN's dense one."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, conv, groups, pan):  # type: ignore[override]
+        _, stride, padding, dilation = conv
+        b = None if bias is None else bias.detach()
+        with _no_autocast(x):
+            out = panels.conv2d(x, pan, b, stride, padding, dilation, groups)
+        ctx.save_for_backward(x)
+        ctx.conv, ctx.groups, ctx.pan = conv, groups, pan
+        ctx.weight_shape, ctx.weight_dtype = tuple(weight._shape), weight.values.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        _, stride, padding, dilation = ctx.conv
+        dy = dy.contiguous()
+        dx = dw = dbias = None
+        with _no_autocast(dy):
+            if ctx.needs_input_grad[0]:
+                dx = panels.conv2d_input(
+                    x.shape, dy, ctx.pan, stride, padding, dilation, ctx.groups
+                )
+            if ctx.needs_input_grad[1]:
+                dw = torch.nn.grad.conv2d_weight(
+                    x, ctx.weight_shape, dy, stride, padding, dilation, ctx.groups
+                ).to(ctx.weight_dtype)
+            if ctx.needs_input_grad[2]:
+                dbias = dy.sum((0, 2, 3)).to(ctx.bias_dtype)
+        return dx, dw, dbias, None, None, None
+
+
+def _panels(weight: Any, x: Tensor, groups: int | None = None) -> panels.Panels | None:
+    """The panels of the materialise path of this call, None where the weight is written whole
+    (one panel, a conv called with other groups than its weight's, compiled graphs: the
+    compiler places the ``materialize`` op)."""
+    if torch.compiler.is_compiling() or (groups is not None and groups != weight.groups):
+        return None
+    pan = panels.Panels(weight, input_dtype(x))
+    return None if pan.whole else pan
+
+
 def _tracked_grad(values: Tensor, weight_dtype: torch.dtype, bits: Tensor, shape) -> Tensor:
     from .gradient import TrackedGradient
 
@@ -164,11 +245,11 @@ class _SampledLinearFn(torch.autograd.Function):
         with _no_autocast(x2d):
             if sparse:
                 out = ops.sparse_linear(x2d, vals, bits, b, geo)
-                dense = None
+                ctx.panels = None
             else:
-                dense = weight.effective().to(x2d.dtype)
-                out = F.linear(x2d, dense, None if b is None else b.to(x2d.dtype))
-        ctx.save_for_backward(x2d, vals, bits, dense)
+                ctx.panels = panels.Panels(weight, x2d.dtype)
+                out = panels.linear(x2d, ctx.panels, None if b is None else b.to(x2d.dtype))
+        ctx.save_for_backward(x2d, vals, bits)
         ctx.geo, ctx.sparse, ctx.shape = geo, sparse, tuple(weight._shape)
         ctx.weight_dtype = vals.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -177,7 +258,7 @@ class _SampledLinearFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):  # type: ignore[override]
-        x2d, vals, bits, dense = ctx.saved_tensors
+        x2d, vals, bits = ctx.saved_tensors
         dy = dy.contiguous()
         dx = dw = dbias = None
         with _no_autocast(dy):
@@ -188,9 +269,10 @@ class _SampledLinearFn(torch.autograd.Function):
                 dw = _tracked_grad(g, ctx.weight_dtype, bits, ctx.shape)
             else:
                 if ctx.needs_input_grad[0]:
-                    dx = (
-                        ops.sparse_linear_t(dy, vals, bits, ctx.geo) if ctx.sparse else dy.mm(dense)
-                    )
+                    if ctx.sparse:
+                        dx = ops.sparse_linear_t(dy, vals, bits, ctx.geo)
+                    else:
+                        dx = panels.linear_t(dy, ctx.panels)
                 if ctx.needs_input_grad[1]:
                     g = ops.sddmm_linear(x2d, dy, vals, bits, ctx.geo)
                     dw = _tracked_grad(g, ctx.weight_dtype, bits, ctx.shape)
@@ -211,12 +293,12 @@ class _SampledConv2dFn(torch.autograd.Function):
         with _no_autocast(x):
             if sparse:
                 out = ops.sparse_conv2d(x, vals, bits, b, geo, conv)
-                dense = None
+                ctx.panels = None
             else:
-                dense = weight.effective().to(x.dtype)
+                ctx.panels = panels.Panels(weight, x.dtype)
                 b = None if b is None else b.to(x.dtype)
-                out = F.conv2d(x, dense, b, stride, padding, dilation, groups)
-        ctx.save_for_backward(x, vals, bits, dense)
+                out = panels.conv2d(x, ctx.panels, b, stride, padding, dilation, groups)
+        ctx.save_for_backward(x, vals, bits)
         ctx.geo, ctx.conv, ctx.groups, ctx.sparse = geo, conv, groups, sparse
         ctx.shape, ctx.weight_dtype = tuple(weight._shape), vals.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -225,7 +307,7 @@ class _SampledConv2dFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):  # type: ignore[override]
-        x, vals, bits, dense = ctx.saved_tensors
+        x, vals, bits = ctx.saved_tensors
         _, stride, padding, dilation = ctx.conv
         dy = dy.contiguous()
         dx = dw = dbias = None
@@ -234,8 +316,8 @@ class _SampledConv2dFn(torch.autograd.Function):
                 if ctx.sparse:
                     dx = ops.sparse_conv2d_t(dy, vals, bits, ctx.geo, tuple(x.shape[-2:]), ctx.conv)
                 else:
-                    dx = torch.nn.grad.conv2d_input(
-                        x.shape, dense, dy, stride, padding, dilation, ctx.groups
+                    dx = panels.conv2d_input(
+                        x.shape, dy, ctx.panels, stride, padding, dilation, ctx.groups
                     )
             if ctx.needs_input_grad[1]:
                 g = ops.sddmm_conv2d(x, dy, vals, bits, ctx.geo, ctx.conv)
@@ -268,7 +350,11 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Any:
     if _sampled(weight, input, where):
         out = _sparse_linear(input, weight, bias, where, path)
     elif path == "dense":
-        out = F.linear(input, effective_weight(weight), bias)
+        pan = _panels(weight, input)
+        if pan is None:
+            out = F.linear(input, effective_weight(weight), bias)
+        else:
+            out = _sparse_linear(input, weight, bias, where, pan=pan)
     else:
         out = _sparse_linear(input, weight, bias, where)
     weight.last_path = path  # recorded once the call succeeded
@@ -276,10 +362,15 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Any:
 
 
 def _sparse_linear(
-    input: Tensor, weight: Any, bias: Tensor | None, where: str, sampled: str | None = None
+    input: Tensor,
+    weight: Any,
+    bias: Tensor | None,
+    where: str,
+    sampled: str | None = None,
+    pan: panels.Panels | None = None,
 ) -> Tensor:
     """The sparse kernels' ``F.linear``; with ``sampled`` (the path, "sparse" or "dense"), the
-    weight gradient at the tracked positions only."""
+    weight gradient at the tracked positions only; with ``pan``, the panelled dense GEMMs."""
     _check_dtype(input, weight, where)
     out_features, in_features = weight._shape
     if input.dim() < 1 or input.shape[-1] != in_features:
@@ -291,6 +382,8 @@ def _sparse_linear(
     x2d = x.reshape(-1, in_features).contiguous()
     if sampled is not None:
         out = _SampledLinearFn.apply(x2d, weight, bias, sampled == "sparse")
+    elif pan is not None:
+        out = _PanelLinearFn.apply(x2d, weight, bias, pan)
     else:
         out = _SparseLinearFn.apply(x2d, weight, bias)
     return out.view(*lead, out_features)
@@ -338,7 +431,12 @@ def conv2d(
     if _sampled(weight, input, where, groups):
         out = _sparse_conv2d(input, weight, bias, stride, padding, dilation, groups, where, path)
     elif path == "dense":
-        out = F.conv2d(input, effective_weight(weight), bias, stride, padding, dilation, groups)
+        pan = _panels(weight, input, groups)
+        if pan is None:
+            out = F.conv2d(input, effective_weight(weight), bias, stride, padding, dilation, groups)
+        else:
+            args = (input, weight, bias, stride, padding, dilation, groups, where)
+            out = _sparse_conv2d(*args, pan=pan)
     else:
         out = _sparse_conv2d(input, weight, bias, stride, padding, dilation, groups, where)
     weight.last_path = path  # recorded once the call succeeded
@@ -355,7 +453,9 @@ def _sparse_conv2d(
     groups: int,
     where: str,
     sampled: str | None = None,
+    pan: panels.Panels | None = None,
 ) -> Tensor:
+    """The sparse kernels' ``F.conv2d`` (``sampled``, ``pan``: see :func:`_sparse_linear`)."""
     _check_dtype(input, weight, where)
     if input.dim() not in (3, 4) or input.shape[-3] != weight._shape[1] * groups:
         raise ValueError(
@@ -377,6 +477,8 @@ def _sparse_conv2d(
     geo = (kernel_size, _pair(stride), pad_hw, dilation)
     if sampled is not None:
         out = _SampledConv2dFn.apply(x, weight, bias, geo, groups, sampled == "sparse")
+    elif pan is not None:
+        out = _PanelConv2dFn.apply(x, weight, bias, geo, groups, pan)
     else:
         out = _SparseConv2dFn.apply(x, weight, bias, geo, groups)
     return out.squeeze(0) if unbatched else out

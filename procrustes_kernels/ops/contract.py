@@ -36,6 +36,7 @@ __all__ = [
     "HIST_BINS",
     "log_bins",
     "score_histogram",
+    "check_range",
 ]
 
 # The weight ops (one training step's passes, and the effective weight) ...
@@ -77,6 +78,26 @@ def log_bins(scores: Tensor) -> Tensor:
     """The log bin (int64) of every score."""
     bits = scores.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
     return ((bits >> HIST_SHIFT) - HIST_BASE).clamp_(0, HIST_BINS - 1)
+
+
+def check_range(fn: str, start: int, count: int | None, numel: int) -> tuple[int, int]:
+    """``(start, count)`` of a part of a weight's ``numel`` elements that ``materialize`` writes
+    (``count`` None: up to ``numel``): whole groups, so that ``start`` is a multiple of
+    :data:`GROUP_SIZE` and so is ``start + count`` unless it is ``numel``."""
+    if count is None:
+        count = numel - start
+    ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (start, count))
+    if ok:
+        stop = start + count
+        ok = 0 <= start <= stop <= numel and start % GROUP_SIZE == 0
+        ok = ok and (stop == numel or stop % GROUP_SIZE == 0)
+    if not ok:
+        raise ValueError(
+            f"{fn}: expected 0 <= start <= start + count <= numel={numel}, start and start + "
+            f"count multiples of {GROUP_SIZE} (or start + count == numel), got start={start!r}, "
+            f"count={count!r}"
+        )
+    return start, count
 
 
 def score_histogram(scores: Tensor) -> Tensor:

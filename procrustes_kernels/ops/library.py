@@ -117,28 +117,33 @@ def _materialize(
     bound: float,
     numel: int,
     has_init: bool,
+    start: int = 0,
+    count: int = -1,
 ) -> Tensor:
     device = values.device
     dtype = values.dtype
     impl = kernel("materialize", device, {dtype})
+    part = (start, None if count < 0 else count)
     if backend_for(device) == "triton":
-        return impl(seed, bound, scale, values, bits, group_ptr, numel, dtype, has_init=has_init)
+        return impl(
+            seed, bound, scale, values, bits, group_ptr, numel, dtype, *part, has_init=has_init
+        )
     # CPU backends take the scale as a number: reading a CPU scalar is no device synchronisation.
     s = float(scale) if has_init else 0.0
-    return impl(seed, bound, s, values, bits, group_ptr, numel, dtype)
+    return impl(seed, bound, s, values, bits, group_ptr, numel, dtype, *part)
 
 
 _materialize_op = _define(
     "materialize",
     "(Tensor values, Tensor bits, Tensor group_ptr, Tensor scale, int seed, float bound, "
-    "int numel, bool has_init) -> Tensor",
+    "int numel, bool has_init, int start=0, int count=-1) -> Tensor",
     _materialize,
 )
 
 
 @_fake(_materialize_op)
-def _(values, bits, group_ptr, scale, seed, bound, numel, has_init):
-    return values.new_empty(numel)
+def _(values, bits, group_ptr, scale, seed, bound, numel, has_init, start=0, count=-1):
+    return values.new_empty(numel - start if count < 0 else count)
 
 
 def materialize(
@@ -150,14 +155,19 @@ def materialize(
     bound: float,
     numel: int,
     has_init: bool,
+    start: int = 0,
+    count: int = -1,
 ) -> Tensor:
-    """Flat effective weight of ``numel`` elements (the dtype of ``values``): tracked values,
-    every other weight ``scale * w0``. ``scale`` is a 0-d float32 tensor, read by the kernel, so
-    the decay factor changing from step to step is data, not a constant of a traced graph;
-    ``has_init`` (``scale != 0``) is the one thing the host decides."""
-    if eager(values, bits, group_ptr, scale):
-        return _materialize(values, bits, group_ptr, scale, seed, bound, numel, has_init)
-    return _materialize_op(values, bits, group_ptr, scale, _i64(seed), bound, numel, has_init)
+    """Flat effective weight (the dtype of ``values``): tracked values, every other weight
+    ``scale * w0``; elements ``[start, start + count)`` of the weight's ``numel`` (whole groups
+    of :data:`~.contract.GROUP_SIZE`; ``count`` -1: up to ``numel``), all of them by default.
+    ``scale`` is a 0-d float32 tensor, read by the kernel, so the decay factor changing from step
+    to step is data, not a constant of a traced graph; ``has_init`` (``scale != 0``) is the one
+    thing the host decides."""
+    args = (values, bits, group_ptr, scale)
+    if eager(*args):
+        return _materialize(*args, seed, bound, numel, has_init, start, count)
+    return _materialize_op(*args, _i64(seed), bound, numel, has_init, start, count)
 
 
 # ------------------------------------------------------------------------------ the update passes

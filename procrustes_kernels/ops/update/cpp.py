@@ -41,6 +41,7 @@ from ..contract import (
     Compacted,
     Segment,
     StepParams,
+    check_range,
 )
 
 try:
@@ -295,18 +296,22 @@ def materialize(
     group_ptr: Tensor,
     numel: int,
     dtype: torch.dtype,
+    start: int = 0,
+    count: int | None = None,
 ) -> Tensor:
-    """Flat effective weight (``numel`` elements of ``dtype``): tracked values, else ``scale * w0``."""
+    """Flat effective weight: tracked values, else ``scale * w0``; elements ``[start, start +
+    count)`` of the ``numel`` (whole groups), all of them by default."""
     fn = "materialize"
     _check_storage(fn, values, bits, group_ptr)
     if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
         raise ValueError(f"{fn}(): expected numel >= 0 (an int), got {numel!r}")
+    start, count = check_range(f"{fn}()", start, count, numel)
     if not accepts({values.dtype, dtype}):
         raise TypeError(
             f"{fn}(): expected values and dtype both float32 or both float64, got "
             f"{values.dtype} / {dtype} (other dtypes run in the reference)"
         )
-    out = torch.empty(int(numel), dtype=dtype)
+    out = torch.empty(count, dtype=dtype)
     _C.materialize(
         seed=_seed(seed),
         bound=float(bound),
@@ -316,6 +321,8 @@ def materialize(
         group_ptr=_np(group_ptr),
         numel=int(numel),
         out=out.numpy(),
+        start=start,
+        count=count,
     )
     return out
 

@@ -33,11 +33,13 @@ from torch import Tensor
 from ...philox import init_values
 from ...storage import group_pointers, pack_bits, unpack_bits
 from ..contract import (
+    GROUP_SIZE,
     RADIX_HIGH_BINS,
     RADIX_LOW_BINS,
     Compacted,
     Segment,
     StepParams,
+    check_range,
     score_histogram,
 )
 
@@ -62,16 +64,25 @@ def materialize(
     group_ptr: Tensor,
     numel: int,
     dtype: torch.dtype,
+    start: int = 0,
+    count: int | None = None,
 ) -> Tensor:
-    """Flat effective weight (``numel`` elements of ``dtype``): tracked values, else ``scale * w0``."""
+    """Flat effective weight of ``dtype``: tracked values, else ``scale * w0``; the elements
+    ``[start, start + count)`` of the weight's ``numel`` (whole groups, :func:`check_range`),
+    all of them by default."""
+    start, count = check_range("materialize()", start, count, numel)
     device = values.device
+    stop = start + count
     if scale == 0.0:
-        out = torch.zeros(numel, dtype=dtype, device=device)
+        out = torch.zeros(count, dtype=dtype, device=device)
     else:
-        w0 = init_values(seed, numel, bound, device=device)
+        w0 = init_values(seed, count, bound, start=start, device=device)
         out = (w0 * torch.tensor(scale, dtype=torch.float32, device=device)).to(dtype)
-    mask = unpack_bits(bits, numel)
-    out[mask] = values.to(dtype)
+    first = start // 8  # a group starts on a byte
+    mask = unpack_bits(bits[first : (stop + 7) // 8], stop - first * 8)
+    v0 = int(group_ptr[start // GROUP_SIZE])
+    v1 = int(group_ptr[-(-stop // GROUP_SIZE)])
+    out[mask] = values[v0:v1].to(dtype)
     return out
 
 

@@ -57,6 +57,7 @@ from ..contract import (
     Compacted,
     Segment,
     StepParams,
+    check_range,
 )
 from ..triton_util import (
     check_device,
@@ -235,20 +236,25 @@ def _materialize_kernel(
     seed,
     bound,
     scale,
-    numel,
+    first_group,
+    stop,
     ngroups,
     HAS_INIT: tl.constexpr,
     SCALE_IS_PTR: tl.constexpr,
     OFFS64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """``out[e] = tracked[e] ? values[rank[e]] : OUT(float32(scale * w0[e]))``.
+    """``out[e - start] = tracked[e] ? values[rank[e]] : OUT(float32(scale * w0[e]))`` for the
+    elements ``e`` in ``[start, stop)``, ``start = first_group * 256``.
 
     ``w0[e] = (2 * tl.rand(seed, e) - 1) * bound`` (float32); without ``HAS_INIT`` (scale 0) the
     untracked elements are +0 and nothing is generated. With ``SCALE_IS_PTR`` the scale is read
     from a float32 device scalar (no host read of the decay factor).
     """
-    group, cols, offs, in_range = _tile(tl.program_id(0), numel, BLOCK // _GROUP, OFFS64)
+    group, cols, offs, _ = _tile(tl.program_id(0), stop, BLOCK // _GROUP, OFFS64)
+    group += first_group
+    offs += first_group * _GROUP
+    in_range = offs < stop
     tracked, rank = _tracked_rank(bits_ptr, group_ptr_ptr, group, cols, offs, in_range, ngroups)
     out_ty = out_ptr.dtype.element_ty
     v = round_to(tl.load(values_ptr + rank, mask=in_range & tracked, other=0.0), out_ty)
@@ -261,7 +267,7 @@ def _materialize_kernel(
         init = round_to(w0 * s, out_ty)
     else:
         init = tl.zeros(offs.shape, out_ty)
-    tl.store(out_ptr + offs, tl.where(tracked, v, init), mask=in_range)
+    tl.store(out_ptr + (offs - first_group * _GROUP), tl.where(tracked, v, init), mask=in_range)
 
 
 @triton.jit
@@ -596,22 +602,26 @@ def materialize(
     group_ptr: Tensor,
     numel: int,
     dtype: torch.dtype,
+    start: int = 0,
+    count: int | None = None,
     *,
     has_init: bool | None = None,
     block: int | None = None,
     num_warps: int | None = None,
 ) -> Tensor:
-    """Flat effective weight (``numel`` elements of ``dtype``): tracked values, else ``scale * w0``.
+    """Flat effective weight of ``dtype``: tracked values, else ``scale * w0``; elements
+    ``[start, start + count)`` of the ``numel`` (whole groups), all of them by default.
 
     ``scale`` may be a 0-d float32 tensor on the device (read by the kernel, no host read); then
     ``has_init`` says whether it is non-zero (False: untracked weights are +0, nothing generated).
     """
     fn = "materialize()"
     check_device(fn, values)
-    out = torch.empty(numel, dtype=dtype, device=values.device)
-    if numel == 0:
+    start, count = check_range(fn, start, count, numel)
+    out = torch.empty(count, dtype=dtype, device=values.device)
+    if count == 0:
         return out
-    block, num_warps = _launch_config(fn, numel, block, num_warps)
+    block, num_warps = _launch_config(fn, count, block, num_warps)
     scale_is_ptr = isinstance(scale, Tensor)
     if scale_is_ptr:
         if has_init is None:
@@ -620,7 +630,7 @@ def materialize(
     else:
         scale = f32(scale)
         has_init = scale != 0.0
-    _materialize_kernel[(triton.cdiv(numel, block),)](
+    _materialize_kernel[(triton.cdiv(count, block),)](
         out,
         nonempty(values.contiguous()),
         bits.contiguous(),
@@ -628,7 +638,8 @@ def materialize(
         seed,
         f32(bound),
         scale,
-        numel,
+        start // GROUP_SIZE,
+        start + count,
         triton.cdiv(numel, GROUP_SIZE),
         HAS_INIT=bool(has_init),
         SCALE_IS_PTR=scale_is_ptr,
