@@ -68,14 +68,15 @@ void materialize(uint64_t seed, double bound, double scale, const T* values, int
   const int64_t ngroups = ceil_div(numel, kGroupSize);
   check_header(group_ptr, ngroups, nvalues, "materialize");
   const int64_t stop = start + count;
-  if (start < 0 || count < 0 || stop > numel || start % kGroupSize != 0 ||
+  if (start < 0 || count < 0 || stop > numel || (start != numel && start % kGroupSize != 0) ||
       (stop != numel && stop % kGroupSize != 0)) {
     throw std::invalid_argument(
         "materialize(): expected 0 <= start <= start + count <= numel with start and start + "
-        "count multiples of " + std::to_string(kGroupSize) + " (or start + count == numel), got "
+        "count multiples of " + std::to_string(kGroupSize) + " (or numel), got "
         "start=" + std::to_string(start) + ", count=" + std::to_string(count) + ", numel=" +
         std::to_string(numel));
   }
+  if (count == 0) return;
   std::atomic<int64_t> bad{std::numeric_limits<int64_t>::max()};
   const MaterializeArgs<T> a{PhiloxKey(seed), init_block_fn(), to_f32(bound),  to_f32(scale),
                              numel,           ceil_div(numel, 8), values,      nvalues,

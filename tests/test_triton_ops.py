@@ -212,11 +212,11 @@ def test_kernels_compile_for_sm90(tmp_path):
         jobs = [
             (T._materialize_kernel, {"out_ptr": "*bf16", "values_ptr": "*fp32", "bits_ptr": "*u8",
              "group_ptr_ptr": "*i64", "seed": "i64", "bound": "fp32", "scale": "fp32",
-             "numel": "i64", "ngroups": "i64"},
+             "first_group": "i64", "stop": "i64", "ngroups": "i64"},
              {"HAS_INIT": True, "SCALE_IS_PTR": False, "OFFS64": True, "BLOCK": 1024}),
             (T._materialize_kernel, {"out_ptr": "*fp32", "values_ptr": "*fp32", "bits_ptr": "*u8",
              "group_ptr_ptr": "*i64", "seed": "i64", "bound": "fp32", "scale": "*fp32",
-             "numel": "i32", "ngroups": "i32"},
+             "first_group": "i32", "stop": "i32", "ngroups": "i32"},
              {"HAS_INIT": True, "SCALE_IS_PTR": True, "OFFS64": False, "BLOCK": 1024}),
             (T._score_stats_kernel, {"hist_ptr": "*i64", **STEP, "numel": "i32", "ngroups": "i32",
              "high": "i32"}, {"MODE": 2, "LOCAL_HIST": False, **FLAGS}),

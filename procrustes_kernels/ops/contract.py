@@ -83,18 +83,18 @@ def log_bins(scores: Tensor) -> Tensor:
 def check_range(fn: str, start: int, count: int | None, numel: int) -> tuple[int, int]:
     """``(start, count)`` of a part of a weight's ``numel`` elements that ``materialize`` writes
     (``count`` None: up to ``numel``): whole groups, so that ``start`` is a multiple of
-    :data:`GROUP_SIZE` and so is ``start + count`` unless it is ``numel``."""
+    :data:`GROUP_SIZE` and so is ``start + count``, each unless it is ``numel``."""
     if count is None:
         count = numel - start
     ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (start, count))
     if ok:
         stop = start + count
-        ok = 0 <= start <= stop <= numel and start % GROUP_SIZE == 0
-        ok = ok and (stop == numel or stop % GROUP_SIZE == 0)
+        ok = 0 <= start <= stop <= numel
+        ok = ok and all(v == numel or v % GROUP_SIZE == 0 for v in (start, stop))
     if not ok:
         raise ValueError(
             f"{fn}: expected 0 <= start <= start + count <= numel={numel}, start and start + "
-            f"count multiples of {GROUP_SIZE} (or start + count == numel), got start={start!r}, "
+            f"count multiples of {GROUP_SIZE} (or numel), got start={start!r}, "
             f"count={count!r}"
         )
     return start, count

@@ -78,6 +78,8 @@ def materialize(
     else:
         w0 = init_values(seed, count, bound, start=start, device=device)
         out = (w0 * torch.tensor(scale, dtype=torch.float32, device=device)).to(dtype)
+    if count == 0:
+        return out
     first = start // 8  # a group starts on a byte
     mask = unpack_bits(bits[first : (stop + 7) // 8], stop - first * 8)
     v0 = int(group_ptr[start // GROUP_SIZE])
