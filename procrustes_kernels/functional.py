@@ -6,7 +6,7 @@ materialised effective weight. Both paths leave the dense gradient of the effect
 ``weight.grad``, through autograd:
 
 * materialise (``"dense"``): the effective weight is regenerated a panel of output rows at a time
-  and each panel is consumed at once (:class:`_PanelLinearFn` / :class:`_PanelConv2dFn` over
+  and each panel is consumed at once (:class:`_SparseLinearFn` / :class:`_SparseConv2dFn` with
   :mod:`procrustes_kernels.panels`, forward and input gradient), so no dense copy of the weight
   exists; a weight of one panel, or in a compiled graph, is written whole by
   :class:`_EffectiveWeight` (its backward passes the gradient through unchanged), then the nn op
@@ -85,16 +85,22 @@ def _geometry(weight: Any) -> tuple[int, ...]:
 
 
 class _SparseLinearFn(torch.autograd.Function):
-    """``x @ W^T + b`` from the compressed weight; the weight's gradient is the dense ``dY^T X``
+    """``x @ W^T + b`` and the input gradient from the compressed weight (``pan`` None: the sparse
+    kernels) or its dense effective weight regenerated a panel at a time (``pan``, a
+    :class:`~procrustes_kernels.panels.Panels`); the weight's gradient is the dense ``dY^T X``
     (the optimizer needs the gradient of every weight)."""
 
     @staticmethod
-    def forward(ctx, x2d, weight, bias):  # type: ignore[override]
+    def forward(ctx, x2d, weight, bias, pan):  # type: ignore[override]
         vals, bits, geo = weight.values, weight.bits, _geometry(weight)
+        b = None if bias is None else bias.detach()
         with _no_autocast(x2d):
-            out = ops.sparse_linear(x2d, vals, bits, None if bias is None else bias.detach(), geo)
+            if pan is None:
+                out = ops.sparse_linear(x2d, vals, bits, b, geo)
+            else:
+                out = panels.linear(x2d, pan, b)
         ctx.save_for_backward(x2d, vals, bits)
-        ctx.geo, ctx.weight_dtype = geo, vals.dtype
+        ctx.geo, ctx.pan, ctx.weight_dtype = geo, pan, vals.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 
@@ -106,26 +112,33 @@ class _SparseLinearFn(torch.autograd.Function):
         dx = dw = dbias = None
         with _no_autocast(dy):
             if ctx.needs_input_grad[0]:
-                dx = ops.sparse_linear_t(dy, vals, bits, ctx.geo)
+                if ctx.pan is None:
+                    dx = ops.sparse_linear_t(dy, vals, bits, ctx.geo)
+                else:
+                    dx = panels.linear_t(dy, ctx.pan)
             if ctx.needs_input_grad[1]:
                 dw = dy.t().mm(x2d).to(ctx.weight_dtype)
             if ctx.needs_input_grad[2]:
                 dbias = dy.sum(0).to(ctx.bias_dtype)
-        return dx, dw, dbias
+        return dx, dw, dbias, None
 
 
 class _SparseConv2dFn(torch.autograd.Function):
-    """``conv2d`` from the compressed weight; the weight's gradient is cuDNN's / ATen's dense one."""
+    """``conv2d`` and its input gradient from the compressed weight or panels of its effective
+    weight (see :class:`_SparseLinearFn`); the weight's gradient is cuDNN's / ATen's dense one."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, conv, groups):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, conv, groups, pan):  # type: ignore[override]
         vals, bits, geo = weight.values, weight.bits, _geometry(weight)
+        _, stride, padding, dilation = conv
+        b = None if bias is None else bias.detach()
         with _no_autocast(x):
-            out = ops.sparse_conv2d(
-                x, vals, bits, None if bias is None else bias.detach(), geo, conv
-            )
+            if pan is None:
+                out = ops.sparse_conv2d(x, vals, bits, b, geo, conv)
+            else:
+                out = panels.conv2d(x, pan, b, stride, padding, dilation, groups)
         ctx.save_for_backward(x, vals, bits)
-        ctx.geo, ctx.conv, ctx.groups = geo, conv, groups
+        ctx.geo, ctx.conv, ctx.groups, ctx.pan = geo, conv, groups, pan
         ctx.weight_shape, ctx.weight_dtype = tuple(weight._shape), vals.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
@@ -139,74 +152,12 @@ class _SparseConv2dFn(torch.autograd.Function):
         dx = dw = dbias = None
         with _no_autocast(dy):
             if ctx.needs_input_grad[0]:
-                dx = ops.sparse_conv2d_t(dy, vals, bits, ctx.geo, tuple(x.shape[-2:]), ctx.conv)
-            if ctx.needs_input_grad[1]:
-                dw = torch.nn.grad.conv2d_weight(
-                    x, ctx.weight_shape, dy, stride, padding, dilation, ctx.groups
-                ).to(ctx.weight_dtype)
-            if ctx.needs_input_grad[2]:
-                dbias = dy.sum((0, 2, 3)).to(ctx.bias_dtype)
-        return dx, dw, dbias, None, None
-
-
-class _PanelLinearFn(torch.autograd.Function):
-    """``x @ W^T + b`` with the dense effective weight regenerated a panel at a time
-    (:mod:`procrustes_kernels.panels`), for the forward pass and again for the input gradient; the
-    weight's gradient is the dense ``dY^T X``."""
-
-    @staticmethod
-    def forward(ctx, x2d, weight, bias, pan):  # type: ignore[override]
-        with _no_autocast(x2d):
-            out = panels.linear(x2d, pan, None if bias is None else bias.detach())
-        ctx.save_for_backward(x2d)
-        ctx.pan, ctx.weight_dtype = pan, weight.values.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):  # type: ignore[override]
-        (x2d,) = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx = dw = dbias = None
-        with _no_autocast(dy):
-            if ctx.needs_input_grad[0]:
-                dx = panels.linear_t(dy, ctx.pan)
-            if ctx.needs_input_grad[1]:
-                dw = dy.t().mm(x2d).to(ctx.weight_dtype)
-            if ctx.needs_input_grad[2]:
-                dbias = dy.sum(0).to(ctx.bias_dtype)
-        return dx, dw, dbias, None
-
-
-class _PanelConv2dFn(torch.autograd.Function):
-    """``conv2d`` with the dense effective weight regenerated a panel of output channels at a
-    time (see :class:`_PanelLinearFn`); the weight's gradient is ATen's / cuDNN's dense one."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, conv, groups, pan):  # type: ignore[override]
-        _, stride, padding, dilation = conv
-        b = None if bias is None else bias.detach()
-        with _no_autocast(x):
-            out = panels.conv2d(x, pan, b, stride, padding, dilation, groups)
-        ctx.save_for_backward(x)
-        ctx.conv, ctx.groups, ctx.pan = conv, groups, pan
-        ctx.weight_shape, ctx.weight_dtype = tuple(weight._shape), weight.values.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        _, stride, padding, dilation = ctx.conv
-        dy = dy.contiguous()
-        dx = dw = dbias = None
-        with _no_autocast(dy):
-            if ctx.needs_input_grad[0]:
-                dx = panels.conv2d_input(
-                    x.shape, dy, ctx.pan, stride, padding, dilation, ctx.groups
-                )
+                if ctx.pan is None:
+                    dx = ops.sparse_conv2d_t(dy, vals, bits, ctx.geo, tuple(x.shape[-2:]), ctx.conv)
+                else:
+                    dx = panels.conv2d_input(
+                        x.shape, dy, ctx.pan, stride, padding, dilation, ctx.groups
+                    )
             if ctx.needs_input_grad[1]:
                 dw = torch.nn.grad.conv2d_weight(
                     x, ctx.weight_shape, dy, stride, padding, dilation, ctx.groups
@@ -382,10 +333,8 @@ def _sparse_linear(
     x2d = x.reshape(-1, in_features).contiguous()
     if sampled is not None:
         out = _SampledLinearFn.apply(x2d, weight, bias, sampled == "sparse")
-    elif pan is not None:
-        out = _PanelLinearFn.apply(x2d, weight, bias, pan)
     else:
-        out = _SparseLinearFn.apply(x2d, weight, bias)
+        out = _SparseLinearFn.apply(x2d, weight, bias, pan)
     return out.view(*lead, out_features)
 
 
@@ -477,8 +426,6 @@ def _sparse_conv2d(
     geo = (kernel_size, _pair(stride), pad_hw, dilation)
     if sampled is not None:
         out = _SampledConv2dFn.apply(x, weight, bias, geo, groups, sampled == "sparse")
-    elif pan is not None:
-        out = _PanelConv2dFn.apply(x, weight, bias, geo, groups, pan)
     else:
-        out = _SparseConv2dFn.apply(x, weight, bias, geo, groups)
+        out = _SparseConv2dFn.apply(x, weight, bias, geo, groups, pan)
     return out.squeeze(0) if unbatched else out

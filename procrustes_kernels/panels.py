@@ -63,10 +63,7 @@ class Panels:
         self.acc_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         self.row_len = math.prod(shape[1:])
         self.nrows = shape[0]
-        self.values, self.bits = weight.values, weight.bits
-        self.group_ptr, self.scale = weight.group_ptr, weight.scale
-        self.seed, self.bound, self.numel = weight.seed, weight.bound, weight.weight_numel
-        self.has_init = weight.scale_value != 0.0
+        self._args = weight._materialize_args()  # this call's storage, also for its backward
         groups = weight.groups if len(shape) == 4 else 1
         per_group = shape[0] // groups if groups > 1 else 1
         align = GROUP_SIZE // math.gcd(self.row_len, GROUP_SIZE)
@@ -88,18 +85,7 @@ class Panels:
         """Rows ``[r0, r1)`` of the effective weight, shaped ``(r1 - r0, *shape[1:])``, rounded to
         the compute dtype (then converted to ``dtype``)."""
         start, count = r0 * self.row_len, (r1 - r0) * self.row_len
-        flat = ops.materialize(
-            self.values,
-            self.bits,
-            self.group_ptr,
-            self.scale,
-            self.seed,
-            self.bound,
-            self.numel,
-            self.has_init,
-            start,
-            count,
-        )
+        flat = ops.materialize(*self._args, start, count)
         w = flat.view(r1 - r0, *self.shape[1:]).to(self.dtype)
         return w if dtype is None else w.to(dtype)
 

@@ -359,7 +359,12 @@ class BudgetedWeight(Tensor):
         """The dense weight that ``F.linear`` / ``F.conv2d`` compute with: tracked values, every
         other weight ``scale * w0``. A plain tensor, outside autograd (the custom op
         ``procrustes::materialize``, so ``torch.compile`` traces it)."""
-        args = (
+        return _ops.materialize(*self._materialize_args()).view(self._shape)
+
+    def _materialize_args(self) -> tuple:
+        """The leading arguments of :func:`procrustes_kernels.ops.materialize` for this weight
+        (its storage, decay factor and regeneration constants), after which a range may follow."""
+        return (
             self.values,
             self.bits,
             self.group_ptr,
@@ -369,7 +374,6 @@ class BudgetedWeight(Tensor):
             self.weight_numel,
             self._scale_value != 0.0,
         )
-        return _ops.materialize(*args).view(self._shape)
 
     def initial_values(self) -> Tensor:
         """``w0`` regenerated from the seed: float32, shaped like the dense weight."""
