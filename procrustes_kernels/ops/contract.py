@@ -11,6 +11,7 @@ import.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -26,6 +27,7 @@ __all__ = [
     "Segment",
     "StepParams",
     "Compacted",
+    "Regen",
     "RADIX_HIGH_BINS",
     "RADIX_LOW_BINS",
     "HIST_MANTISSA_BITS",
@@ -72,6 +74,18 @@ HIST_MAX_EXP = 25
 HIST_SHIFT = 23 - HIST_MANTISSA_BITS
 HIST_BASE = (127 + HIST_MIN_EXP) << HIST_MANTISSA_BITS
 HIST_BINS = (HIST_MAX_EXP - HIST_MIN_EXP) << HIST_MANTISSA_BITS
+
+
+class Regen(NamedTuple):
+    """How the compute ops regenerate a weight's untracked elements instead of reading zeros: element
+    ``f`` (flat, row-major) is ``scale * w0[f]`` rounded to the values' dtype, ``w0`` the
+    weight's initial values (:func:`procrustes_kernels.philox.init_values` of ``seed`` and
+    ``bound``), exactly as ``materialize`` writes it. ``scale`` is the 0-d float32 decay factor on
+    the weight's device, read by the kernels (no host read)."""
+
+    scale: Tensor
+    seed: int
+    bound: float
 
 
 def log_bins(scores: Tensor) -> Tensor:

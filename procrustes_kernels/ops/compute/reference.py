@@ -1,7 +1,9 @@
 """Pure-PyTorch reference of the sparse compute ops: the definition the Triton kernels reproduce.
 
-The ops compute a layer's forward pass and its backward-data pass from the compressed storage when
-every untracked weight is exactly zero (Procrustes after its decay), so only tracked values count:
+The ops compute a layer's forward pass and its backward-data pass from the compressed storage. By
+default every untracked weight is exactly zero (Procrustes after its decay), so only tracked values
+count; with ``regen`` (a :class:`~..contract.Regen`) the untracked weights are ``scale * w0``,
+regenerated from the seed as ``materialize`` writes them (DropBack, Procrustes before its decay):
 
 * :func:`sparse_linear`: ``Y = X W^T + b``; ``x [M, cols]`` -> ``[M, rows]``
 * :func:`sparse_linear_t`: ``dX = dY W``; ``dy [M, rows]`` -> ``[M, cols]``
@@ -23,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...philox import init_values
 from ...storage import unpack_bits
-from ..contract import COMPUTE_DTYPES
+from ..contract import COMPUTE_DTYPES, Regen
 from .index import TileIndex
 
 __all__ = [
@@ -54,15 +57,23 @@ def _check_input(fn: str, name: str, t: object, ndim: int, dim: int, size: int) 
     return t
 
 
-def dense_weight(values: Tensor, bits: Tensor, index: TileIndex, dtype: torch.dtype) -> Tensor:
-    """The tracked weights as a dense float32 matrix ``[rows, cols * ksize]`` (zeros elsewhere),
-    each value first rounded to ``dtype``."""
+def dense_weight(
+    values: Tensor, bits: Tensor, index: TileIndex, dtype: torch.dtype, regen: Regen | None = None
+) -> Tensor:
+    """The weight as a dense float32 matrix ``[rows, cols * ksize]``: the tracked values, zeros
+    elsewhere (or with ``regen`` ``scale * w0`` rounded to the values' dtype), each weight then
+    rounded to ``dtype``."""
     numel = index.rows * index.cols * index.ksize
     if values.numel() != index.nnz:
         raise ValueError(
             f"expected values with {index.nnz} entries (the index's tracked count), got {values.numel()}"
         )
-    w = torch.zeros(numel, dtype=torch.float32, device=values.device)
+    if regen is None:
+        w = torch.zeros(numel, dtype=torch.float32, device=values.device)
+    else:
+        w0 = init_values(regen.seed, numel, regen.bound, device=values.device)
+        w = w0 * regen.scale.to(device=values.device, dtype=torch.float32)
+        w = w.to(values.dtype).to(dtype).to(torch.float32)
     w[unpack_bits(bits, numel)] = values.to(dtype).to(torch.float32)
     return w.view(index.rows, index.cols * index.ksize)
 
@@ -74,32 +85,45 @@ def _finish(out: Tensor, bias: Tensor | None, dtype: torch.dtype, shape: tuple[i
 
 
 def sparse_linear(
-    x: Tensor, values: Tensor, bits: Tensor, index: TileIndex, bias: Tensor | None = None
+    x: Tensor,
+    values: Tensor,
+    bits: Tensor,
+    index: TileIndex,
+    bias: Tensor | None = None,
+    *,
+    regen: Regen | None = None,
 ) -> Tensor:
     """``x @ W^T + bias`` from the compressed weight (``index.ksize == 1``, ``groups == 1``)."""
     fn = "sparse_linear()"
     x = _check_input(fn, "x", x, 2, 1, index.cols)
-    w = dense_weight(values, bits, index, x.dtype)
+    w = dense_weight(values, bits, index, x.dtype, regen)
     return _finish(x.to(torch.float32) @ w.T, bias, x.dtype, (1, -1))
 
 
-def sparse_linear_t(dy: Tensor, values: Tensor, bits: Tensor, index: TileIndex) -> Tensor:
+def sparse_linear_t(
+    dy: Tensor, values: Tensor, bits: Tensor, index: TileIndex, *, regen: Regen | None = None
+) -> Tensor:
     """``dy @ W`` (the input gradient of :func:`sparse_linear`)."""
     fn = "sparse_linear_t()"
     dy = _check_input(fn, "dy", dy, 2, 1, index.rows)
-    w = dense_weight(values, bits, index, dy.dtype)
+    w = dense_weight(values, bits, index, dy.dtype, regen)
     return (dy.to(torch.float32) @ w).to(dy.dtype)
 
 
 def _conv_weight(
-    values: Tensor, bits: Tensor, index: TileIndex, dtype: torch.dtype, kernel_size
+    values: Tensor,
+    bits: Tensor,
+    index: TileIndex,
+    dtype: torch.dtype,
+    kernel_size,
+    regen: Regen | None,
 ) -> Tensor:
     kh, kw = kernel_size
     if kh * kw != index.ksize:
         raise ValueError(
             f"expected kernel_size with {index.ksize} positions (the index's ksize), got {tuple(kernel_size)}"
         )
-    return dense_weight(values, bits, index, dtype).view(index.rows, index.cols, kh, kw)
+    return dense_weight(values, bits, index, dtype, regen).view(index.rows, index.cols, kh, kw)
 
 
 def sparse_conv2d(
@@ -112,11 +136,13 @@ def sparse_conv2d(
     padding: tuple[int, int] = (0, 0),
     dilation: tuple[int, int] = (1, 1),
     bias: Tensor | None = None,
+    *,
+    regen: Regen | None = None,
 ) -> Tensor:
     """``conv2d(x, W, bias, stride, padding, dilation, index.groups)`` from the compressed weight."""
     fn = "sparse_conv2d()"
     x = _check_input(fn, "x", x, 4, 1, index.cols * index.groups)
-    w = _conv_weight(values, bits, index, x.dtype, kernel_size)
+    w = _conv_weight(values, bits, index, x.dtype, kernel_size, regen)
     out = F.conv2d(x.to(torch.float32), w, None, stride, padding, dilation, index.groups)
     return _finish(out, bias, x.dtype, (1, -1, 1, 1))
 
@@ -131,11 +157,13 @@ def sparse_conv2d_t(
     stride: tuple[int, int] = (1, 1),
     padding: tuple[int, int] = (0, 0),
     dilation: tuple[int, int] = (1, 1),
+    *,
+    regen: Regen | None = None,
 ) -> Tensor:
     """Gradient of :func:`sparse_conv2d` with respect to its input ``[B, C, H, W]``."""
     fn = "sparse_conv2d_t()"
     dy = _check_input(fn, "dy", dy, 4, 1, index.rows)
-    w = _conv_weight(values, bits, index, dy.dtype, kernel_size)
+    w = _conv_weight(values, bits, index, dy.dtype, kernel_size, regen)
     size = (dy.shape[0], index.cols * index.groups, *input_hw)
     dx = torch.nn.grad.conv2d_input(
         size, w, dy.to(torch.float32), stride, padding, dilation, index.groups

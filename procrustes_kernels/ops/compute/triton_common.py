@@ -13,6 +13,12 @@ the columns). :func:`tile_at` then loads the tile at kernel position ``k`` and a
 indices by the bits it consumed; walking ``k = 0 .. KS-1`` in order visits the tracked elements in
 storage order. The same decode serves ``W`` (forward) and ``W^T`` (backward data): the caller only
 transposes the loaded tile.
+
+:func:`regen_tile_at` is :func:`tile_at` for a weight whose untracked elements are not zeros but
+``scale * w0[f]`` (:class:`~..contract.Regen`): it regenerates them in the tile load, from the seed
+and the flat index ``f`` (``w0[f] = (2 * tl.rand(seed, f) - 1) * bound``, float32, rounded to the
+values' dtype after the product with ``scale``: what ``materialize`` writes), so the dense weight
+is never stored anywhere, not even a tile of it in global memory.
 """
 
 from __future__ import annotations
@@ -22,14 +28,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..contract import COMPUTE_DTYPES
-from ..triton_util import is_pow2_at_least, nonempty
+from ..contract import COMPUTE_DTYPES, Regen
+from ..triton_util import f32, is_pow2_at_least, nonempty, round_to
 from .index import TileIndex
 
 __all__ = [
     "tile_start",
     "tile_at",
     "tile_bits",
+    "regen_tile_at",
+    "regen_args",
     "allows_tf32",
     "INPUT_DTYPES",
     "check_index_tiles",
@@ -100,6 +108,22 @@ def tile_at(values_ptr, bits_ptr, index, n, c, k, valid, KROW, KS):
     return w, index + bit
 
 
+@triton.jit
+def regen_tile_at(values_ptr, bits_ptr, index, n, c, k, valid, KROW, KS, seed, bound, scale):
+    """:func:`tile_at` with every untracked element regenerated: ``scale * w0[f]`` (``scale`` and
+    ``bound`` float32 scalars), rounded to the values' dtype; 0 where not ``valid``."""
+    f = n.to(tl.int64)[:, None] * KROW + c.to(tl.int64)[None, :] * KS + k
+    byte = tl.load(bits_ptr + (f >> 3), mask=valid, other=0).to(tl.int32)
+    bit = (byte >> (f & 7).to(tl.int32)) & 1
+    tracked = bit != 0
+    vdt = values_ptr.dtype.element_ty
+    v = tl.load(values_ptr + index, mask=valid & tracked, other=0.0)
+    w0 = (2.0 * tl.rand(seed, f) - 1.0) * bound
+    init = round_to(w0 * scale, vdt)
+    w = tl.where(tracked, v, tl.where(valid, init, tl.zeros(init.shape, vdt)))
+    return w, index + bit
+
+
 # ------------------------------------------------------------------------- host-side argument checks
 
 INPUT_DTYPES = COMPUTE_DTYPES
@@ -154,3 +178,21 @@ def check_storage(
                 f"{fn}: expected {name} on {input_name}'s device {device}, got {t.device}"
             )
     return nonempty(values.reshape(-1).contiguous()), bits.contiguous()
+
+
+def regen_args(fn: str, regen: object, device: torch.device) -> tuple[Tensor | None, int, float]:
+    """``(scale, seed, bound)`` of a launch from ``regen`` (a :class:`Regen` or None; scale a
+    1-element float32 tensor on ``device``, or None without ``regen``)."""
+    if regen is None:
+        return None, 0, 0.0
+    if not isinstance(regen, Regen):
+        raise TypeError(f"{fn}: expected regen to be a Regen or None, got {type(regen).__name__}")
+    scale = regen.scale
+    if not isinstance(scale, Tensor) or scale.numel() != 1 or not scale.is_floating_point():
+        raise ValueError(f"{fn}: expected regen.scale to be a 1-element float tensor, got {scale!r:.80}")
+    if scale.device != device:
+        raise ValueError(f"{fn}: expected regen.scale on the input's device {device}, got {scale.device}")
+    seed = regen.seed
+    if not isinstance(seed, int) or isinstance(seed, bool) or not -(2**63) <= seed < 2**64:
+        raise ValueError(f"{fn}: expected regen.seed an int in [-2**63, 2**64), got {seed!r}")
+    return scale.to(torch.float32).reshape(1).contiguous(), seed, f32(regen.bound)

@@ -79,6 +79,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import triton_util as tu
+from ..contract import Regen
 from ..triton_util import check_device, check_launch, default_block, nonempty, round_to
 from .index import Schedule, TileIndex, build_schedule
 from .triton_common import (
@@ -87,6 +88,8 @@ from .triton_common import (
     allows_tf32,
     check_index_tiles,
     check_storage,
+    regen_args,
+    regen_tile_at,
     tile_at,
     tile_start,
 )
@@ -121,14 +124,22 @@ def _weight_tile(
     N,
     K,
     TILES_C,
+    seed,
+    bound,
+    scale,
     W_DT: tl.constexpr,
     DOT_F32: tl.constexpr,
+    HAS_INIT: tl.constexpr,
 ):
-    """The weights ``W[n, c]`` of one tile (``[BLOCK_N, BLOCK_C]``, 0 where untracked or out of
-    range), rounded to ``W_DT`` (the input's dtype), then to float32 with ``DOT_F32``."""
+    """The weights ``W[n, c]`` of one tile (``[BLOCK_N, BLOCK_C]``, 0 where out of range; where
+    untracked 0, or with ``HAS_INIT`` ``scale * w0`` regenerated here), rounded to ``W_DT`` (the
+    input's dtype), then to float32 with ``DOT_F32``."""
     valid = (n < N)[:, None] & (c < K)[None, :]
     idx = tile_start(bits_ptr, row_off_ptr, n, c, ct, valid, K, 1, TILES_C)
-    w, _ = tile_at(values_ptr, bits_ptr, idx, n, c, 0, valid, K, 1)
+    if HAS_INIT:
+        w, _ = regen_tile_at(values_ptr, bits_ptr, idx, n, c, 0, valid, K, 1, seed, bound, scale)
+    else:
+        w, _ = tile_at(values_ptr, bits_ptr, idx, n, c, 0, valid, K, 1)
     w = round_to(w, W_DT)
     if DOT_F32:
         w = w.to(tl.float32)
@@ -149,15 +160,26 @@ def _linear_step(
     N,
     K,
     TILES_C,
+    seed,
+    bound,
+    scale,
     X_DT: tl.constexpr,
     DOT_F32: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_INIT: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """``acc + x[:, tile] @ w^T`` for the ``i``-th non-empty tile (column tile ``row_tiles[i]``)."""
-    ct = tl.load(row_tiles_ptr + i)
+    """``acc + x[:, tile] @ w^T`` for the ``i``-th non-empty tile (column tile ``row_tiles[i]``),
+    or with ``HAS_INIT`` column tile ``i``."""
+    if HAS_INIT:
+        ct = i
+    else:
+        ct = tl.load(row_tiles_ptr + i)
     c = ct * BLOCK_C + tl.arange(0, BLOCK_C)
-    w = _weight_tile(values_ptr, bits_ptr, row_off_ptr, rn, c, ct, N, K, TILES_C, X_DT, DOT_F32)
+    w = _weight_tile(
+        values_ptr, bits_ptr, row_off_ptr, rn, c, ct, N, K, TILES_C, seed, bound, scale, X_DT,
+        DOT_F32, HAS_INIT,
+    )  # fmt: skip
     xt = tl.load(x_rows + c[None, :], mask=m_ok[:, None] & (c < K)[None, :], other=0.0)
     if DOT_F32:
         xt = xt.to(tl.float32)
@@ -181,9 +203,13 @@ def _linear_unit(
     K,
     m_tiles,
     TILES_C,
+    seed,
+    bound,
+    scale,
     PERSISTENT: tl.constexpr,
     WHILE_LOOPS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_INIT: tl.constexpr,
     DOT_F32: tl.constexpr,
     PRECISION: tl.constexpr,
     OFFS64: tl.constexpr,
@@ -191,8 +217,8 @@ def _linear_unit(
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """``Y[m-tile, row tile] = X[m-tile] W[row tile]^T + b`` over the row tile's non-empty tiles,
-    for unit ``sched_units[j]`` (``PERSISTENT``) or ``j``."""
+    """``Y[m-tile, row tile] = X[m-tile] W[row tile]^T + b`` over the row tile's non-empty tiles
+    (with ``HAS_INIT`` all of them), for unit ``sched_units[j]`` (``PERSISTENT``) or ``j``."""
     if PERSISTENT:
         unit = tl.load(sched_units_ptr + j)
     else:
@@ -211,21 +237,25 @@ def _linear_unit(
         y_rows = y_ptr + rm[:, None] * N
     x_dt = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    lo = tl.load(row_ptr_ptr + rt)
-    hi = tl.load(row_ptr_ptr + rt + 1)
+    if HAS_INIT:
+        lo = 0
+        hi = TILES_C
+    else:
+        lo = tl.load(row_ptr_ptr + rt)
+        hi = tl.load(row_ptr_ptr + rt + 1)
     if WHILE_LOOPS:
         i = lo
         while i < hi:
             acc = _linear_step(
                 i, acc, x_rows, m_ok, rn, values_ptr, bits_ptr, row_off_ptr, row_tiles_ptr, N, K,
-                TILES_C, x_dt, DOT_F32, PRECISION, BLOCK_C,
+                TILES_C, seed, bound, scale, x_dt, DOT_F32, PRECISION, HAS_INIT, BLOCK_C,
             )  # fmt: skip
             i += 1
     else:
         for i in range(lo, hi):
             acc = _linear_step(
                 i, acc, x_rows, m_ok, rn, values_ptr, bits_ptr, row_off_ptr, row_tiles_ptr, N, K,
-                TILES_C, x_dt, DOT_F32, PRECISION, BLOCK_C,
+                TILES_C, seed, bound, scale, x_dt, DOT_F32, PRECISION, HAS_INIT, BLOCK_C,
             )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -248,15 +278,26 @@ def _linear_t_step(
     N,
     K,
     TILES_C,
+    seed,
+    bound,
+    scale,
     DY_DT: tl.constexpr,
     DOT_F32: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_INIT: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """``acc + dy[:, tile] @ w`` for the ``i``-th non-empty tile (row tile ``col_tiles[i]``)."""
-    t = tl.load(col_tiles_ptr + i)
+    """``acc + dy[:, tile] @ w`` for the ``i``-th non-empty tile (row tile ``col_tiles[i]``), or
+    with ``HAS_INIT`` row tile ``i``."""
+    if HAS_INIT:
+        t = i
+    else:
+        t = tl.load(col_tiles_ptr + i)
     rn = t * BLOCK_N + tl.arange(0, BLOCK_N)
-    w = _weight_tile(values_ptr, bits_ptr, row_off_ptr, rn, c, ct, N, K, TILES_C, DY_DT, DOT_F32)
+    w = _weight_tile(
+        values_ptr, bits_ptr, row_off_ptr, rn, c, ct, N, K, TILES_C, seed, bound, scale, DY_DT,
+        DOT_F32, HAS_INIT,
+    )  # fmt: skip
     dyt = tl.load(dy_rows + rn[None, :], mask=m_ok[:, None] & (rn < N)[None, :], other=0.0)
     if DOT_F32:
         dyt = dyt.to(tl.float32)
@@ -279,8 +320,13 @@ def _linear_t_unit(
     K,
     m_tiles,
     TILES_C,
+    TILES_N,
+    seed,
+    bound,
+    scale,
     PERSISTENT: tl.constexpr,
     WHILE_LOOPS: tl.constexpr,
+    HAS_INIT: tl.constexpr,
     DOT_F32: tl.constexpr,
     PRECISION: tl.constexpr,
     OFFS64: tl.constexpr,
@@ -289,7 +335,8 @@ def _linear_t_unit(
     BLOCK_C: tl.constexpr,
 ):
     """``dX[m-tile, column tile] = dY[m-tile] W[:, column tile]`` over the column tile's non-empty
-    row tiles, for unit ``sched_units[j]`` (``PERSISTENT``) or ``j``."""
+    row tiles (with ``HAS_INIT`` all of them), for unit ``sched_units[j]`` (``PERSISTENT``) or
+    ``j``."""
     if PERSISTENT:
         unit = tl.load(sched_units_ptr + j)
     else:
@@ -308,21 +355,25 @@ def _linear_t_unit(
         dx_rows = dx_ptr + rm[:, None] * K
     dy_dt = dy_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    lo = tl.load(col_ptr_ptr + ct)
-    hi = tl.load(col_ptr_ptr + ct + 1)
+    if HAS_INIT:
+        lo = 0
+        hi = TILES_N
+    else:
+        lo = tl.load(col_ptr_ptr + ct)
+        hi = tl.load(col_ptr_ptr + ct + 1)
     if WHILE_LOOPS:
         i = lo
         while i < hi:
             acc = _linear_t_step(
                 i, acc, dy_rows, m_ok, c, ct, values_ptr, bits_ptr, row_off_ptr, col_tiles_ptr, N,
-                K, TILES_C, dy_dt, DOT_F32, PRECISION, BLOCK_N,
+                K, TILES_C, seed, bound, scale, dy_dt, DOT_F32, PRECISION, HAS_INIT, BLOCK_N,
             )  # fmt: skip
             i += 1
     else:
         for i in range(lo, hi):
             acc = _linear_t_step(
                 i, acc, dy_rows, m_ok, c, ct, values_ptr, bits_ptr, row_off_ptr, col_tiles_ptr, N,
-                K, TILES_C, dy_dt, DOT_F32, PRECISION, BLOCK_N,
+                K, TILES_C, seed, bound, scale, dy_dt, DOT_F32, PRECISION, HAS_INIT, BLOCK_N,
             )  # fmt: skip
     out = round_to(acc, dx_ptr.dtype.element_ty)
     tl.store(dx_rows + c[None, :], out, mask=m_ok[:, None] & c_ok[None, :])
@@ -346,6 +397,19 @@ def _units(sched_ptr_ptr, PERSISTENT: tl.constexpr):
 
 
 @triton.jit
+def _regen_constants(seed, bound, scale_ptr, HAS_INIT: tl.constexpr):
+    """``(seed, bound, scale)`` for the tile loads: float32 scalars, read once per program (the
+    scale from the device); unused zeros without ``HAS_INIT``."""
+    if HAS_INIT:
+        scale = tl.load(scale_ptr).to(tl.float32)
+        bnd = tl.cast(bound, tl.float32)
+    else:
+        scale = 0.0
+        bnd = 0.0
+    return seed, bnd, scale
+
+
+@triton.jit
 def _linear_kernel(
     y_ptr,
     x_ptr,
@@ -357,14 +421,18 @@ def _linear_kernel(
     bias_ptr,
     sched_ptr_ptr,
     sched_units_ptr,
+    scale_ptr,
     M,
     N,
     K,
     m_tiles,
     TILES_C,
+    seed,
+    bound,
     PERSISTENT: tl.constexpr,
     WHILE_LOOPS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_INIT: tl.constexpr,
     DOT_F32: tl.constexpr,
     PRECISION: tl.constexpr,
     OFFS64: tl.constexpr,
@@ -373,23 +441,28 @@ def _linear_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """Forward units: program ``pid`` runs unit ``pid`` (grid), or with ``PERSISTENT`` the units
-    ``sched_units[sched_ptr[pid]:sched_ptr[pid + 1]]`` in order."""
+    ``sched_units[sched_ptr[pid]:sched_ptr[pid + 1]]`` in order. With ``HAS_INIT`` the untracked
+    weights are ``scale * w0`` (``scale_ptr``, ``seed``, ``bound``), regenerated in the tile
+    loads, and every tile is visited."""
     lo, hi = _units(sched_ptr_ptr, PERSISTENT)
+    seed, bound, scale = _regen_constants(seed, bound, scale_ptr, HAS_INIT)
     if WHILE_LOOPS:
         j = lo
         while j < hi:
             _linear_unit(
                 j, sched_units_ptr, y_ptr, x_ptr, values_ptr, bits_ptr, row_off_ptr, row_ptr_ptr,
-                row_tiles_ptr, bias_ptr, M, N, K, m_tiles, TILES_C, PERSISTENT, WHILE_LOOPS,
-                HAS_BIAS, DOT_F32, PRECISION, OFFS64, BLOCK_M, BLOCK_N, BLOCK_C,
+                row_tiles_ptr, bias_ptr, M, N, K, m_tiles, TILES_C, seed, bound, scale,
+                PERSISTENT, WHILE_LOOPS, HAS_BIAS, HAS_INIT, DOT_F32, PRECISION, OFFS64, BLOCK_M,
+                BLOCK_N, BLOCK_C,
             )  # fmt: skip
             j += 1
     else:
         for j in range(lo, hi):
             _linear_unit(
                 j, sched_units_ptr, y_ptr, x_ptr, values_ptr, bits_ptr, row_off_ptr, row_ptr_ptr,
-                row_tiles_ptr, bias_ptr, M, N, K, m_tiles, TILES_C, PERSISTENT, WHILE_LOOPS,
-                HAS_BIAS, DOT_F32, PRECISION, OFFS64, BLOCK_M, BLOCK_N, BLOCK_C,
+                row_tiles_ptr, bias_ptr, M, N, K, m_tiles, TILES_C, seed, bound, scale,
+                PERSISTENT, WHILE_LOOPS, HAS_BIAS, HAS_INIT, DOT_F32, PRECISION, OFFS64, BLOCK_M,
+                BLOCK_N, BLOCK_C,
             )  # fmt: skip
 
 
@@ -404,13 +477,18 @@ def _linear_t_kernel(
     col_tiles_ptr,
     sched_ptr_ptr,
     sched_units_ptr,
+    scale_ptr,
     M,
     N,
     K,
     m_tiles,
     TILES_C,
+    TILES_N,
+    seed,
+    bound,
     PERSISTENT: tl.constexpr,
     WHILE_LOOPS: tl.constexpr,
+    HAS_INIT: tl.constexpr,
     DOT_F32: tl.constexpr,
     PRECISION: tl.constexpr,
     OFFS64: tl.constexpr,
@@ -418,23 +496,24 @@ def _linear_t_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Backward-data units, scheduled as in :func:`_linear_kernel`."""
+    """Backward-data units, scheduled and regenerating as in :func:`_linear_kernel`."""
     lo, hi = _units(sched_ptr_ptr, PERSISTENT)
+    seed, bound, scale = _regen_constants(seed, bound, scale_ptr, HAS_INIT)
     if WHILE_LOOPS:
         j = lo
         while j < hi:
             _linear_t_unit(
                 j, sched_units_ptr, dx_ptr, dy_ptr, values_ptr, bits_ptr, row_off_ptr, col_ptr_ptr,
-                col_tiles_ptr, M, N, K, m_tiles, TILES_C, PERSISTENT, WHILE_LOOPS, DOT_F32,
-                PRECISION, OFFS64, BLOCK_M, BLOCK_N, BLOCK_C,
+                col_tiles_ptr, M, N, K, m_tiles, TILES_C, TILES_N, seed, bound, scale, PERSISTENT,
+                WHILE_LOOPS, HAS_INIT, DOT_F32, PRECISION, OFFS64, BLOCK_M, BLOCK_N, BLOCK_C,
             )  # fmt: skip
             j += 1
     else:
         for j in range(lo, hi):
             _linear_t_unit(
                 j, sched_units_ptr, dx_ptr, dy_ptr, values_ptr, bits_ptr, row_off_ptr, col_ptr_ptr,
-                col_tiles_ptr, M, N, K, m_tiles, TILES_C, PERSISTENT, WHILE_LOOPS, DOT_F32,
-                PRECISION, OFFS64, BLOCK_M, BLOCK_N, BLOCK_C,
+                col_tiles_ptr, M, N, K, m_tiles, TILES_C, TILES_N, seed, bound, scale, PERSISTENT,
+                WHILE_LOOPS, HAS_INIT, DOT_F32, PRECISION, OFFS64, BLOCK_M, BLOCK_N, BLOCK_C,
             )  # fmt: skip
 
 
@@ -453,16 +532,18 @@ def clear_schedule_cache() -> None:
 
 
 def _schedule(
-    index: TileIndex, backward: bool, m_tiles: int, programs: int, balanced: bool
+    index: TileIndex, backward: bool, m_tiles: int, programs: int, balanced: bool, every: bool
 ) -> Schedule:
     """The cached :func:`build_schedule` of ``index``'s forward (row tile) or backward (column
-    tile) work."""
-    key = (id(index), backward, m_tiles, programs, balanced)
+    tile) work: its non-empty tiles, or with ``every`` all of them (the regenerating kernels)."""
+    key = (id(index), backward, m_tiles, programs, balanced, every)
     hit = _SCHEDULES.get(key)
     if hit is not None and hit[0]() is index:
         _SCHEDULES.move_to_end(key)
         return hit[1]
     work = index.col_tile_work() if backward else index.row_tile_work()
+    if every:
+        work = torch.full_like(work, index.tiles_n if backward else index.tiles_c)
     sched = build_schedule(work, m_tiles, programs, balanced=balanced)
     _SCHEDULES[key] = (weakref.ref(index), sched)
     _SCHEDULES.move_to_end(key)
@@ -545,11 +626,17 @@ def _dot_config(dtype: torch.dtype) -> tuple[bool, str]:
 
 
 def _grid_and_schedule(
-    index: TileIndex, backward: bool, tiles: int, m_tiles: int, schedule: str, programs: int
+    index: TileIndex,
+    backward: bool,
+    tiles: int,
+    m_tiles: int,
+    schedule: str,
+    programs: int,
+    every: bool,
 ) -> tuple[tuple[int], Tensor | None, Tensor | None]:
     if schedule == "grid":
         return (tiles * m_tiles,), None, None
-    sched = _schedule(index, backward, m_tiles, programs, schedule == "balanced")
+    sched = _schedule(index, backward, m_tiles, programs, schedule == "balanced", every)
     return (sched.programs,), sched.ptr, sched.units
 
 
@@ -560,6 +647,7 @@ def sparse_linear(
     index: TileIndex,
     bias: Tensor | None = None,
     *,
+    regen: Regen | None = None,
     schedule: str = "balanced",
     block_m: int | None = None,
     num_warps: int | None = None,
@@ -576,12 +664,16 @@ def sparse_linear(
         index: the weight's :class:`TileIndex` (``ksize == 1``, ``groups == 1``, ``block_n`` and
             ``block_c`` powers of two >= 16).
         bias: optional ``[index.rows]``, added in float32.
+        regen: None (untracked weights are zeros: the tiles without a tracked weight are
+            skipped) or a :class:`~..contract.Regen`: untracked weights are ``scale * w0``,
+            regenerated in every tile load, and every tile is visited.
         schedule: ``"grid"``, ``"balanced"`` or ``"unbalanced"`` (module docstring).
         block_m, num_warps, num_stages, programs: launch overrides (module docstring).
     """
     fn = "sparse_linear()"
     x, values, bits = _check_args(fn, "x", x, "cols", values, bits, index)
     device = x.device
+    scale, seed, bound = regen_args(fn, regen, device)
     m, n, k = x.shape[0], index.rows, index.cols
     if bias is not None:
         if not isinstance(bias, Tensor):
@@ -602,7 +694,7 @@ def sparse_linear(
         return y
     m_tiles = triton.cdiv(m, block_m)
     grid, sched_ptr, sched_units = _grid_and_schedule(
-        index, False, index.tiles_n, m_tiles, schedule, programs
+        index, False, index.tiles_n, m_tiles, schedule, programs, scale is not None
     )
     dot_f32, precision = _dot_config(x.dtype)
     dummy = index.row_ptr
@@ -617,14 +709,18 @@ def sparse_linear(
         x if bias is None else bias.contiguous(),
         dummy if sched_ptr is None else sched_ptr,
         dummy if sched_units is None else sched_units,
+        x if scale is None else scale,
         m,
         n,
         k,
         m_tiles,
         index.tiles_c,
+        seed,
+        bound,
         PERSISTENT=sched_ptr is not None,
         WHILE_LOOPS=_WHILE_LOOPS,
         HAS_BIAS=bias is not None,
+        HAS_INIT=scale is not None,
         DOT_F32=dot_f32,
         PRECISION=precision,
         OFFS64=tu.needs_offs64(m * k, m * n),
@@ -644,6 +740,7 @@ def sparse_linear_t(
     bits: Tensor,
     index: TileIndex,
     *,
+    regen: Regen | None = None,
     schedule: str = "balanced",
     block_m: int | None = None,
     num_warps: int | None = None,
@@ -656,6 +753,7 @@ def sparse_linear_t(
     fn = "sparse_linear_t()"
     dy, values, bits = _check_args(fn, "dy", dy, "rows", values, bits, index)
     device = dy.device
+    scale, seed, bound = regen_args(fn, regen, device)
     m, n, k = dy.shape[0], index.rows, index.cols
     block_m, num_warps, num_stages, programs = _launch_config(
         fn, m, index.block_c, device, schedule, block_m, num_warps, num_stages, programs
@@ -665,7 +763,7 @@ def sparse_linear_t(
         return dx
     m_tiles = triton.cdiv(m, block_m)
     grid, sched_ptr, sched_units = _grid_and_schedule(
-        index, True, index.tiles_c, m_tiles, schedule, programs
+        index, True, index.tiles_c, m_tiles, schedule, programs, scale is not None
     )
     dot_f32, precision = _dot_config(dy.dtype)
     dummy = index.col_ptr
@@ -679,13 +777,18 @@ def sparse_linear_t(
         nonempty(index.col_tiles),
         dummy if sched_ptr is None else sched_ptr,
         dummy if sched_units is None else sched_units,
+        dy if scale is None else scale,
         m,
         n,
         k,
         m_tiles,
         index.tiles_c,
+        index.tiles_n,
+        seed,
+        bound,
         PERSISTENT=sched_ptr is not None,
         WHILE_LOOPS=_WHILE_LOOPS,
+        HAS_INIT=scale is not None,
         DOT_F32=dot_f32,
         PRECISION=precision,
         OFFS64=tu.needs_offs64(m * k, m * n),
