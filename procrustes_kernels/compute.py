@@ -5,10 +5,15 @@ Two paths give the same function:
 * ``"dense"`` (materialise): write the effective weight, call ``F.linear`` / ``F.conv2d`` (cuBLAS /
   cuDNN). Always valid.
 * ``"sparse"``: compute the forward pass and the input gradient directly from the compressed
-  storage (:mod:`procrustes_kernels.ops.compute`), skipping weight tiles with no tracked weight.
-  Valid only when every untracked weight is exactly zero (``weight.scale_value == 0``: Procrustes after its
-  decay), and for float32 / float16 / bfloat16. The weight gradient stays a dense GEMM
-  (``dY^T X`` / cuDNN's weight gradient): the optimizer needs the gradient of every weight.
+  storage (:mod:`procrustes_kernels.ops.compute`), skipping weight tiles with no tracked weight,
+  for float32 / float16 / bfloat16. Where every untracked weight is exactly zero
+  (``weight.scale_value == 0``: Procrustes after its decay) every backend has these kernels.
+  Otherwise (DropBack, Procrustes before its decay) the untracked weights are ``scale * w0`` and
+  only the Triton kernels (and the reference that defines them) compute with them: they
+  regenerate each one from the seed inside the weight-tile load, visit every tile, and so never
+  write any part of the dense weight to memory; the C++ kernels read tracked weights only, and
+  ``"sparse"`` raises there. The weight gradient stays a dense GEMM (``dY^T X`` / cuDNN's
+  weight gradient) on steps that reselect the tracked set.
 
 A budgeted weight's ``compute`` attribute (also reachable as ``SparseLinear.compute``) picks one: ``"dense"``, ``"sparse"`` (raises when the sparse path is
 not valid) or ``"auto"`` (default), which takes the sparse kernels when they are valid, the Triton
@@ -16,7 +21,10 @@ kernels run (CUDA), the layer is large enough and few enough tiles hold tracked 
 (:data:`AUTO_MAX_TILE_DENSITY`, :data:`AUTO_MIN_WEIGHTS`), or, on the CPU with the C++ kernels
 (float32), the layer has at least :data:`AUTO_MIN_WEIGHTS_CPU` weights and few enough of them are
 tracked (:data:`AUTO_MAX_DENSITY_CPU`); the choice is made per weight and
-call (so per step), and ``weight.last_path`` records it. The autograd functions of both paths live
+call (so per step), and ``weight.last_path`` records it. ``"auto"`` never takes the regenerating
+kernels: a unit of ``BLOCK_M`` input rows regenerates every weight it reads (a Philox draw per
+weight per unit), where the materialise path draws each weight once per panel and hands the
+product to cuBLAS; they are for when memory, not time, is the limit (not timed on a GPU yet). The autograd functions of both paths live
 in :mod:`procrustes_kernels.functional`.
 """
 
@@ -27,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .ops import backend_for
+from .ops.dispatch import regenerates
 from .ops.compute.index import TileIndex, cached_tile_index
 from .ops.contract import COMPUTE_DTYPES
 
@@ -118,20 +127,23 @@ def choose_path(weight: BudgetedWeight, x: torch.Tensor, where: str) -> str:
         return "dense"
     scale = weight.scale_value
     dtype = input_dtype(x)
-    valid = scale == 0.0 and dtype in SPARSE_DTYPES and weight.values.dtype in SPARSE_DTYPES
+    dtypes_ok = dtype in SPARSE_DTYPES and weight.values.dtype in SPARSE_DTYPES
+    valid = scale == 0.0 and dtypes_ok
+    backend = backend_for(x.device)
     if mode == "sparse":
-        if scale != 0.0:
+        if scale != 0.0 and not regenerates(backend):
             raise ValueError(
-                f"{where}: compute='sparse' expects untracked weights to be exact zeros "
-                f"(weight scale 0), got scale {scale:.6g}; use compute='auto' or 'dense'"
+                f"{where}: compute='sparse' on the {backend} backend expects untracked weights "
+                f"to be exact zeros (weight scale 0), got scale {scale:.6g}: its kernels read "
+                "the tracked weights only (the Triton kernels regenerate the others); use "
+                "compute='auto' or 'dense', which regenerate the weight a panel at a time"
             )
-        if not valid:
+        if not dtypes_ok:
             raise TypeError(
                 f"{where}: compute='sparse' expects float32, float16 or bfloat16 "
                 f"input and weights, got {dtype} / {weight.values.dtype}"
             )
         return "sparse"
-    backend = backend_for(x.device)
     min_weights = AUTO_MIN_WEIGHTS_CPU if backend == "cpp" else AUTO_MIN_WEIGHTS
     if not valid or backend not in ("triton", "cpp") or weight.weight_numel < min_weights:
         return "dense"

@@ -12,8 +12,10 @@ materialised effective weight. Both paths leave the dense gradient of the effect
   :class:`_EffectiveWeight` (its backward passes the gradient through unchanged), then the nn op
   runs (cuBLAS / cuDNN);
 * sparse kernels (``"sparse"``): :class:`_SparseLinearFn` / :class:`_SparseConv2dFn` compute the
-  output and the input gradient from the compressed weight; the weight gradient stays a dense GEMM
-  (``dY^T X`` / cuDNN's weight gradient), since the optimizer scores every weight.
+  output and the input gradient from the compressed weight (where its untracked weights are
+  ``scale * w0``, the Triton kernels regenerate them in their tile loads: ``weight.regen()``);
+  the weight gradient stays a dense GEMM (``dY^T X`` / cuDNN's weight gradient), since the
+  optimizer scores every weight.
 
 :func:`procrustes_kernels.compute.choose_path` picks the path per call and records it in
 ``weight.last_path``.
@@ -31,6 +33,7 @@ from torch.nn.modules.utils import _pair
 
 from . import ops, panels
 from .compute import SPARSE_DTYPES, autocast_on, choose_path, input_dtype
+from .ops.contract import Regen
 
 __all__ = ["linear", "conv2d"]
 
@@ -84,6 +87,20 @@ def _geometry(weight: Any) -> tuple[int, ...]:
     return (*weight.geometry, *weight.compute_tile)
 
 
+def _save(ctx: Any, regen: Regen | None, *tensors: Tensor) -> None:
+    """Save ``tensors`` for backward, and the regeneration constants of the sparse kernels (the
+    decay factor as a saved tensor, so that compiled graphs see it)."""
+    ctx.save_for_backward(*tensors, *(() if regen is None else (regen.scale,)))
+    ctx.regen_consts = None if regen is None else (regen.seed, regen.bound)
+
+
+def _saved(ctx: Any) -> tuple[tuple[Tensor, ...], Regen | None]:
+    saved = ctx.saved_tensors
+    if ctx.regen_consts is None:
+        return saved, None
+    return saved[:-1], Regen(saved[-1], *ctx.regen_consts)
+
+
 class _SparseLinearFn(torch.autograd.Function):
     """``x @ W^T + b`` and the input gradient from the compressed weight (``pan`` None: the sparse
     kernels) or its dense effective weight regenerated a panel at a time (``pan``, a
@@ -94,12 +111,13 @@ class _SparseLinearFn(torch.autograd.Function):
     def forward(ctx, x2d, weight, bias, pan):  # type: ignore[override]
         vals, bits, geo = weight.values, weight.bits, _geometry(weight)
         b = None if bias is None else bias.detach()
+        regen = weight.regen() if pan is None else None
         with _no_autocast(x2d):
             if pan is None:
-                out = ops.sparse_linear(x2d, vals, bits, b, geo)
+                out = ops.sparse_linear(x2d, vals, bits, b, geo, regen)
             else:
                 out = panels.linear(x2d, pan, b)
-        ctx.save_for_backward(x2d, vals, bits)
+        _save(ctx, regen, x2d, vals, bits)
         ctx.geo, ctx.pan, ctx.weight_dtype = geo, pan, vals.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
@@ -107,13 +125,13 @@ class _SparseLinearFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):  # type: ignore[override]
-        x2d, vals, bits = ctx.saved_tensors
+        (x2d, vals, bits), regen = _saved(ctx)
         dy = dy.contiguous()
         dx = dw = dbias = None
         with _no_autocast(dy):
             if ctx.needs_input_grad[0]:
                 if ctx.pan is None:
-                    dx = ops.sparse_linear_t(dy, vals, bits, ctx.geo)
+                    dx = ops.sparse_linear_t(dy, vals, bits, ctx.geo, regen)
                 else:
                     dx = panels.linear_t(dy, ctx.pan)
             if ctx.needs_input_grad[1]:
@@ -132,12 +150,13 @@ class _SparseConv2dFn(torch.autograd.Function):
         vals, bits, geo = weight.values, weight.bits, _geometry(weight)
         _, stride, padding, dilation = conv
         b = None if bias is None else bias.detach()
+        regen = weight.regen() if pan is None else None
         with _no_autocast(x):
             if pan is None:
-                out = ops.sparse_conv2d(x, vals, bits, b, geo, conv)
+                out = ops.sparse_conv2d(x, vals, bits, b, geo, conv, regen)
             else:
                 out = panels.conv2d(x, pan, b, stride, padding, dilation, groups)
-        ctx.save_for_backward(x, vals, bits)
+        _save(ctx, regen, x, vals, bits)
         ctx.geo, ctx.conv, ctx.groups, ctx.pan = geo, conv, groups, pan
         ctx.weight_shape, ctx.weight_dtype = tuple(weight._shape), vals.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -146,14 +165,15 @@ class _SparseConv2dFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):  # type: ignore[override]
-        x, vals, bits = ctx.saved_tensors
+        (x, vals, bits), regen = _saved(ctx)
         _, stride, padding, dilation = ctx.conv
         dy = dy.contiguous()
         dx = dw = dbias = None
         with _no_autocast(dy):
             if ctx.needs_input_grad[0]:
                 if ctx.pan is None:
-                    dx = ops.sparse_conv2d_t(dy, vals, bits, ctx.geo, tuple(x.shape[-2:]), ctx.conv)
+                    hw = tuple(x.shape[-2:])
+                    dx = ops.sparse_conv2d_t(dy, vals, bits, ctx.geo, hw, ctx.conv, regen)
                 else:
                     dx = panels.conv2d_input(
                         x.shape, dy, ctx.pan, stride, padding, dilation, ctx.groups
@@ -193,14 +213,15 @@ class _SampledLinearFn(torch.autograd.Function):
     def forward(ctx, x2d, weight, bias, sparse):  # type: ignore[override]
         vals, bits, geo = weight.values, weight.bits, _geometry(weight)
         b = None if bias is None else bias.detach()
+        regen = weight.regen() if sparse else None
         with _no_autocast(x2d):
             if sparse:
-                out = ops.sparse_linear(x2d, vals, bits, b, geo)
+                out = ops.sparse_linear(x2d, vals, bits, b, geo, regen)
                 ctx.panels = None
             else:
                 ctx.panels = panels.Panels(weight, x2d.dtype)
                 out = panels.linear(x2d, ctx.panels, None if b is None else b.to(x2d.dtype))
-        ctx.save_for_backward(x2d, vals, bits)
+        _save(ctx, regen, x2d, vals, bits)
         ctx.geo, ctx.sparse, ctx.shape = geo, sparse, tuple(weight._shape)
         ctx.weight_dtype = vals.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -209,19 +230,19 @@ class _SampledLinearFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):  # type: ignore[override]
-        x2d, vals, bits = ctx.saved_tensors
+        (x2d, vals, bits), regen = _saved(ctx)
         dy = dy.contiguous()
         dx = dw = dbias = None
         with _no_autocast(dy):
             if ctx.needs_input_grad[1] and ctx.sparse:
                 dx, g = ops.library.sampled_linear_backward(
-                    x2d, dy, vals, bits, ctx.geo, ctx.needs_input_grad[0]
+                    x2d, dy, vals, bits, ctx.geo, ctx.needs_input_grad[0], regen
                 )
                 dw = _tracked_grad(g, ctx.weight_dtype, bits, ctx.shape)
             else:
                 if ctx.needs_input_grad[0]:
                     if ctx.sparse:
-                        dx = ops.sparse_linear_t(dy, vals, bits, ctx.geo)
+                        dx = ops.sparse_linear_t(dy, vals, bits, ctx.geo, regen)
                     else:
                         dx = panels.linear_t(dy, ctx.panels)
                 if ctx.needs_input_grad[1]:
@@ -241,15 +262,16 @@ class _SampledConv2dFn(torch.autograd.Function):
         vals, bits, geo = weight.values, weight.bits, _geometry(weight)
         b = None if bias is None else bias.detach()
         _, stride, padding, dilation = conv
+        regen = weight.regen() if sparse else None
         with _no_autocast(x):
             if sparse:
-                out = ops.sparse_conv2d(x, vals, bits, b, geo, conv)
+                out = ops.sparse_conv2d(x, vals, bits, b, geo, conv, regen)
                 ctx.panels = None
             else:
                 ctx.panels = panels.Panels(weight, x.dtype)
                 b = None if b is None else b.to(x.dtype)
                 out = panels.conv2d(x, ctx.panels, b, stride, padding, dilation, groups)
-        ctx.save_for_backward(x, vals, bits)
+        _save(ctx, regen, x, vals, bits)
         ctx.geo, ctx.conv, ctx.groups, ctx.sparse = geo, conv, groups, sparse
         ctx.shape, ctx.weight_dtype = tuple(weight._shape), vals.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -258,14 +280,15 @@ class _SampledConv2dFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):  # type: ignore[override]
-        x, vals, bits = ctx.saved_tensors
+        (x, vals, bits), regen = _saved(ctx)
         _, stride, padding, dilation = ctx.conv
         dy = dy.contiguous()
         dx = dw = dbias = None
         with _no_autocast(dy):
             if ctx.needs_input_grad[0]:
                 if ctx.sparse:
-                    dx = ops.sparse_conv2d_t(dy, vals, bits, ctx.geo, tuple(x.shape[-2:]), ctx.conv)
+                    hw = tuple(x.shape[-2:])
+                    dx = ops.sparse_conv2d_t(dy, vals, bits, ctx.geo, hw, ctx.conv, regen)
                 else:
                     dx = panels.conv2d_input(
                         x.shape, dy, ctx.panels, stride, padding, dilation, ctx.groups

@@ -39,6 +39,7 @@ from torch.utils._pytree import tree_map
 
 from . import ops as _ops
 from .compute import DEFAULT_COMPUTE_TILE, check_compute, check_compute_tile
+from .ops.contract import Regen
 from .philox import init_bound, init_values
 from .storage import GROUP_SIZE, BlockStorage
 
@@ -374,6 +375,14 @@ class BudgetedWeight(Tensor):
             self.weight_numel,
             self._scale_value != 0.0,
         )
+
+    def regen(self) -> Regen | None:
+        """How kernels regenerate the untracked weights inside their tile loads (a
+        :class:`~procrustes_kernels.ops.contract.Regen`), or None where they are exact zeros
+        (decay factor 0)."""
+        if self._scale_value == 0.0:
+            return None
+        return Regen(self.scale, self.seed, self.bound)
 
     def initial_values(self) -> Tensor:
         """``w0`` regenerated from the seed: float32, shaped like the dense weight."""

@@ -11,8 +11,9 @@ By default CUDA tensors go to Triton and CPU tensors to C++, each when available
 reference. ``PROCRUSTES_BACKEND=<name>`` in the environment, :func:`set_backend` or the
 :func:`use_backend` context manager force one (tests and benchmarks do). :func:`kernel` returns the
 chosen backend's implementation of an op, or the reference's where that backend has no such op or
-does not take the dtypes at hand (a backend module may define ``accepts(dtypes) -> bool``): callers
-never ask which backend lacks what. Nothing here initialises CUDA or imports Triton until an op
+does not take the dtypes at hand (a backend module may define ``accepts(dtypes) -> bool``), or,
+for a compute op asked to regenerate the untracked weights (``regen``), where the module does not
+say ``regenerates = True``: callers never ask which backend lacks what. Nothing here initialises CUDA or imports Triton until an op
 actually runs on a device that wants it. The custom ops of :mod:`.library` call :func:`kernel`, so
 PyTorch's dispatcher and the library agree on which kernel runs.
 """
@@ -37,6 +38,7 @@ __all__ = [
     "backend_for",
     "backend_ops",
     "kernel",
+    "regenerates",
     "set_backend",
     "use_backend",
 ]
@@ -53,8 +55,8 @@ _MODULES = {
     ),
     "cpp": (".update.cpp", ".compute.cpp"),
 }
-# name -> {op: (implementation, accepts)} once loaded; None when the backend cannot load here
-_tables: dict[str, dict[str, tuple[Callable, Callable | None]] | None] = {}
+# name -> {op: (implementation, accepts, regenerates)} once loaded; None when it cannot load here
+_tables: dict[str, dict[str, tuple[Callable, Callable | None, bool]] | None] = {}
 _errors: dict[str, str] = {}
 _forced: str | None = None
 
@@ -65,17 +67,18 @@ def _check_name(name: str, fn: str) -> str:
     return name
 
 
-def _load(name: str) -> dict[str, tuple[Callable, Callable | None]] | None:
+def _load(name: str) -> dict[str, tuple[Callable, Callable | None, bool]] | None:
     if name in _tables:
         return _tables[name]
-    table: dict[str, tuple[Callable, Callable | None]] = {}
+    table: dict[str, tuple[Callable, Callable | None, bool]] = {}
     try:
         for mod_name in _MODULES[name]:
             mod = importlib.import_module(mod_name, __package__)
             accepts = getattr(mod, "accepts", None)
+            regenerates = bool(getattr(mod, "regenerates", False))
             for op in mod.__all__:
                 if op in OPS:
-                    table[op] = (getattr(mod, op), accepts)
+                    table[op] = (getattr(mod, op), accepts, regenerates)
     except Exception as err:  # a missing build or package only disables that backend
         _tables[name] = None
         _errors[name] = f"{type(err).__name__}: {err}"
@@ -149,13 +152,27 @@ def backend_for(device: torch.device | str) -> str:
     return "reference"
 
 
-def kernel(op: str, device: torch.device | str, dtypes: Set[torch.dtype] = frozenset()) -> Callable:
-    """The implementation of ``op`` for tensors of ``device`` and ``dtypes``: the chosen backend's
-    where it has one that takes them, else the reference's."""
+def kernel(
+    op: str,
+    device: torch.device | str,
+    dtypes: Set[torch.dtype] = frozenset(),
+    regen: bool = False,
+) -> Callable:
+    """The implementation of ``op`` for tensors of ``device`` and ``dtypes`` (with ``regen``:
+    that regenerates the untracked weights, a compute op's ``regen=`` argument): the chosen
+    backend's where it has one that takes them, else the reference's."""
     if op not in OPS:
         raise ValueError(f"kernel(): expected an op in {OPS}, got {op!r}")
     table = _tables.get(backend_for(device))  # backend_for loaded it
     entry = table.get(op) if table is not None else None
-    if entry is not None and (entry[1] is None or entry[1](dtypes)):
+    if entry is not None and (entry[1] is None or entry[1](dtypes)) and (entry[2] or not regen):
         return entry[0]
     return _load("reference")[op][0]
+
+
+def regenerates(name: str) -> bool:
+    """Whether backend ``name``'s own compute kernels take ``regen=`` (untracked weights
+    ``scale * w0``, regenerated inside the kernels): the Triton and reference ones."""
+    table = _load(_check_name(name, "regenerates()"))
+    entry = table.get("sparse_linear") if table is not None else None
+    return entry is not None and entry[2]

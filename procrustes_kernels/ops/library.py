@@ -36,6 +36,7 @@ from .contract import (
     RADIX_HIGH_BINS,
     RADIX_LOW_BINS,
     Compacted,
+    Regen,
     Segment,
     StepParams,
 )
@@ -412,6 +413,8 @@ def paper_walk(scores: Tensor, theta: float, lam: float, k: int) -> tuple[Tensor
 # the op from the bits (cached on the bits tensor), so a traced graph holds no data-dependent
 # index and the same graph serves every tracked set.
 _GEOMETRY = "int rows, int cols, int ksize, int groups, int block_n, int block_c"
+# A weight whose untracked elements are ``scale * w0`` (a Regen): its constants, keyword-only.
+_REGEN = "*, Tensor? regen_scale=None, int regen_seed=0, float regen_bound=0.0"
 
 
 class Geometry(NamedTuple):
@@ -426,26 +429,55 @@ class Geometry(NamedTuple):
     block_c: int
 
 
-def _impl_and_index(op: str, x: Tensor, values: Tensor, bits: Tensor, geometry: Sequence[int]):
-    impl = kernel(op, x.device, {x.dtype, values.dtype})
+def _impl_and_index(
+    op: str,
+    x: Tensor,
+    values: Tensor,
+    bits: Tensor,
+    geometry: Sequence[int],
+    regen: Regen | None = None,
+):
+    impl = kernel(op, x.device, {x.dtype, values.dtype}, regen=regen is not None)
     if getattr(sys.modules.get(impl.__module__), "takes_geometry", False):
         return impl, Geometry(*geometry)
     return impl, cached_tile_index(bits, *geometry)
 
 
-def _sparse_linear_impl(x, values, bits, bias, *geometry):
-    impl, index = _impl_and_index("sparse_linear", x, values, bits, geometry)
-    return impl(x, values, bits, index, bias)
+def _regen(regen_scale: Tensor | None, regen_seed: int, regen_bound: float) -> Regen | None:
+    """The :class:`Regen` of an op's keyword arguments (None without a scale)."""
+    if regen_scale is None:
+        return None
+    return Regen(regen_scale, regen_seed % 2**64, regen_bound)
 
 
-def _sparse_linear_t_impl(dy, values, bits, *geometry):
-    impl, index = _impl_and_index("sparse_linear_t", dy, values, bits, geometry)
-    return impl(dy, values, bits, index)
+def _regen_kwargs(regen: Regen | None) -> dict:
+    """An op's keyword arguments for ``regen`` (none without it)."""
+    if regen is None:
+        return {}
+    return {"regen_scale": regen.scale, "regen_seed": _i64(regen.seed), "regen_bound": regen.bound}
 
 
-def _sparse_conv2d_impl(x, values, bits, bias, *args):
+def _with_regen(regen: Regen | None) -> dict:
+    """The ``regen=`` keyword of a kernel call (none without it: the C++ kernels lack it)."""
+    return {} if regen is None else {"regen": regen}
+
+
+def _sparse_linear_impl(x, values, bits, bias, *geometry, **regen_args):
+    regen = _regen(**regen_args) if regen_args else None
+    impl, index = _impl_and_index("sparse_linear", x, values, bits, geometry, regen)
+    return impl(x, values, bits, index, bias, **_with_regen(regen))
+
+
+def _sparse_linear_t_impl(dy, values, bits, *geometry, **regen_args):
+    regen = _regen(**regen_args) if regen_args else None
+    impl, index = _impl_and_index("sparse_linear_t", dy, values, bits, geometry, regen)
+    return impl(dy, values, bits, index, **_with_regen(regen))
+
+
+def _sparse_conv2d_impl(x, values, bits, bias, *args, **regen_args):
+    regen = _regen(**regen_args) if regen_args else None
     geometry, (kernel_size, stride, padding, dilation) = args[:6], args[6:]
-    impl, index = _impl_and_index("sparse_conv2d", x, values, bits, geometry)
+    impl, index = _impl_and_index("sparse_conv2d", x, values, bits, geometry, regen)
     return impl(
         x,
         values,
@@ -456,12 +488,14 @@ def _sparse_conv2d_impl(x, values, bits, bias, *args):
         tuple(padding),
         tuple(dilation),
         bias=bias,
+        **_with_regen(regen),
     )
 
 
-def _sparse_conv2d_t_impl(dy, values, bits, *args):
+def _sparse_conv2d_t_impl(dy, values, bits, *args, **regen_args):
+    regen = _regen(**regen_args) if regen_args else None
     geometry, (hw, kernel_size, stride, padding, dilation) = args[:6], args[6:]
-    impl, index = _impl_and_index("sparse_conv2d_t", dy, values, bits, geometry)
+    impl, index = _impl_and_index("sparse_conv2d_t", dy, values, bits, geometry, regen)
     return impl(
         dy,
         values,
@@ -472,6 +506,7 @@ def _sparse_conv2d_t_impl(dy, values, bits, *args):
         tuple(stride),
         tuple(padding),
         tuple(dilation),
+        **_with_regen(regen),
     )
 
 
@@ -499,22 +534,24 @@ def _sddmm_conv2d_impl(x, dy, values, bits, *args):
 _CONV = "int[] kernel_size, int[] stride, int[] padding, int[] dilation"
 _sparse_linear_op = _define(
     "sparse_linear",
-    f"(Tensor x, Tensor values, Tensor bits, Tensor? bias, {_GEOMETRY}) -> Tensor",
+    f"(Tensor x, Tensor values, Tensor bits, Tensor? bias, {_GEOMETRY}, {_REGEN}) -> Tensor",
     _sparse_linear_impl,
 )
 _sparse_linear_t_op = _define(
     "sparse_linear_t",
-    f"(Tensor dy, Tensor values, Tensor bits, {_GEOMETRY}) -> Tensor",
+    f"(Tensor dy, Tensor values, Tensor bits, {_GEOMETRY}, {_REGEN}) -> Tensor",
     _sparse_linear_t_impl,
 )
 _sparse_conv2d_op = _define(
     "sparse_conv2d",
-    f"(Tensor x, Tensor values, Tensor bits, Tensor? bias, {_GEOMETRY}, {_CONV}) -> Tensor",
+    f"(Tensor x, Tensor values, Tensor bits, Tensor? bias, {_GEOMETRY}, {_CONV}, {_REGEN}) "
+    "-> Tensor",
     _sparse_conv2d_impl,
 )
 _sparse_conv2d_t_op = _define(
     "sparse_conv2d_t",
-    f"(Tensor dy, Tensor values, Tensor bits, {_GEOMETRY}, int[] input_hw, {_CONV}) -> Tensor",
+    f"(Tensor dy, Tensor values, Tensor bits, {_GEOMETRY}, int[] input_hw, {_CONV}, {_REGEN}) "
+    "-> Tensor",
     _sparse_conv2d_t_impl,
 )
 
@@ -546,18 +583,32 @@ def _out_size(size, k, stride, pad, dil):
 
 
 @_fake(_sparse_linear_op)
-def _(x, values, bits, bias, rows, cols, ksize, groups, block_n, block_c):
+def _(x, values, bits, bias, rows, cols, ksize, groups, block_n, block_c, **regen):
     return x.new_empty(x.shape[0], rows)
 
 
 @_fake(_sparse_linear_t_op)
-def _(dy, values, bits, rows, cols, ksize, groups, block_n, block_c):
+def _(dy, values, bits, rows, cols, ksize, groups, block_n, block_c, **regen):
     return dy.new_empty(dy.shape[0], cols)
 
 
 @_fake(_sparse_conv2d_op)
 def _(
-    x, values, bits, bias, rows, cols, ksize, groups, bn, bc, kernel_size, stride, padding, dilation
+    x,
+    values,
+    bits,
+    bias,
+    rows,
+    cols,
+    ksize,
+    groups,
+    bn,
+    bc,
+    kernel_size,
+    stride,
+    padding,
+    dilation,
+    **regen,
 ):
     oh, ow = (
         _out_size(x.shape[2 + i], kernel_size[i], stride[i], padding[i], dilation[i])
@@ -582,25 +633,45 @@ def _(
     stride,
     padding,
     dilation,
+    **regen,
 ):
     return dy.new_empty(dy.shape[0], cols * groups, input_hw[0], input_hw[1])
 
 
+def _scale_of(regen: Regen | None) -> Tensor | None:
+    return None if regen is None else regen.scale
+
+
 def sparse_linear(
-    x: Tensor, values: Tensor, bits: Tensor, bias: Tensor | None, geometry: Sequence[int]
+    x: Tensor,
+    values: Tensor,
+    bits: Tensor,
+    bias: Tensor | None,
+    geometry: Sequence[int],
+    regen: Regen | None = None,
 ) -> Tensor:
     """``x @ W^T + bias`` from the compressed weight; ``geometry`` is ``(rows, cols, ksize,
-    groups, block_n, block_c)`` of the weight and its compute tile."""
-    if eager(x, values, bits, bias):
-        return _sparse_linear_impl(x, values, bits, bias, *geometry)
-    return _sparse_linear_op(x, values, bits, bias, *geometry)
+    groups, block_n, block_c)`` of the weight and its compute tile. With ``regen`` the untracked
+    weights are ``scale * w0``, regenerated inside the kernel (Triton; the reference defines it;
+    a backend without such kernels runs the reference)."""
+    kw = _regen_kwargs(regen)
+    if eager(x, values, bits, bias, _scale_of(regen)):
+        return _sparse_linear_impl(x, values, bits, bias, *geometry, **kw)
+    return _sparse_linear_op(x, values, bits, bias, *geometry, **kw)
 
 
-def sparse_linear_t(dy: Tensor, values: Tensor, bits: Tensor, geometry: Sequence[int]) -> Tensor:
+def sparse_linear_t(
+    dy: Tensor,
+    values: Tensor,
+    bits: Tensor,
+    geometry: Sequence[int],
+    regen: Regen | None = None,
+) -> Tensor:
     """``dy @ W`` (the input gradient of :func:`sparse_linear`)."""
-    if eager(dy, values, bits):
-        return _sparse_linear_t_impl(dy, values, bits, *geometry)
-    return _sparse_linear_t_op(dy, values, bits, *geometry)
+    kw = _regen_kwargs(regen)
+    if eager(dy, values, bits, _scale_of(regen)):
+        return _sparse_linear_t_impl(dy, values, bits, *geometry, **kw)
+    return _sparse_linear_t_op(dy, values, bits, *geometry, **kw)
 
 
 def sparse_conv2d(
@@ -610,13 +681,15 @@ def sparse_conv2d(
     bias: Tensor | None,
     geometry: Sequence[int],
     conv: Sequence[Sequence[int]],
+    regen: Regen | None = None,
 ) -> Tensor:
     """``conv2d`` from the compressed weight; ``conv`` is ``(kernel_size, stride, padding,
-    dilation)``."""
+    dilation)``; ``regen`` as for :func:`sparse_linear`."""
     conv = [list(c) for c in conv]
-    if eager(x, values, bits, bias):
-        return _sparse_conv2d_impl(x, values, bits, bias, *geometry, *conv)
-    return _sparse_conv2d_op(x, values, bits, bias, *geometry, *conv)
+    kw = _regen_kwargs(regen)
+    if eager(x, values, bits, bias, _scale_of(regen)):
+        return _sparse_conv2d_impl(x, values, bits, bias, *geometry, *conv, **kw)
+    return _sparse_conv2d_op(x, values, bits, bias, *geometry, *conv, **kw)
 
 
 def sparse_conv2d_t(
@@ -626,12 +699,14 @@ def sparse_conv2d_t(
     geometry: Sequence[int],
     input_hw: Sequence[int],
     conv: Sequence[Sequence[int]],
+    regen: Regen | None = None,
 ) -> Tensor:
     """Gradient of :func:`sparse_conv2d` with respect to its input."""
     conv = [list(c) for c in conv]
-    if eager(dy, values, bits):
-        return _sparse_conv2d_t_impl(dy, values, bits, *geometry, list(input_hw), *conv)
-    return _sparse_conv2d_t_op(dy, values, bits, *geometry, list(input_hw), *conv)
+    kw = _regen_kwargs(regen)
+    if eager(dy, values, bits, _scale_of(regen)):
+        return _sparse_conv2d_t_impl(dy, values, bits, *geometry, list(input_hw), *conv, **kw)
+    return _sparse_conv2d_t_op(dy, values, bits, *geometry, list(input_hw), *conv, **kw)
 
 
 def sddmm_linear(
@@ -660,15 +735,21 @@ def sddmm_conv2d(
 
 
 def sampled_linear_backward(
-    x: Tensor, dy: Tensor, values: Tensor, bits: Tensor, geometry: Sequence[int], need_dx: bool
+    x: Tensor,
+    dy: Tensor,
+    values: Tensor,
+    bits: Tensor,
+    geometry: Sequence[int],
+    need_dx: bool,
+    regen: Regen | None = None,
 ) -> tuple[Tensor | None, Tensor]:
-    """``(sparse_linear_t(dy) if need_dx, sddmm_linear(x, dy))``: one call where the C++ kernels
-    run both (eager, float32), which then lay ``dy`` out for the kernels once."""
-    if eager(x, dy, values, bits):
+    """``(sparse_linear_t(dy, regen) if need_dx, sddmm_linear(x, dy))``: one call where the C++
+    kernels run both (eager, float32, no ``regen``), which then lay ``dy`` out for them once."""
+    if regen is None and eager(x, dy, values, bits):
         impl, index = _impl_and_index("sddmm_linear", x, values, bits, geometry)
         t_impl, _ = _impl_and_index("sparse_linear_t", dy, values, bits, geometry)
         fused = getattr(sys.modules[impl.__module__], "sampled_linear_backward", None)
         if fused is not None and t_impl.__module__ == impl.__module__:
             return fused(x, dy, values, bits, index, need_dx)
-    dx = sparse_linear_t(dy, values, bits, geometry) if need_dx else None
+    dx = sparse_linear_t(dy, values, bits, geometry, regen) if need_dx else None
     return dx, sddmm_linear(x, dy, values, bits, geometry)

@@ -40,6 +40,9 @@ __all__ = [
     "dense_weight",
 ]
 
+# The compute functions take ``regen=`` (untracked weights regenerated, see the docstring).
+regenerates = True
+
 
 def _check_input(fn: str, name: str, t: object, ndim: int, dim: int, size: int) -> Tensor:
     if not isinstance(t, Tensor):

@@ -37,6 +37,7 @@ __all__ = [
     "tile_at",
     "tile_bits",
     "regen_tile_at",
+    "regen_constants",
     "regen_args",
     "allows_tf32",
     "INPUT_DTYPES",
@@ -122,6 +123,19 @@ def regen_tile_at(values_ptr, bits_ptr, index, n, c, k, valid, KROW, KS, seed, b
     init = round_to(w0 * scale, vdt)
     w = tl.where(tracked, v, tl.where(valid, init, tl.zeros(init.shape, vdt)))
     return w, index + bit
+
+
+@triton.jit
+def regen_constants(seed, bound, scale_ptr, HAS_INIT: tl.constexpr):
+    """``(seed, bound, scale)`` for the tile loads: float32 scalars, read once per program (the
+    scale from the device); unused zeros without ``HAS_INIT``."""
+    if HAS_INIT:
+        scale = tl.load(scale_ptr).to(tl.float32)
+        bnd = tl.cast(bound, tl.float32)
+    else:
+        scale = 0.0
+        bnd = 0.0
+    return seed, bnd, scale
 
 
 # ------------------------------------------------------------------------- host-side argument checks

@@ -76,6 +76,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import triton_util as tu
+from ..contract import Regen
 from ..triton_util import check_device, check_launch, default_block, nonempty, round_to
 from .index import TileIndex
 from .triton_common import (
@@ -84,11 +85,17 @@ from .triton_common import (
     allows_tf32,
     check_index_tiles,
     check_storage,
+    regen_args,
+    regen_constants,
+    regen_tile_at,
     tile_at,
     tile_start,
 )
 
 __all__ = ["sparse_conv2d", "sparse_conv2d_t"]
+
+# The compute functions take ``regen=`` (untracked weights regenerated, see the docstring).
+regenerates = True
 
 _BIAS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -131,14 +138,18 @@ def _positions(mt, M, D1, D2, BLOCK_M: tl.constexpr, OFFS64: tl.constexpr):
 @triton.jit
 def _conv_tile(
     acc, e, x_ptr, values_ptr, bits_ptr, row_off_ptr, row_tiles_ptr, n, n_ok, cc, c_first, x_b,
-    ih0, iw0, m_ok, H, W, sxc, sxh, sxw, cols, KROW, TILES_C, DH, DW, KS: tl.constexpr,
-    KW: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, OFFS64: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    ih0, iw0, m_ok, H, W, sxc, sxh, sxw, cols, KROW, TILES_C, DH, DW, seed, bound, scale,
+    KS: tl.constexpr, KW: tl.constexpr, HAS_INIT: tl.constexpr, DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr, OFFS64: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Forward step: ``acc += x_tile @ W_tile^T`` over the kernel, for entry ``e`` of
-    ``row_tiles`` (a non-empty column tile of the unit's row tile)."""
+    ``row_tiles`` (a non-empty column tile of the unit's row tile), or with ``HAS_INIT`` column
+    tile ``e`` (untracked weights regenerated)."""
     xdt = x_ptr.dtype.element_ty
-    ct = tl.load(row_tiles_ptr + e)
+    if HAS_INIT:
+        ct = e
+    else:
+        ct = tl.load(row_tiles_ptr + e)
     c = ct * BLOCK_C + cc
     c_ok = c < cols
     valid = n_ok[:, None] & c_ok[None, :]
@@ -148,7 +159,12 @@ def _conv_tile(
     else:
         x_c = (c_first + c) * sxc
     for k in range(KS):
-        w, idx = tile_at(values_ptr, bits_ptr, idx, n, c, k, valid, KROW, KS)
+        if HAS_INIT:
+            w, idx = regen_tile_at(
+                values_ptr, bits_ptr, idx, n, c, k, valid, KROW, KS, seed, bound, scale
+            )
+        else:
+            w, idx = tile_at(values_ptr, bits_ptr, idx, n, c, k, valid, KROW, KS)
         w = round_to(w, xdt)
         r = k // KW
         s = k % KW
@@ -169,14 +185,18 @@ def _conv_tile(
 @triton.jit
 def _conv_t_tile(
     acc, e, dy_ptr, values_ptr, bits_ptr, row_off_ptr, col_tiles_ptr, g, c, c_ok, ct, nn, dy_b,
-    th0, tw0, m_ok, OH, OW, sdc, sdh, sdw, rpg, KROW, TILES_C, SH, SW, DH, DW, KS: tl.constexpr,
-    KW: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, OFFS64: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    th0, tw0, m_ok, OH, OW, sdc, sdh, sdw, rpg, KROW, TILES_C, SH, SW, DH, DW, seed, bound, scale,
+    KS: tl.constexpr, KW: tl.constexpr, HAS_INIT: tl.constexpr, DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr, OFFS64: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Backward-data step: ``acc += dy_tile @ W_tile`` over the kernel, for entry ``e`` of
-    ``col_tiles`` (a non-empty row tile of the unit's column tile)."""
+    ``col_tiles`` (a non-empty row tile of the unit's column tile), or with ``HAS_INIT`` row tile
+    ``e`` of the group (untracked weights regenerated)."""
     ddt = dy_ptr.dtype.element_ty
-    t = tl.load(col_tiles_ptr + e)
+    if HAS_INIT:
+        t = e
+    else:
+        t = tl.load(col_tiles_ptr + e)
     n_loc = t * BLOCK_N + nn
     n_ok = n_loc < rpg
     n = g * rpg + n_loc
@@ -187,7 +207,12 @@ def _conv_t_tile(
     else:
         dy_n = n * sdc
     for k in range(KS):
-        w, idx = tile_at(values_ptr, bits_ptr, idx, n, c, k, valid, KROW, KS)
+        if HAS_INIT:
+            w, idx = regen_tile_at(
+                values_ptr, bits_ptr, idx, n, c, k, valid, KROW, KS, seed, bound, scale
+            )
+        else:
+            w, idx = tile_at(values_ptr, bits_ptr, idx, n, c, k, valid, KROW, KS)
         w = round_to(w, ddt)
         r = k // KW
         s = k % KW
@@ -218,6 +243,7 @@ def _sparse_conv2d_kernel(
     row_ptr_ptr,
     row_tiles_ptr,
     bias_ptr,
+    scale_ptr,
     M,
     H,
     W,
@@ -243,9 +269,12 @@ def _sparse_conv2d_kernel(
     PW,
     DH,
     DW,
+    seed,
+    bound,
     KS: tl.constexpr,
     KW: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_INIT: tl.constexpr,
     WHILE_LOOP: tl.constexpr,
     DOT_F32: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -257,7 +286,8 @@ def _sparse_conv2d_kernel(
     """``out[b, n, oh, ow]`` for one unit ``(m-tile, row tile gt)``, ``pid = mt * NGT + gt``.
 
     Consecutive programs share the m-tile, so its input gathers are reused from L2 by every row
-    tile; the (sparse) weight is small enough to stay there too.
+    tile; the (sparse) weight is small enough to stay there too. With ``HAS_INIT`` every column
+    tile is visited and the untracked weights are ``scale * w0``, regenerated in the tile loads.
     """
     pid = tl.program_id(0)
     mt = pid // NGT
@@ -277,15 +307,20 @@ def _sparse_conv2d_kernel(
     c_first = g * cols  # the group's first input channel
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    start = tl.load(row_ptr_ptr + gt)
-    end = tl.load(row_ptr_ptr + gt + 1)
+    seed, bound, scale = regen_constants(seed, bound, scale_ptr, HAS_INIT)
+    if HAS_INIT:
+        start = 0
+        end = TILES_C
+    else:
+        start = tl.load(row_ptr_ptr + gt)
+        end = tl.load(row_ptr_ptr + gt + 1)
     if WHILE_LOOP:
         e = start
         while e < end:
             acc = _conv_tile(
                 acc, e, x_ptr, values_ptr, bits_ptr, row_off_ptr, row_tiles_ptr, n, n_ok, cc,
                 c_first, x_b, ih0, iw0, m_ok, H, W, sxc, sxh, sxw, cols, KROW, TILES_C, DH, DW,
-                KS, KW, DOT_F32, PRECISION, OFFS64, BLOCK_C,
+                seed, bound, scale, KS, KW, HAS_INIT, DOT_F32, PRECISION, OFFS64, BLOCK_C,
             )  # fmt: skip
             e += 1
     else:
@@ -293,7 +328,7 @@ def _sparse_conv2d_kernel(
             acc = _conv_tile(
                 acc, e, x_ptr, values_ptr, bits_ptr, row_off_ptr, row_tiles_ptr, n, n_ok, cc,
                 c_first, x_b, ih0, iw0, m_ok, H, W, sxc, sxh, sxw, cols, KROW, TILES_C, DH, DW,
-                KS, KW, DOT_F32, PRECISION, OFFS64, BLOCK_C,
+                seed, bound, scale, KS, KW, HAS_INIT, DOT_F32, PRECISION, OFFS64, BLOCK_C,
             )  # fmt: skip
 
     if HAS_BIAS:
@@ -320,6 +355,7 @@ def _sparse_conv2d_t_kernel(
     row_off_ptr,
     col_ptr_ptr,
     col_tiles_ptr,
+    scale_ptr,
     M,
     H,
     W,
@@ -337,6 +373,7 @@ def _sparse_conv2d_t_kernel(
     cols,
     KROW,
     TILES_C,
+    TILES_N,
     NGC,
     SH,
     SW,
@@ -344,8 +381,11 @@ def _sparse_conv2d_t_kernel(
     PW,
     DH,
     DW,
+    seed,
+    bound,
     KS: tl.constexpr,
     KW: tl.constexpr,
+    HAS_INIT: tl.constexpr,
     WHILE_LOOP: tl.constexpr,
     DOT_F32: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -371,15 +411,20 @@ def _sparse_conv2d_t_kernel(
     nn = tl.arange(0, BLOCK_N)
 
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    start = tl.load(col_ptr_ptr + gc)
-    end = tl.load(col_ptr_ptr + gc + 1)
+    seed, bound, scale = regen_constants(seed, bound, scale_ptr, HAS_INIT)
+    if HAS_INIT:
+        start = 0
+        end = TILES_N
+    else:
+        start = tl.load(col_ptr_ptr + gc)
+        end = tl.load(col_ptr_ptr + gc + 1)
     if WHILE_LOOP:
         e = start
         while e < end:
             acc = _conv_t_tile(
                 acc, e, dy_ptr, values_ptr, bits_ptr, row_off_ptr, col_tiles_ptr, g, c, c_ok, ct,
                 nn, dy_b, th0, tw0, m_ok, OH, OW, sdc, sdh, sdw, rpg, KROW, TILES_C, SH, SW, DH,
-                DW, KS, KW, DOT_F32, PRECISION, OFFS64, BLOCK_N,
+                DW, seed, bound, scale, KS, KW, HAS_INIT, DOT_F32, PRECISION, OFFS64, BLOCK_N,
             )  # fmt: skip
             e += 1
     else:
@@ -387,7 +432,7 @@ def _sparse_conv2d_t_kernel(
             acc = _conv_t_tile(
                 acc, e, dy_ptr, values_ptr, bits_ptr, row_off_ptr, col_tiles_ptr, g, c, c_ok, ct,
                 nn, dy_b, th0, tw0, m_ok, OH, OW, sdc, sdh, sdw, rpg, KROW, TILES_C, SH, SW, DH,
-                DW, KS, KW, DOT_F32, PRECISION, OFFS64, BLOCK_N,
+                DW, seed, bound, scale, KS, KW, HAS_INIT, DOT_F32, PRECISION, OFFS64, BLOCK_N,
             )  # fmt: skip
 
     if OFFS64:
@@ -511,6 +556,7 @@ def sparse_conv2d(
     dilation: tuple[int, int] = (1, 1),
     bias: Tensor | None = None,
     *,
+    regen: Regen | None = None,
     block_m: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
@@ -524,6 +570,9 @@ def sparse_conv2d(
         kernel_size, stride, padding, dilation: as for ``conv2d`` (an int or a pair each);
             ``kh * kw`` must equal ``index.ksize``.
         bias: optional ``[index.rows]``, added in float32.
+        regen: None (untracked weights are zeros; tiles without a tracked weight are skipped)
+            or a :class:`~..contract.Regen`: untracked weights are ``scale * w0``, regenerated
+            in every tile load, and every tile is visited.
         block_m, num_warps, num_stages: launch parameters (module docstring).
 
     Returns:
@@ -538,6 +587,7 @@ def sparse_conv2d(
     dh, dw = _pair(fn, "dilation", dilation, 1)
     values, bits = check_storage(fn, values, bits, index, "x", x.device)
     bias = _check_bias(fn, bias, index.rows, x.device)
+    scale, seed, bound = regen_args(fn, regen, x.device)
     nb, _, h, w = x.shape
     oh, ow = _out_size(h, kh, sh, ph, dh), _out_size(w, kw, sw, pw, dw)
     if oh <= 0 or ow <= 0:
@@ -565,6 +615,7 @@ def sparse_conv2d(
         index.row_ptr,
         nonempty(index.row_tiles),
         values if bias is None else bias,
+        values if scale is None else scale,
         m,
         h,
         w,
@@ -584,9 +635,12 @@ def sparse_conv2d(
         pw,
         dh,
         dw,
+        seed,
+        bound,
         KS=index.ksize,
         KW=kw,
         HAS_BIAS=bias is not None,
+        HAS_INIT=scale is not None,
         WHILE_LOOP=tu.INTERPRETED,
         DOT_F32=tu.INTERPRETED and x.dtype == torch.bfloat16,
         PRECISION=_precision(x.dtype, x.device),
@@ -612,6 +666,7 @@ def sparse_conv2d_t(
     padding: tuple[int, int] = (0, 0),
     dilation: tuple[int, int] = (1, 1),
     *,
+    regen: Regen | None = None,
     block_m: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
@@ -636,6 +691,7 @@ def sparse_conv2d_t(
     ph, pw = _pair(fn, "padding", padding, 0)
     dh, dw = _pair(fn, "dilation", dilation, 1)
     values, bits = check_storage(fn, values, bits, index, "dy", dy.device)
+    scale, seed, bound = regen_args(fn, regen, dy.device)
     oh, ow = _out_size(h, kh, sh, ph, dh), _out_size(w, kw, sw, pw, dw)
     if oh <= 0 or ow <= 0:
         raise ValueError(
@@ -670,6 +726,7 @@ def sparse_conv2d_t(
         index.row_off,
         index.col_ptr,
         nonempty(index.col_tiles),
+        values if scale is None else scale,
         m,
         h,
         w,
@@ -681,6 +738,7 @@ def sparse_conv2d_t(
         index.cols,
         index.cols * index.ksize,
         index.tiles_c,
+        index.tiles_n,
         ngc,
         sh,
         sw,
@@ -688,8 +746,11 @@ def sparse_conv2d_t(
         pw,
         dh,
         dw,
+        seed,
+        bound,
         KS=index.ksize,
         KW=kw,
+        HAS_INIT=scale is not None,
         WHILE_LOOP=tu.INTERPRETED,
         DOT_F32=tu.INTERPRETED and dy.dtype == torch.bfloat16,
         PRECISION=_precision(dy.dtype, dy.device),

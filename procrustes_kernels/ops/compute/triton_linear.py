@@ -89,12 +89,16 @@ from .triton_common import (
     check_index_tiles,
     check_storage,
     regen_args,
+    regen_constants,
     regen_tile_at,
     tile_at,
     tile_start,
 )
 
 __all__ = ["sparse_linear", "sparse_linear_t", "clear_schedule_cache"]
+
+# The compute functions take ``regen=`` (untracked weights regenerated, see the docstring).
+regenerates = True
 
 _SCHEDULES_KINDS = ("grid", "balanced", "unbalanced")
 
@@ -397,19 +401,6 @@ def _units(sched_ptr_ptr, PERSISTENT: tl.constexpr):
 
 
 @triton.jit
-def _regen_constants(seed, bound, scale_ptr, HAS_INIT: tl.constexpr):
-    """``(seed, bound, scale)`` for the tile loads: float32 scalars, read once per program (the
-    scale from the device); unused zeros without ``HAS_INIT``."""
-    if HAS_INIT:
-        scale = tl.load(scale_ptr).to(tl.float32)
-        bnd = tl.cast(bound, tl.float32)
-    else:
-        scale = 0.0
-        bnd = 0.0
-    return seed, bnd, scale
-
-
-@triton.jit
 def _linear_kernel(
     y_ptr,
     x_ptr,
@@ -445,7 +436,7 @@ def _linear_kernel(
     weights are ``scale * w0`` (``scale_ptr``, ``seed``, ``bound``), regenerated in the tile
     loads, and every tile is visited."""
     lo, hi = _units(sched_ptr_ptr, PERSISTENT)
-    seed, bound, scale = _regen_constants(seed, bound, scale_ptr, HAS_INIT)
+    seed, bound, scale = regen_constants(seed, bound, scale_ptr, HAS_INIT)
     if WHILE_LOOPS:
         j = lo
         while j < hi:
@@ -498,7 +489,7 @@ def _linear_t_kernel(
 ):
     """Backward-data units, scheduled and regenerating as in :func:`_linear_kernel`."""
     lo, hi = _units(sched_ptr_ptr, PERSISTENT)
-    seed, bound, scale = _regen_constants(seed, bound, scale_ptr, HAS_INIT)
+    seed, bound, scale = regen_constants(seed, bound, scale_ptr, HAS_INIT)
     if WHILE_LOOPS:
         j = lo
         while j < hi:
