@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .ops import backend_for
-from .ops.dispatch import regenerates
 from .ops.compute.index import TileIndex, cached_tile_index
 from .ops.contract import COMPUTE_DTYPES
+from .ops.dispatch import regenerates
 
 if TYPE_CHECKING:
     from .weight import BudgetedWeight

@@ -19,6 +19,9 @@ from torch import nn
 
 import procrustes_kernels as pk
 from procrustes_kernels.ops import available_backends, use_backend
+from procrustes_kernels.ops.compute import reference as compute_reference
+from procrustes_kernels.ops.compute.index import cached_tile_index
+from procrustes_kernels.ops.contract import Regen
 from procrustes_kernels.storage import BlockStorage
 
 BACKENDS = [b for b, ok in available_backends().items() if ok]
@@ -304,6 +307,38 @@ def test_compute_ops_pass_opcheck(backend):
         )
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_regenerating_compute_ops_pass_opcheck(backend):
+    """The ops' keyword-only regeneration constants (untracked weights ``scale * w0``; a seed
+    past 2**63 travels as the int64 of its bits). The C++ backend runs the reference then."""
+    if not available_backends()[backend]:
+        pytest.skip(f"the {backend} backend is not available here")
+    g = torch.Generator().manual_seed(1)
+    vals, bits = _compressed(19, 37)
+    geo = (19, 37, 1, 1, 16, 16)
+    cvals, cbits = _compressed(6, 3 * 9)
+    cgeo = (6, 3, 9, 1, 16, 16)
+    conv = ([3, 3], [2, 1], [1, 1], [1, 1])
+    dev = DEV if backend == "triton" else torch.device("cpu")
+    regen = {"regen_scale": torch.tensor(0.6, device=dev), "regen_seed": -7, "regen_bound": 0.4}
+    x, dy = torch.randn(5, 37, generator=g), torch.randn(5, 19, generator=g)
+    xc, dyc = torch.randn(2, 3, 7, 9, generator=g), torch.randn(2, 6, 4, 9, generator=g)
+    t = lambda *ts: [u.to(dev) for u in ts]  # noqa: E731
+    P = torch.ops.procrustes
+    with use_backend(backend):
+        torch.library.opcheck(P.sparse_linear, (*t(x, vals, bits), None, *geo), regen)
+        torch.library.opcheck(P.sparse_linear_t, (*t(dy, vals, bits), *geo), regen)
+        torch.library.opcheck(P.sparse_conv2d, (*t(xc, cvals, cbits), None, *cgeo, *conv), regen)
+        torch.library.opcheck(
+            P.sparse_conv2d_t, (*t(dyc, cvals, cbits), *cgeo, [7, 9], *conv), regen
+        )
+        y = P.sparse_linear(*t(x, vals, bits), None, *geo, **regen)
+    index = cached_tile_index(bits, *geo)
+    want_regen = Regen(regen["regen_scale"].cpu(), 2**64 - 7, 0.4)
+    want = compute_reference.sparse_linear(x, vals, bits, index, regen=want_regen)
+    torch.testing.assert_close(y.cpu(), want, rtol=1e-5, atol=1e-6)
+
+
 def test_every_backend_implements_a_subset_and_falls_back_once():
     from procrustes_kernels.ops import backend_ops, kernel
     from procrustes_kernels.ops.update import reference
@@ -342,6 +377,35 @@ def _decayed_cnn():
 def test_sparse_kernel_path_traces_without_graph_breaks(backend):
     model = _decayed_cnn()
     x, y = _batch(9)
+
+    def loss(x):
+        return F.cross_entropy(model(x), y)
+
+    with use_backend(backend):
+        explained = torch._dynamo.explain(loss)(x)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1
+        torch._dynamo.reset()
+        got = torch.compile(loss, fullgraph=True)(x)
+        got.backward()
+        assert model[0].weight.last_path == model[3].weight.last_path == "sparse"
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        want = loss(x)
+        want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_regenerating_kernel_path_traces_without_graph_breaks(backend):
+    """DropBack's weights (untracked w0, scale 1) on the kernels that regenerate them: one graph,
+    the eager numbers (the decay factor is a saved tensor of the autograd function)."""
+    model = _cnn()
+    pk.set_compute(model, "sparse")
+    assert model[0].weight.regen() is not None
+    x, y = _batch(4)
 
     def loss(x):
         return F.cross_entropy(model(x), y)

@@ -204,9 +204,11 @@ def test_bf16_sparse_path():
 
 
 def test_forced_sparse_needs_zero_untracked():
+    """The C++ kernels read tracked weights only: compute="sparse" with untracked weights
+    ``scale * w0`` is refused there (the Triton kernels regenerate them)."""
     layer = pk.SparseLinear(8, 4, seed=0, compute="sparse")
     before = layer.weight.scale.clone()
-    with pytest.raises(ValueError, match=r"weight scale 0"):
+    with use_backend("cpp"), pytest.raises(ValueError, match=r"cpp backend .* \(weight scale 0\)"):
         layer(torch.randn(2, 8))
     assert torch.equal(layer.weight.scale, before) and layer.weight.scale_value == 1.0
     assert layer.last_path is None
@@ -376,6 +378,66 @@ def test_procrustes_training_on_sparse_path_tracks_dense_path():
     assert "sparse" in paths
     for a, b in zip(sparse, dense):
         assert_close_verbose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def _regenerated(layer, density, scale):
+    """Track a random ``density`` of the weights; the others stay ``scale * w0`` (not zeros)."""
+    w = layer.weight.effective()
+    mask = torch.rand(w.shape).to(w.device) < density
+    layer.weight.set_tracked(BlockStorage.from_mask(w, mask, layer.weight.block_size), scale=scale)
+    assert layer.weight.regen() is not None and layer.weight.scale_value != 0.0
+    return layer
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("name,make,shape", LAYERS, ids=[entry[0] for entry in LAYERS])
+def test_regenerating_sparse_path_matches_dense(backend, name, make, shape):
+    """DropBack's weights (untracked ``scale * w0``): compute="sparse" on a backend whose kernels
+    regenerate them gives the materialise path's output and gradients."""
+    layer = _regenerated(make().to(DEV), 0.3, 0.6)
+    x = torch.randn(shape).to(DEV)
+    dense = _run(layer, x, "dense")
+    with use_backend(backend):
+        sparse = _run(layer, x, "sparse")
+    assert sparse[4] == "sparse"
+    for a, b in zip(sparse[:4], dense[:4]):
+        if b is None:
+            assert a is None
+        else:
+            assert_close_verbose(a, b, rtol=TOL, atol=TOL)
+
+
+def test_dropback_training_on_regenerating_kernels_tracks_dense_path():
+    """DropBack (no decay: untracked weights stay w0) trained on the Triton kernels, which
+    regenerate w0 in their tile loads, keeps the materialise path's tracked sets and values."""
+
+    def run(mode):
+        torch.manual_seed(0)
+        model = pk.sparsify(
+            torch.nn.Sequential(
+                torch.nn.Conv2d(1, 4, 3, padding=1),
+                torch.nn.ReLU(),
+                torch.nn.Flatten(),
+                torch.nn.Linear(4 * 6 * 6, 10),
+            ),
+            seed=5,
+        ).to(DEV)
+        pk.set_compute(model, mode)
+        opt = pk.DropBack(model.parameters(), lr=0.05, budget=0.2, momentum=0.9)
+        x, y = torch.randn(16, 1, 6, 6).to(DEV), torch.randint(0, 10, (16,)).to(DEV)
+        for _ in range(6):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            assert model[3].weight.last_path == mode
+            opt.step()
+        return [(m.weight.bits.cpu(), m.weight.effective().cpu()) for m in (model[0], model[3])]
+
+    dense = run("dense")
+    with use_backend("triton"):
+        sparse = run("sparse")
+    for (bits_a, w_a), (bits_b, w_b) in zip(sparse, dense):
+        assert torch.equal(bits_a, bits_b)
+        assert_close_verbose(w_a, w_b, rtol=1e-4, atol=1e-5)
 
 
 def test_tile_granularity_makes_empty_kernel_tiles(monkeypatch):

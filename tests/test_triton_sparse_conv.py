@@ -256,6 +256,7 @@ def test_kernels_compile_for_sm90(tmp_path):
         GEO = ["M", "H", "W", "OH", "OW"]
         STRIDES = ["b", "c", "h", "w"]
         CONV = ["SH", "SW", "PH", "PW", "DH", "DW"]
+        REGEN = {"seed": "u64", "bound": "fp32"}
 
         def ints(names, ty="i32"):
             return {k: ty for k in names}
@@ -263,22 +264,24 @@ def test_kernels_compile_for_sm90(tmp_path):
         def fwd(xt, vt, bt, consts):
             sig = {"out_ptr": xt, "x_ptr": xt, "values_ptr": vt, "bits_ptr": "*u8",
                    "row_off_ptr": "*i32", "row_ptr_ptr": "*i32", "row_tiles_ptr": "*i32",
-                   "bias_ptr": bt, **ints(GEO), **ints(["sx" + s for s in STRIDES]),
-                   **ints(["so" + s for s in STRIDES]),
+                   "bias_ptr": bt, "scale_ptr": "*fp32", **ints(GEO),
+                   **ints(["sx" + s for s in STRIDES]), **ints(["so" + s for s in STRIDES]),
                    **ints(["rpg", "cols", "KROW", "TILES_N", "TILES_C", "NGT"]),
-                   **ints(CONV)}
+                   **ints(CONV), **REGEN}
             return T._sparse_conv2d_kernel, sig, consts
 
         def bwd(xt, vt, consts):
             sig = {"dx_ptr": xt, "dy_ptr": xt, "values_ptr": vt, "bits_ptr": "*u8",
                    "row_off_ptr": "*i32", "col_ptr_ptr": "*i32", "col_tiles_ptr": "*i32",
-                   **ints(GEO), **ints(["sd" + s for s in STRIDES]),
+                   "scale_ptr": "*fp32", **ints(GEO), **ints(["sd" + s for s in STRIDES]),
                    **ints(["sx" + s for s in STRIDES]),
-                   **ints(["rpg", "cols", "KROW", "TILES_C", "NGC"]), **ints(CONV)}
+                   **ints(["rpg", "cols", "KROW", "TILES_C", "TILES_N", "NGC"]), **ints(CONV),
+                   **REGEN}
             return T._sparse_conv2d_t_kernel, sig, consts
 
-        def flags(prec, offs64, kh=3, kw=3, bm=128, bn=64, bc=32, **extra):
-            return {"KS": kh * kw, "KW": kw, **extra, "WHILE_LOOP": False, "DOT_F32": False,
+        def flags(prec, offs64, kh=3, kw=3, bm=128, bn=64, bc=32, init=False, **extra):
+            return {"KS": kh * kw, "KW": kw, **extra, "HAS_INIT": init, "WHILE_LOOP": False,
+                    "DOT_F32": False,
                     "PRECISION": prec, "OFFS64": offs64, "BLOCK_M": bm, "BLOCK_N": bn,
                     "BLOCK_C": bc}
 
@@ -292,8 +295,14 @@ def test_kernels_compile_for_sm90(tmp_path):
             # The layers' default compute tile (32 x 32) and the benchmark's conv tile (16 x 16).
             (*fwd("*bf16", "*bf16", "*bf16", flags("ieee", False, bn=32, bc=32, HAS_BIAS=True)), 8, 2),
             (*bwd("*bf16", "*bf16", flags("ieee", False, bm=64, bn=16, bc=16)), 8, 2),
+            # Regenerating the untracked weights in the tile loads (every tile visited).
+            (*fwd("*bf16", "*fp32", "*bf16", flags("ieee", False, bn=32, bc=32, init=True,
+                                                   HAS_BIAS=True)), 8, 2),
+            (*bwd("*fp32", "*fp32", flags("tf32", False, bm=64, bn=32, bc=32, init=True)), 8, 2),
         ]
         for fn, sig, consts, warps, stages in jobs:
-            compile_sm90(fn, sig, consts, num_warps=warps, num_stages=stages)
+            k = compile_sm90(fn, sig, consts, num_warps=warps, num_stages=stages)
+            if consts["HAS_INIT"]:
+                assert "ld.local" not in k.asm["ptx"], "register spills"
         """
-    compile_for_sm90(snippet, tmp_path, expected=6)
+    compile_for_sm90(snippet, tmp_path, expected=8)

@@ -33,7 +33,9 @@ from procrustes_kernels.ops import triton_util
 from procrustes_kernels.ops.compute import reference as ref
 from procrustes_kernels.ops.compute import triton_linear as tsl
 from procrustes_kernels.ops.compute.index import build_schedule, build_tile_index, schedule_makespan
-from procrustes_kernels.storage import pack_bits
+from procrustes_kernels.ops.contract import Regen
+from procrustes_kernels.ops.update import reference as update_ref
+from procrustes_kernels.storage import group_pointers, pack_bits
 
 TRITON = TOLERANCES["triton"]
 SCHEDULES = ("grid", "balanced", "unbalanced")
@@ -214,6 +216,73 @@ def test_for_loop_form_matches_while_loop_form(poison, monkeypatch):
         assert torch.equal(tsl.sparse_linear_t(dy, values, bits, index, **kw), dx)
 
 
+def test_regenerating_kernels_on_every_schedule_and_loop_form(poison, monkeypatch):
+    """With ``regen`` every tile is visited (the schedules are built from equal work): the
+    schedules and both loop forms give identical bits, and the reference's numbers, also for a
+    weight with no tracked element (all regenerated) and one whose every element is tracked."""
+    for density in (0.0, 0.25, 1.0):
+        values, bits, index = storage(random_mask(40, 45, density))
+        regen = Regen(torch.tensor(0.7, device=DEVICE), 2**64 - 5, 0.25)
+        x, dy, bias = randn(37, 45), randn(37, 40, seed=4), randn(40, seed=3)
+        y_want = ref.sparse_linear(x, values, bits, index, bias, regen=regen)
+        dx_want = ref.sparse_linear_t(dy, values, bits, index, regen=regen)
+        runs = []
+        for kw in ({"schedule": "grid"}, {"schedule": "balanced", "programs": 3}):
+            runs.append(
+                (
+                    tsl.sparse_linear(x, values, bits, index, bias, regen=regen, block_m=16, **kw),
+                    tsl.sparse_linear_t(dy, values, bits, index, regen=regen, block_m=16, **kw),
+                )
+            )
+        for y, dx in runs[1:]:
+            assert torch.equal(y, runs[0][0]) and torch.equal(dx, runs[0][1])
+        TRITON.assert_compute(runs[0][0], y_want)
+        TRITON.assert_compute(runs[0][1], dx_want)
+    # The balanced schedule of a regenerating call is cached apart from the sparse one's.
+    assert {key[-1] for key in tsl._SCHEDULES} == {True}
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 7):
+        monkeypatch.setattr(tsl, "_WHILE_LOOPS", False)
+        assert torch.equal(
+            tsl.sparse_linear(x, values, bits, index, bias, regen=regen, block_m=16), runs[0][0]
+        )
+
+
+def test_regenerated_weights_are_the_materialized_ones(poison):
+    """``x = I`` reads the weight back: bit for bit what ``materialize`` writes, in each dtype."""
+    mask = random_mask(20, 37, 0.3)
+    for vdtype, xdtype in ((F32, F32), (F32, BF16), (F16, F16)):
+        values, bits, index = storage(mask, vdtype=vdtype)
+        regen = Regen(torch.tensor(0.43, device=DEVICE), 7, 0.3)
+        w = update_ref.materialize(
+            7,
+            0.3,
+            0.43,
+            values.cpu(),
+            bits.cpu(),
+            group_pointers(bits.cpu(), 20 * 37),
+            20 * 37,
+            vdtype,
+        ).view(20, 37)
+        y = tsl.sparse_linear(
+            torch.eye(37, dtype=xdtype, device=DEVICE), values, bits, index, regen=regen
+        )
+        assert torch.equal(y.cpu(), w.t().to(xdtype)), (vdtype, xdtype)
+
+
+def test_bad_regen_arguments():
+    values, bits, index = storage(random_mask(5, 7, 0.5))
+    x = randn(3, 7)
+    scale = torch.tensor(0.5, device=DEVICE)
+    with pytest.raises(TypeError, match="regen to be a Regen or None"):
+        tsl.sparse_linear(x, values, bits, index, regen=(scale, 1, 0.5))
+    with pytest.raises(ValueError, match="regen.scale to be a 1-element float tensor"):
+        tsl.sparse_linear(x, values, bits, index, regen=Regen(torch.ones(2, device=DEVICE), 1, 0.5))
+    with pytest.raises(ValueError, match="regen.scale on the input's device"):
+        tsl.sparse_linear_t(randn(3, 5), values, bits, index, regen=Regen(scale.to("meta"), 1, 0.5))
+    with pytest.raises(ValueError, match=r"regen.seed an int in \[-2\*\*63, 2\*\*64\)"):
+        tsl.sparse_linear(x, values, bits, index, regen=Regen(scale, 2**64, 0.5))
+
+
 # ------------------------------------------------------------------------------------ schedules
 
 
@@ -259,7 +328,7 @@ def test_schedule_cache_reuses_and_never_goes_stale(poison):
     # An entry whose index is gone (its id now belonging to another index) is not used: plant
     # one under this index's id, made for a weight with more row tiles.
     other = build_tile_index(pack_bits(torch.ones(70 * 45, dtype=torch.bool)), 70, 45, 1, 1, 16, 16)
-    key = (id(index), False, 1, 2, True)
+    key = (id(index), False, 1, 2, True, False)
     tsl._SCHEDULES[key] = (weakref.ref(other), build_schedule(other.row_tile_work(), 1, 2))
     sched = tsl._schedule(index, False, 1, 2, True)
     assert sched.units.numel() == index.tiles_n == 3 and tsl._SCHEDULES[key][0]() is index
@@ -285,9 +354,9 @@ def test_schedule_cache_evicts_least_recently_used(monkeypatch):
         assert len(tsl._SCHEDULES) <= 4
     assert (
         tsl._schedule(cold[-1], False, 1, 2, True)
-        is tsl._SCHEDULES[(id(cold[-1]), False, 1, 2, True)][1]
+        is tsl._SCHEDULES[(id(cold[-1]), False, 1, 2, True, False)][1]
     )
-    assert (id(cold[0]), False, 1, 2, True) not in tsl._SCHEDULES
+    assert (id(cold[0]), False, 1, 2, True, False) not in tsl._SCHEDULES
     tsl.clear_schedule_cache()
 
 
@@ -369,15 +438,17 @@ def test_kernels_compile_for_sm90(tmp_path):
         def common(x, v, ro):
             return {"values_ptr": v, "bits_ptr": "*u8", "row_off_ptr": ro}
         SIZES = {"M": "i32", "N": "i32", "K": "i32", "m_tiles": "i32", "TILES_C": "i32"}
-        SCHED = {"sched_ptr_ptr": "*i32", "sched_units_ptr": "*i32"}
+        SCHED = {"sched_ptr_ptr": "*i32", "sched_units_ptr": "*i32", "scale_ptr": "*fp32"}
+        REGEN = {"seed": "u64", "bound": "fp32"}
         def fwd(x, v, ro="*i32"):
             return {"y_ptr": x, "x_ptr": x, **common(x, v, ro), "row_ptr_ptr": "*i32",
-                    "row_tiles_ptr": "*i32", "bias_ptr": "*fp32", **SCHED, **SIZES}
+                    "row_tiles_ptr": "*i32", "bias_ptr": "*fp32", **SCHED, **SIZES, **REGEN}
         def bwd(x, v, ro="*i32"):
             return {"dx_ptr": x, "dy_ptr": x, **common(x, v, ro), "col_ptr_ptr": "*i32",
-                    "col_tiles_ptr": "*i32", **SCHED, **SIZES}
-        def flags(persistent, precision, offs64, bm, bn, bc, while_loops=False):
-            return {"PERSISTENT": persistent, "WHILE_LOOPS": while_loops, "DOT_F32": False,
+                    "col_tiles_ptr": "*i32", **SCHED, **SIZES, "TILES_N": "i32", **REGEN}
+        def flags(persistent, precision, offs64, bm, bn, bc, while_loops=False, init=False):
+            return {"PERSISTENT": persistent, "WHILE_LOOPS": while_loops, "HAS_INIT": init,
+                    "DOT_F32": False,
                     "PRECISION": precision, "OFFS64": offs64, "BLOCK_M": bm, "BLOCK_N": bn,
                     "BLOCK_C": bc}
         jobs = [
@@ -394,12 +465,17 @@ def test_kernels_compile_for_sm90(tmp_path):
             (T._linear_kernel, fwd("*bf16", "*bf16"),
              {"HAS_BIAS": True, **flags(True, "ieee", False, 128, 32, 32)}, 4),
             (T._linear_t_kernel, bwd("*bf16", "*bf16"), flags(True, "ieee", False, 128, 32, 32), 4),
+            # Regenerating the untracked weights in the tile loads (every tile visited).
+            (T._linear_kernel, fwd("*bf16", "*fp32"),
+             {"HAS_BIAS": True, **flags(True, "ieee", False, 128, 32, 32, init=True)}, 4),
+            (T._linear_t_kernel, bwd("*fp32", "*fp32"),
+             flags(False, "tf32", False, 128, 32, 32, init=True), 4),
         ]
         for fn, sig, consts, warps in jobs:
             k = compile_sm90(fn, sig, consts, num_warps=warps, num_stages=3)
             assert "ld.local" not in k.asm["ptx"], "register spills"
         """
-    compile_for_sm90(snippet, tmp_path, expected=7)
+    compile_for_sm90(snippet, tmp_path, expected=9)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on the GPU)")

@@ -203,9 +203,13 @@ def regen_args(fn: str, regen: object, device: torch.device) -> tuple[Tensor | N
         raise TypeError(f"{fn}: expected regen to be a Regen or None, got {type(regen).__name__}")
     scale = regen.scale
     if not isinstance(scale, Tensor) or scale.numel() != 1 or not scale.is_floating_point():
-        raise ValueError(f"{fn}: expected regen.scale to be a 1-element float tensor, got {scale!r:.80}")
+        raise ValueError(
+            f"{fn}: expected regen.scale to be a 1-element float tensor, got {scale!r:.80}"
+        )
     if scale.device != device:
-        raise ValueError(f"{fn}: expected regen.scale on the input's device {device}, got {scale.device}")
+        raise ValueError(
+            f"{fn}: expected regen.scale on the input's device {device}, got {scale.device}"
+        )
     seed = regen.seed
     if not isinstance(seed, int) or isinstance(seed, bool) or not -(2**63) <= seed < 2**64:
         raise ValueError(f"{fn}: expected regen.seed an int in [-2**63, 2**64), got {seed!r}")

@@ -523,7 +523,12 @@ def clear_schedule_cache() -> None:
 
 
 def _schedule(
-    index: TileIndex, backward: bool, m_tiles: int, programs: int, balanced: bool, every: bool
+    index: TileIndex,
+    backward: bool,
+    m_tiles: int,
+    programs: int,
+    balanced: bool,
+    every: bool = False,
 ) -> Schedule:
     """The cached :func:`build_schedule` of ``index``'s forward (row tile) or backward (column
     tile) work: its non-empty tiles, or with ``every`` all of them (the regenerating kernels)."""
