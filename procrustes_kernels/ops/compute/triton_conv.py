@@ -28,6 +28,10 @@ kernel position it is multiplied with.
   gathers ``dy`` at ``oh = (ih + ph - r * dh) / sh`` where that division is exact and in range
   (likewise ``ow``): ``acc[BLOCK_M, BLOCK_C] += dy_tile[BLOCK_M, BLOCK_N] @ w_k``.
 
+With ``regen=`` (a :class:`~..contract.Regen`: untracked weights ``scale * w0``) both passes walk
+every tile (``HAS_INIT``) and regenerate the untracked weights in the tile load
+(:func:`.triton_common.regen_tile_at`); nothing of the dense weight is written to memory.
+
 W and W^T from one storage: both passes decode the same ``[BLOCK_N, BLOCK_C]`` tile at kernel
 position ``k``; the forward pass multiplies with its transpose, the backward pass with the tile as
 loaded. Only the order of the walk differs (over the column tiles of a row tile, or the row tiles

@@ -22,6 +22,13 @@ Kernels (private, ``@triton.jit``) and the launchers that allocate and launch th
 A unit whose row (column) tile holds no tracked weight still runs: it writes zeros (plus the bias),
 so every output element is written by exactly one unit and the output needs no zero fill.
 
+Regeneration (``regen=``, a :class:`~..contract.Regen`): where the untracked weights are
+``scale * w0`` (DropBack, Procrustes before its decay), ``HAS_INIT`` kernels walk every tile of
+the row (column) tile instead of the non-empty ones and decode each with
+:func:`.triton_common.regen_tile_at`, which draws the untracked weights from the seed in the tile
+load: the dense weight exists only as the tile in registers. The cost is a Philox draw per weight
+per m-tile, so the schedules are built from equal per-tile work (cached apart).
+
 Schedules (``schedule=``):
 
 * ``"grid"``: one program per unit, in natural order (unit id ``tile * m_tiles + m_tile``, the
