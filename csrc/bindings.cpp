@@ -501,6 +501,47 @@ void spmm_forward(SPMM_GEOMETRY_ARGS, const py::handle& x, const py::object& bia
   }
 }
 
+// A linear layer's geometry: ksize 1, one phase, no shift.
+SpmmIn linear_in(const py::handle& values, const py::handle& bits, int64_t rows, int64_t cols,
+                 int64_t groups, int64_t L, const char* fn) {
+  py::array_t<int32_t> phase(1);
+  py::array_t<int64_t> shift(1);
+  phase.mutable_at(0) = 0;
+  shift.mutable_at(0) = 0;
+  return spmm_in(values, bits, rows, cols, 1, groups, 1, phase, shift, L, fn);
+}
+
+void spmm_linear_forward(const py::handle& values, const py::handle& bits, int64_t rows,
+                         int64_t cols, int64_t groups, int64_t L, const py::handle& x,
+                         const py::object& bias, const py::handle& out) {
+  const char* fn = "spmm_linear_forward";
+  SpmmIn in = linear_in(values, bits, rows, cols, groups, L, fn);
+  const float* xp = spmm_buffer<float>(x, fn, "x", L * groups * cols, false, false);
+  const float* b = bias.is_none() ? nullptr : spmm_buffer<float>(bias, fn, "bias", rows, false, false);
+  float* y = spmm_buffer<float>(out, fn, "out", L * rows, false, true);
+  try {
+    py::gil_scoped_release release;
+    pk::sparse_linear_forward(in.g, xp, b, y);
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(where(fn) + e.what());
+  }
+}
+
+void spmm_linear_backward(const py::handle& values, const py::handle& bits, int64_t rows,
+                          int64_t cols, int64_t groups, int64_t L, const py::handle& dy,
+                          const py::handle& out) {
+  const char* fn = "spmm_linear_backward";
+  SpmmIn in = linear_in(values, bits, rows, cols, groups, L, fn);
+  const float* d = spmm_buffer<float>(dy, fn, "dy", L * rows, false, false);
+  float* dx = spmm_buffer<float>(out, fn, "out", L * groups * cols, false, true);
+  try {
+    py::gil_scoped_release release;
+    pk::sparse_linear_backward(in.g, d, dx);
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(where(fn) + e.what());
+  }
+}
+
 void spmm_backward(SPMM_GEOMETRY_ARGS, const py::handle& dy, int64_t head, const py::handle& out) {
   const char* fn = "spmm_backward";
   SpmmIn in = spmm_in(SPMM_GEOMETRY, fn);
@@ -604,6 +645,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("ksize"), py::arg("groups"), py::arg("phases"), py::arg("phase"),
         py::arg("shift"), py::arg("L"), py::arg("x"), py::arg("bias").none(true),
         py::arg("out"));
+  m.def("spmm_linear_forward", &spmm_linear_forward,
+        "y[L, rows] = x[L, groups * cols] W^T (+ bias) from the compressed weight of a linear "
+        "layer, token-major as PyTorch lays them out (spmm.h).",
+        py::kw_only(), py::arg("values"), py::arg("bits"), py::arg("rows"), py::arg("cols"),
+        py::arg("groups"), py::arg("L"), py::arg("x"), py::arg("bias").none(true),
+        py::arg("out"));
+  m.def("spmm_linear_backward", &spmm_linear_backward,
+        "dx[L, groups * cols] = dy[L, rows] W into out, token-major.", py::kw_only(),
+        py::arg("values"), py::arg("bits"), py::arg("rows"), py::arg("cols"), py::arg("groups"),
+        py::arg("L"), py::arg("dy"), py::arg("out"));
   m.def("spmm_backward", &spmm_backward,
         "dx = W^T dy into out; dy's first plane starts at element head (zeros before it).",
         py::kw_only(), py::arg("values"), py::arg("bits"), py::arg("rows"), py::arg("cols"),

@@ -381,6 +381,136 @@ PK_INLINE void sddmm_task(const SparseGeometry& g, const RowOffsets& ro, const C
   }
 }
 
+// ------------------------------------------------------------- token-major linear kernels
+// Linear layers (ksize 1, phases 1) in PyTorch's layout: x [L, groups * cols], y [L, rows],
+// dy [L, rows], dx [L, groups * cols], in tiles of kTok tokens. A task transposes its tile into
+// the thread's buffer, one kTok-float vector per feature, so every tracked weight costs one vector
+// load and one multiply-add on cache-resident data; results are transposed back into the tile.
+// Forward: row n's vector is the sum over its tracked columns of w * x-vector[c] (two partial sums,
+// even and odd weights); backward-data: dx-vector[c] += w * dy-vector[n] for every tracked (n, c),
+// rows in order. Each output float is produced by one task, so results do not depend on threads.
+constexpr int kTok = 16;
+typedef float Tok __attribute__((vector_size(kTok * 4)));
+
+PK_INLINE Tok tload(const float* p) {
+  Tok v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+PK_INLINE void tstore(float* p, Tok v) { std::memcpy(p, &v, sizeof v); }
+
+// Decoded tracked columns: col[e] is the input feature (group offset included) of value e.
+struct LinearIndex {
+  std::vector<int64_t> row;  // rows + 1 value offsets
+  std::vector<int32_t> col;
+};
+
+// Tasks: tiles of tokens x parts of the rows (forward) or of the input features (backward), at
+// least kMinPart items per part, about 4 tasks per thread.
+constexpr int64_t kMinPart = 64;
+
+struct TokSplit {
+  int64_t tiles, parts, items;
+  int64_t part_size() const { return ceil_div(items, parts); }
+};
+
+TokSplit tok_split(int64_t L, int64_t items) {
+  const int64_t tiles = ceil_div(L, kTok);
+  const int64_t want = ceil_div(4 * static_cast<int64_t>(max_threads()), tiles);
+  const int64_t parts = std::clamp<int64_t>(want, 1, std::max<int64_t>(1, items / kMinPart));
+  return {tiles, parts, items};
+}
+
+float* thread_buffer(std::vector<float>& buf, int64_t n) {  // grow-only, kept between calls
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
+  return buf.data();
+}
+
+// dst[c * kTok + r] = src[r * ld + c0 + c] for c < n, r < nr; zero for nr <= r < kTok.
+PK_INLINE void tile_in(const float* src, int64_t ld, int64_t nr, int64_t c0, int64_t n,
+                       float* dst) {
+  for (int64_t r = 0; r < kTok; ++r) {
+    if (r < nr) {
+      const float* s = src + r * ld + c0;
+      for (int64_t c = 0; c < n; ++c) dst[c * kTok + r] = s[c];
+    } else {
+      for (int64_t c = 0; c < n; ++c) dst[c * kTok + r] = 0.0f;
+    }
+  }
+}
+
+// dst[r * ld + c0 + c] = src[c * kTok + r] for c < n, r < nr.
+PK_INLINE void tile_out(const float* src, int64_t nr, int64_t c0, int64_t n, float* dst,
+                        int64_t ld) {
+  for (int64_t r = 0; r < nr; ++r) {
+    float* d = dst + r * ld + c0;
+    for (int64_t c = 0; c < n; ++c) d[c] = src[c * kTok + r];
+  }
+}
+
+PK_INLINE void linear_forward_task(const SparseGeometry& g, const LinearIndex& ix,
+                                   const float* x, const float* bias, float* y,
+                                   const TokSplit& s, int64_t task, std::vector<float>& buf) {
+  const int64_t t = task / s.parts, part = task % s.parts, X = g.groups * g.cols;
+  const int64_t l0 = t * kTok, nr = std::min<int64_t>(kTok, g.L - l0);
+  const int64_t n_begin = part * s.part_size(), n_end = std::min(g.rows, n_begin + s.part_size());
+  float* xb = thread_buffer(buf, (X + kTok) * kTok);
+  float* ob = xb + X * kTok;  // kTok rows' vectors
+  tile_in(x + l0 * X, X, nr, 0, X, xb);
+  const int32_t* col = ix.col.data();
+  const float* val = g.values;
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kTok) {
+    const int64_t nn = std::min<int64_t>(kTok, n_end - n0);
+    for (int64_t i = 0; i < nn; ++i) {
+      const int64_t n = n0 + i;
+      Tok a0 = Tok{} + (bias ? bias[n] : 0.0f), a1 = Tok{};
+      int64_t e = ix.row[n];
+      const int64_t e1 = ix.row[n + 1];
+      for (; e + 2 <= e1; e += 2) {
+        a0 += val[e] * tload(xb + static_cast<int64_t>(col[e]) * kTok);
+        a1 += val[e + 1] * tload(xb + static_cast<int64_t>(col[e + 1]) * kTok);
+      }
+      if (e < e1) a0 += val[e] * tload(xb + static_cast<int64_t>(col[e]) * kTok);
+      tstore(ob + i * kTok, a0 + a1);
+    }
+    tile_out(ob, nr, n0, nn, y + l0 * g.rows, g.rows);
+  }
+}
+
+PK_INLINE void linear_backward_task(const SparseGeometry& g, const LinearIndex& ix,
+                                    const float* dy, float* dx, const TokSplit& s, int64_t task,
+                                    std::vector<float>& buf) {
+  const int64_t t = task / s.parts, part = task % s.parts, X = g.groups * g.cols;
+  const int64_t l0 = t * kTok, nr = std::min<int64_t>(kTok, g.L - l0);
+  const int64_t c_begin = part * s.part_size(), c_end = std::min(X, c_begin + s.part_size());
+  if (c_begin >= c_end) return;
+  const int64_t nc = c_end - c_begin, rpg = g.rows / g.groups;
+  // Rows whose group's features meet [c_begin, c_end).
+  const int64_t n_begin = (c_begin / g.cols) * rpg, n_end = ((c_end - 1) / g.cols + 1) * rpg;
+  float* db = thread_buffer(buf, (n_end - n_begin + nc) * kTok);
+  float* acc = db + (n_end - n_begin) * kTok;
+  tile_in(dy + l0 * g.rows, g.rows, nr, n_begin, n_end - n_begin, db);
+  std::memset(acc, 0, static_cast<size_t>(nc * kTok) * sizeof(float));
+  const int32_t* col = ix.col.data();
+  const float* val = g.values;
+  const bool whole = s.parts == 1;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    int64_t e = ix.row[n], e1 = ix.row[n + 1];
+    if (!whole) {  // the row's tracked columns are ascending
+      e = std::lower_bound(col + e, col + e1, static_cast<int32_t>(c_begin)) - col;
+      e1 = std::lower_bound(col + e, col + e1, static_cast<int32_t>(c_end)) - col;
+    }
+    if (e == e1) continue;
+    const Tok d = tload(db + (n - n_begin) * kTok);
+    for (; e < e1; ++e) {
+      float* p = acc + (col[e] - c_begin) * kTok;
+      tstore(p, tload(p) + val[e] * d);
+    }
+  }
+  tile_out(acc, nr, c_begin, nc, dx + l0 * X, X);
+}
+
 // ------------------------------------------------------------------ one instance per ISA
 struct Kernels {
   void (*forward)(const SparseGeometry&, const RowOffsets&, const Columns&, const float*,
@@ -389,6 +519,10 @@ struct Kernels {
                    const Split&, int64_t, Scratch&);
   void (*sddmm)(const SparseGeometry&, const RowOffsets&, const Columns&, const float*,
                 const float*, float*, int64_t, int64_t, int64_t, Scratch&);
+  void (*linear_forward)(const SparseGeometry&, const LinearIndex&, const float*, const float*,
+                         float*, const TokSplit&, int64_t, std::vector<float>&);
+  void (*linear_backward)(const SparseGeometry&, const LinearIndex&, const float*, float*,
+                          const TokSplit&, int64_t, std::vector<float>&);
 };
 
 #define PK_SPMM_INSTANCE(NAME, TARGET, W)                                                       \
@@ -407,7 +541,18 @@ struct Kernels {
                            int64_t l1, Scratch& sc) {                                           \
     sddmm_task<W>(g, ro, cl, dy, x, out, n, l0, l1, sc);                                        \
   }                                                                                             \
-  constexpr Kernels NAME##_kernels{NAME##_forward, NAME##_backward, NAME##_sddmm};
+  TARGET void NAME##_linear_forward(const SparseGeometry& g, const LinearIndex& ix,             \
+                                    const float* x, const float* bias, float* y,                \
+                                    const TokSplit& s, int64_t t, std::vector<float>& buf) {    \
+    linear_forward_task(g, ix, x, bias, y, s, t, buf);                                          \
+  }                                                                                             \
+  TARGET void NAME##_linear_backward(const SparseGeometry& g, const LinearIndex& ix,            \
+                                     const float* dy, float* dx, const TokSplit& s, int64_t t,  \
+                                     std::vector<float>& buf) {                                 \
+    linear_backward_task(g, ix, dy, dx, s, t, buf);                                             \
+  }                                                                                             \
+  constexpr Kernels NAME##_kernels{NAME##_forward, NAME##_backward, NAME##_sddmm,               \
+                                   NAME##_linear_forward, NAME##_linear_backward};
 
 PK_SPMM_INSTANCE(plain, , 4)
 #if PK_HAVE_SIMD_VARIANT
@@ -484,6 +629,65 @@ void transpose(const float* src, int64_t rows, int64_t cols, float* dst) {
 #endif
   for_each_chunk(tasks, threads_for(tasks), [&](int64_t t, int) {
     fn(src, rows, cols, dst, t * per, std::min(tiles, (t + 1) * per), tc);
+  });
+}
+
+namespace {
+
+void check_linear(const SparseGeometry& g) {
+  check(g);
+  if (g.ksize != 1 || g.phases != 1 || g.shift[0] != 0) {
+    throw std::invalid_argument("expected a linear geometry (ksize 1, phases 1, shift 0)");
+  }
+}
+
+LinearIndex linear_index(const SparseGeometry& g) {
+  LinearIndex ix;
+  ix.row = row_offsets(g, false).row;
+  ix.col.resize(static_cast<size_t>(g.nnz));
+  const int64_t nbytes = bit_bytes(g), rpg = g.rows / g.groups;
+  const int64_t chunks = ceil_div(g.rows, 256);
+  for_each_chunk(chunks, threads_for(chunks), [&](int64_t ch, int) {
+    for (int64_t n = ch * 256; n < std::min(g.rows, (ch + 1) * 256); ++n) {
+      const int32_t base = static_cast<int32_t>((n / rpg) * g.cols);
+      int32_t* c = ix.col.data() + ix.row[n];
+      for_each_bit(g.bits, nbytes, n * g.cols, g.cols,
+                   [&](int64_t j) { *c++ = base + static_cast<int32_t>(j); });
+    }
+  });
+  return ix;
+}
+
+template <class F>
+void run_tok_tasks(int64_t tasks, const F& f) {
+  thread_local std::vector<float> buf;
+  for_each_chunk(tasks, threads_for(tasks), [&](int64_t t, int) { f(t, buf); });
+}
+
+}  // namespace
+
+void sparse_linear_forward(const SparseGeometry& g, const float* x, const float* bias,
+                           float* y) {
+  check_linear(g);
+  if (g.groups * g.cols > INT32_MAX) throw std::invalid_argument("too many input features");
+  const LinearIndex ix = linear_index(g);
+  if (g.L == 0) return;
+  const Kernels& k = kernels();
+  const TokSplit s = tok_split(g.L, g.rows);
+  run_tok_tasks(s.tiles * s.parts, [&](int64_t t, std::vector<float>& buf) {
+    k.linear_forward(g, ix, x, bias, y, s, t, buf);
+  });
+}
+
+void sparse_linear_backward(const SparseGeometry& g, const float* dy, float* dx) {
+  check_linear(g);
+  if (g.groups * g.cols > INT32_MAX) throw std::invalid_argument("too many input features");
+  const LinearIndex ix = linear_index(g);
+  if (g.L == 0) return;
+  const Kernels& k = kernels();
+  const TokSplit s = tok_split(g.L, g.groups * g.cols);
+  run_tok_tasks(s.tiles * s.parts, [&](int64_t t, std::vector<float>& buf) {
+    k.linear_backward(g, ix, dy, dx, s, t, buf);
   });
 }
 

@@ -42,6 +42,11 @@ void sparse_forward(const SparseGeometry& g, const float* x, const float* bias, 
 void sparse_backward(const SparseGeometry& g, const float* dy, float* dx);
 void sparse_sddmm(const SparseGeometry& g, const float* dy, const float* x, float* out);
 
+// Linear geometries (ksize 1, phases 1) in PyTorch's token-major layout, L tokens:
+// y[L, rows] = x[L, groups * cols] W^T (+ bias) and dx[L, groups * cols] = dy[L, rows] W.
+void sparse_linear_forward(const SparseGeometry& g, const float* x, const float* bias, float* y);
+void sparse_linear_backward(const SparseGeometry& g, const float* dy, float* dx);
+
 // dst[c * rows + r] = src[r * cols + c]: the layout change between PyTorch's token-major
 // activations and the kernels' feature-major planes, in cache-sized tiles, threaded.
 void transpose(const float* src, int64_t rows, int64_t cols, float* dst);

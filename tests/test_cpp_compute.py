@@ -89,6 +89,9 @@ LINEAR = [  # tokens, rows, cols, density
     (5, 9, 17, 0.0),  # all-zero layer
     (65, 257, 129, 0.02),  # mostly empty rows
     (0, 8, 8, 0.5),  # no tokens
+    (16, 33, 40, 0.3),  # one whole tile of tokens
+    (17, 3, 700, 0.2),  # a tile and one token; wide: the input gradient in parts of features
+    (47, 300, 70, 0.5),  # the forward in parts of rows
 ]
 
 

@@ -1,11 +1,12 @@
 """C++/OpenMP sparse compute ops for CPU tensors (``csrc/spmm.cpp``), float32.
 
 Same functions and results (to the rounding of a float32 sum) as :mod:`.reference`, plus the
-sampled weight gradients :func:`sddmm_linear` / :func:`sddmm_conv2d`. The kernels work on
-feature-major activations (one contiguous plane per feature, ``csrc/spmm.h``); this module moves
-between those and PyTorch's layouts:
+sampled weight gradients :func:`sddmm_linear` / :func:`sddmm_conv2d`. The linear forward and
+input gradient read and write PyTorch's token-major layout (the kernel transposes tiles of 16
+tokens in cache); the other kernels work on feature-major activations (one contiguous plane per
+feature, ``csrc/spmm.h``), and this module moves between those and PyTorch's layouts:
 
-* linear: ``x [M, cols]`` becomes ``x^T``, one plane of ``M`` tokens per input feature;
+* linear SDDMM: ``x [M, cols]`` becomes ``x^T``, one plane of ``M`` tokens per input feature;
 * convolution: the input is zero-padded and cut into ``stride_h x stride_w`` phase planes on the
   output grid (``[C, sh, sw, B, Hg, Wg]``), so that every kernel position of every tracked weight is
   one shifted contiguous run; outputs are computed on the whole grid and cropped.
@@ -113,50 +114,49 @@ def linear_planes(x: Tensor) -> Tensor:
     return transposed(x)
 
 
+def _linear_geometry(values: Tensor, bits: Tensor, index, L: int) -> dict:
+    return dict(
+        values=_np(values.contiguous()),
+        bits=_np(bits.contiguous()),
+        rows=index.rows,
+        cols=index.cols,
+        groups=index.groups,
+        L=L,
+    )
+
+
 def sparse_linear(x: Tensor, values: Tensor, bits: Tensor, index, bias: Tensor | None = None):
-    """``x @ W^T + bias`` from the compressed weight."""
+    """``x @ W^T + bias`` from the compressed weight (``x`` and the result token-major, as
+    PyTorch lays them out: the kernel transposes tiles of 16 tokens in cache)."""
     fn = "sparse_linear()"
     _check_size(fn, "x", _check(fn, "x", x, 2), 1, index.cols * index.groups)
-    return sparse_linear_planes(linear_planes(x), values, bits, index, bias, x.shape[0])
-
-
-def sparse_linear_planes(
-    xt: Tensor, values: Tensor, bits: Tensor, index, bias: Tensor | None, m: int
-) -> Tensor:
-    """:func:`sparse_linear` on ``x^T`` (:func:`linear_planes`), as ``[M, rows]``."""
-    fn = "sparse_linear()"
     values = _values(fn, values)
     if bias is not None:
         bias = _check(fn, "bias", bias, 1).contiguous()
-    y = torch.empty(index.rows, m, dtype=torch.float32)
-    _C.spmm_forward(
-        **_geometry(values, bits, index, 1, _LINEAR_PHASE, _LINEAR_SHIFT, m),
-        x=_np(xt).reshape(-1),
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], index.rows, dtype=torch.float32)
+    _C.spmm_linear_forward(
+        **_linear_geometry(values, bits, index, x.shape[0]),
+        x=_np(x).reshape(-1),
         bias=None if bias is None else _np(bias),
         out=_np(y).reshape(-1),
     )
-    return transposed(y)
+    return y
 
 
 def sparse_linear_t(dy: Tensor, values: Tensor, bits: Tensor, index) -> Tensor:
     """``dy @ W`` (the input gradient of :func:`sparse_linear`)."""
     fn = "sparse_linear_t()"
     _check_size(fn, "dy", _check(fn, "dy", dy, 2), 1, index.rows)
-    return sparse_linear_t_planes(linear_planes(dy), values, bits, index, dy.shape[0])
-
-
-def sparse_linear_t_planes(dyt: Tensor, values: Tensor, bits: Tensor, index, m: int) -> Tensor:
-    """:func:`sparse_linear_t` on ``dy^T``, as ``[M, cols]``."""
-    fn = "sparse_linear_t()"
     values = _values(fn, values)
-    dx = torch.empty(index.cols * index.groups, m, dtype=torch.float32)
-    _C.spmm_backward(
-        **_geometry(values, bits, index, 1, _LINEAR_PHASE, _LINEAR_SHIFT, m),
-        dy=_np(dyt).reshape(-1),
-        head=0,
+    dy = dy.contiguous()
+    dx = torch.empty(dy.shape[0], index.cols * index.groups, dtype=torch.float32)
+    _C.spmm_linear_backward(
+        **_linear_geometry(values, bits, index, dy.shape[0]),
+        dy=_np(dy).reshape(-1),
         out=_np(dx).reshape(-1),
     )
-    return transposed(dx)
+    return dx
 
 
 def sddmm_linear(x: Tensor, dy: Tensor, values: Tensor, bits: Tensor, index) -> Tensor:
@@ -176,13 +176,12 @@ def sampled_linear_backward(
     x: Tensor, dy: Tensor, values: Tensor, bits: Tensor, index, need_dx: bool
 ) -> tuple[Tensor | None, Tensor]:
     """``(dy @ W or None, the tracked weights' gradient)``: the backward of a linear layer on a
-    step that keeps the tracked set, with ``x^T`` and ``dy^T`` made once for both."""
+    step that keeps the tracked set."""
     fn = "sddmm_linear()"
     _check_size(fn, "x", _check(fn, "x", x, 2), 1, index.cols * index.groups)
     _check_size(fn, "dy", _check(fn, "dy", dy, 2), 1, index.rows)
-    xt, dyt = linear_planes(x), linear_planes(dy)
-    dx = sparse_linear_t_planes(dyt, values, bits, index, dy.shape[0]) if need_dx else None
-    return dx, sddmm_linear_planes(xt, dyt, values, bits, index)
+    dx = sparse_linear_t(dy, values, bits, index) if need_dx else None
+    return dx, sddmm_linear_planes(linear_planes(x), linear_planes(dy), values, bits, index)
 
 
 def sddmm_linear_planes(xt: Tensor, dyt: Tensor, values: Tensor, bits: Tensor, index) -> Tensor:
