@@ -9,8 +9,8 @@
 //
 // The bodies are written once on GCC vector types and compiled three times, for 4-float (SSE2),
 // 8-float (AVX2) and 16-float (AVX-512) vectors, chosen by simd_level() as the update kernels do.
-// Products accumulate in float32 in an order that depends on the vector width (the reference's
-// contract: equal to the rounding of a float32 sum).
+// Products accumulate in float32 (fused multiply-adds on AVX2 / AVX-512) in an order that depends
+// on the vector width (the reference's contract: equal to the rounding of a float32 sum).
 #include "spmm.h"
 
 #include <algorithm>
@@ -22,6 +22,10 @@
 #include "common.h"
 #include "ops.h"
 #include "parallel.h"
+
+#if PK_HAVE_SIMD_VARIANT
+#include <immintrin.h>
+#endif
 
 #if defined(__GNUC__)
 #pragma GCC diagnostic ignored "-Wpsabi"  // vector arguments only ever cross inlined calls
@@ -199,6 +203,57 @@ struct Vec {
   typedef float type __attribute__((vector_size(W * 4)));
 };
 
+// acc + a * b on vectors of W-float registers: one rounding (an FMA instruction) on the AVX2 and
+// AVX-512 instances, a multiply and an add on the baseline one. The extension is built with
+// -ffp-contract=off (the update kernels' results are bit-exact), so the fusing is spelled out.
+template <int W>
+struct Fused {
+  template <class T>
+  static PK_INLINE T madd(T acc, T a, T b) {
+    return acc + a * b;
+  }
+};
+
+#if PK_HAVE_SIMD_VARIANT
+template <>
+struct Fused<8> {
+  template <class T>
+  static inline PK_SIMD_TARGET T madd(T acc, T a, T b) {
+    if constexpr (sizeof(T) % 32 != 0) {
+      return acc + a * b;
+    } else {
+      constexpr int n = sizeof(T) / 32;
+      __m256 x[n], y[n], z[n];
+      std::memcpy(x, &acc, sizeof acc);
+      std::memcpy(y, &a, sizeof a);
+      std::memcpy(z, &b, sizeof b);
+      for (int i = 0; i < n; ++i) x[i] = _mm256_fmadd_ps(y[i], z[i], x[i]);
+      std::memcpy(&acc, x, sizeof acc);
+      return acc;
+    }
+  }
+};
+
+template <>
+struct Fused<16> {
+  template <class T>
+  static inline PK_AVX512_TARGET T madd(T acc, T a, T b) {
+    if constexpr (sizeof(T) % 64 != 0) {
+      return acc + a * b;
+    } else {
+      constexpr int n = sizeof(T) / 64;
+      __m512 x[n], y[n], z[n];
+      std::memcpy(x, &acc, sizeof acc);
+      std::memcpy(y, &a, sizeof a);
+      std::memcpy(z, &b, sizeof b);
+      for (int i = 0; i < n; ++i) x[i] = _mm512_fmadd_ps(y[i], z[i], x[i]);
+      std::memcpy(&acc, x, sizeof acc);
+      return acc;
+    }
+  }
+};
+#endif
+
 template <int W>
 PK_INLINE typename Vec<W>::type vload(const float* p) {
   typename Vec<W>::type v;
@@ -231,13 +286,14 @@ PK_INLINE void axpy_rows(const float* src, const int64_t* off, const float* val,
     for (int64_t e = 0; e < ne; ++e) {
       const float* p = src + off[e] + l;
       const float w = val[e];
-      for (int u = 0; u < U; ++u) acc[u] += w * vload<W>(p + u * W);
+      const V wv = V{} + w;
+      for (int u = 0; u < U; ++u) acc[u] = Fused<W>::madd(acc[u], wv, vload<W>(p + u * W));
     }
     for (int u = 0; u < U; ++u) vstore<W>(out + l + u * W, acc[u]);
   }
   for (; l + W <= l1; l += W) {
     V acc = V{} + init;
-    for (int64_t e = 0; e < ne; ++e) acc += val[e] * vload<W>(src + off[e] + l);
+    for (int64_t e = 0; e < ne; ++e) acc = Fused<W>::madd(acc, V{} + val[e], vload<W>(src + off[e] + l));
     vstore<W>(out + l, acc);
   }
   for (; l < l1; ++l) {
@@ -353,10 +409,10 @@ PK_INLINE void sddmm_task(const SparseGeometry& g, const RowOffsets& ro, const C
     int64_t l = 0;
     for (; l + W <= L; l += W) {
       const V dv = vload<W>(d + l);
-      a0 += dv * vload<W>(p0 + l);
-      a1 += dv * vload<W>(p1 + l);
-      a2 += dv * vload<W>(p2 + l);
-      a3 += dv * vload<W>(p3 + l);
+      a0 = Fused<W>::madd(a0, dv, vload<W>(p0 + l));
+      a1 = Fused<W>::madd(a1, dv, vload<W>(p1 + l));
+      a2 = Fused<W>::madd(a2, dv, vload<W>(p2 + l));
+      a3 = Fused<W>::madd(a3, dv, vload<W>(p3 + l));
     }
     float s0 = vsum<W>(a0), s1 = vsum<W>(a1), s2 = vsum<W>(a2), s3 = vsum<W>(a3);
     for (; l < L; ++l) {
@@ -374,7 +430,7 @@ PK_INLINE void sddmm_task(const SparseGeometry& g, const RowOffsets& ro, const C
     const float* p = x + sc.off[e];
     V a{};
     int64_t l = 0;
-    for (; l + W <= L; l += W) a += vload<W>(d + l) * vload<W>(p + l);
+    for (; l + W <= L; l += W) a = Fused<W>::madd(a, vload<W>(d + l), vload<W>(p + l));
     float s = vsum<W>(a);
     for (; l < L; ++l) s += d[l] * p[l];
     o[e] = s;
@@ -449,6 +505,7 @@ PK_INLINE void tile_out(const float* src, int64_t nr, int64_t c0, int64_t n, flo
   }
 }
 
+template <int W>
 PK_INLINE void linear_forward_task(const SparseGeometry& g, const LinearIndex& ix,
                                    const float* x, const float* bias, float* y,
                                    const TokSplit& s, int64_t task, std::vector<float>& buf) {
@@ -468,16 +525,17 @@ PK_INLINE void linear_forward_task(const SparseGeometry& g, const LinearIndex& i
       int64_t e = ix.row[n];
       const int64_t e1 = ix.row[n + 1];
       for (; e + 2 <= e1; e += 2) {
-        a0 += val[e] * tload(xb + static_cast<int64_t>(col[e]) * kTok);
-        a1 += val[e + 1] * tload(xb + static_cast<int64_t>(col[e + 1]) * kTok);
+        a0 = Fused<W>::madd(a0, Tok{} + val[e], tload(xb + int64_t{col[e]} * kTok));
+        a1 = Fused<W>::madd(a1, Tok{} + val[e + 1], tload(xb + int64_t{col[e + 1]} * kTok));
       }
-      if (e < e1) a0 += val[e] * tload(xb + static_cast<int64_t>(col[e]) * kTok);
+      if (e < e1) a0 = Fused<W>::madd(a0, Tok{} + val[e], tload(xb + int64_t{col[e]} * kTok));
       tstore(ob + i * kTok, a0 + a1);
     }
     tile_out(ob, nr, n0, nn, y + l0 * g.rows, g.rows);
   }
 }
 
+template <int W>
 PK_INLINE void linear_backward_task(const SparseGeometry& g, const LinearIndex& ix,
                                     const float* dy, float* dx, const TokSplit& s, int64_t task,
                                     std::vector<float>& buf) {
@@ -505,7 +563,7 @@ PK_INLINE void linear_backward_task(const SparseGeometry& g, const LinearIndex& 
     const Tok d = tload(db + (n - n_begin) * kTok);
     for (; e < e1; ++e) {
       float* p = acc + (col[e] - c_begin) * kTok;
-      tstore(p, tload(p) + val[e] * d);
+      tstore(p, Fused<W>::madd(tload(p), Tok{} + val[e], d));
     }
   }
   tile_out(acc, nr, c_begin, nc, dx + l0 * X, X);
@@ -544,12 +602,12 @@ struct Kernels {
   TARGET void NAME##_linear_forward(const SparseGeometry& g, const LinearIndex& ix,             \
                                     const float* x, const float* bias, float* y,                \
                                     const TokSplit& s, int64_t t, std::vector<float>& buf) {    \
-    linear_forward_task(g, ix, x, bias, y, s, t, buf);                                          \
+    linear_forward_task<W>(g, ix, x, bias, y, s, t, buf);                                        \
   }                                                                                             \
   TARGET void NAME##_linear_backward(const SparseGeometry& g, const LinearIndex& ix,            \
                                      const float* dy, float* dx, const TokSplit& s, int64_t t,  \
                                      std::vector<float>& buf) {                                 \
-    linear_backward_task(g, ix, dy, dx, s, t, buf);                                             \
+    linear_backward_task<W>(g, ix, dy, dx, s, t, buf);                                           \
   }                                                                                             \
   constexpr Kernels NAME##_kernels{NAME##_forward, NAME##_backward, NAME##_sddmm,               \
                                    NAME##_linear_forward, NAME##_linear_backward};
