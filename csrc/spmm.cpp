@@ -203,7 +203,7 @@ struct Vec {
   typedef float type __attribute__((vector_size(W * 4)));
 };
 
-// acc + a * b on vectors of W-float registers: one rounding (an FMA instruction) on the AVX2 and
+// acc + a * b (a a vector or a float) on vectors of W-float registers: one rounding (an FMA instruction) on the AVX2 and
 // AVX-512 instances, a multiply and an add on the baseline one. The extension is built with
 // -ffp-contract=off (the update kernels' results are bit-exact), so the fusing is spelled out.
 template <int W>
@@ -211,6 +211,10 @@ struct Fused {
   template <class T>
   static PK_INLINE T madd(T acc, T a, T b) {
     return acc + a * b;
+  }
+  template <class T>
+  static PK_INLINE T madd(T acc, float w, T b) {
+    return acc + w * b;
   }
 };
 
@@ -232,6 +236,21 @@ struct Fused<8> {
       return acc;
     }
   }
+  template <class T>
+  static inline PK_SIMD_TARGET T madd(T acc, float w, T b) {
+    if constexpr (sizeof(T) % 32 != 0) {
+      return acc + w * b;
+    } else {
+      constexpr int n = sizeof(T) / 32;
+      __m256 x[n], z[n];
+      std::memcpy(x, &acc, sizeof acc);
+      std::memcpy(z, &b, sizeof b);
+      const __m256 y = _mm256_set1_ps(w);
+      for (int i = 0; i < n; ++i) x[i] = _mm256_fmadd_ps(y, z[i], x[i]);
+      std::memcpy(&acc, x, sizeof acc);
+      return acc;
+    }
+  }
 };
 
 template <>
@@ -247,6 +266,21 @@ struct Fused<16> {
       std::memcpy(y, &a, sizeof a);
       std::memcpy(z, &b, sizeof b);
       for (int i = 0; i < n; ++i) x[i] = _mm512_fmadd_ps(y[i], z[i], x[i]);
+      std::memcpy(&acc, x, sizeof acc);
+      return acc;
+    }
+  }
+  template <class T>
+  static inline PK_AVX512_TARGET T madd(T acc, float w, T b) {
+    if constexpr (sizeof(T) % 64 != 0) {
+      return acc + w * b;
+    } else {
+      constexpr int n = sizeof(T) / 64;
+      __m512 x[n], z[n];
+      std::memcpy(x, &acc, sizeof acc);
+      std::memcpy(z, &b, sizeof b);
+      const __m512 y = _mm512_set1_ps(w);
+      for (int i = 0; i < n; ++i) x[i] = _mm512_fmadd_ps(y, z[i], x[i]);
       std::memcpy(&acc, x, sizeof acc);
       return acc;
     }
@@ -286,14 +320,13 @@ PK_INLINE void axpy_rows(const float* src, const int64_t* off, const float* val,
     for (int64_t e = 0; e < ne; ++e) {
       const float* p = src + off[e] + l;
       const float w = val[e];
-      const V wv = V{} + w;
-      for (int u = 0; u < U; ++u) acc[u] = Fused<W>::madd(acc[u], wv, vload<W>(p + u * W));
+      for (int u = 0; u < U; ++u) acc[u] = Fused<W>::madd(acc[u], w, vload<W>(p + u * W));
     }
     for (int u = 0; u < U; ++u) vstore<W>(out + l + u * W, acc[u]);
   }
   for (; l + W <= l1; l += W) {
     V acc = V{} + init;
-    for (int64_t e = 0; e < ne; ++e) acc = Fused<W>::madd(acc, V{} + val[e], vload<W>(src + off[e] + l));
+    for (int64_t e = 0; e < ne; ++e) acc = Fused<W>::madd(acc, val[e], vload<W>(src + off[e] + l));
     vstore<W>(out + l, acc);
   }
   for (; l < l1; ++l) {
@@ -525,10 +558,10 @@ PK_INLINE void linear_forward_task(const SparseGeometry& g, const LinearIndex& i
       int64_t e = ix.row[n];
       const int64_t e1 = ix.row[n + 1];
       for (; e + 2 <= e1; e += 2) {
-        a0 = Fused<W>::madd(a0, Tok{} + val[e], tload(xb + int64_t{col[e]} * kTok));
-        a1 = Fused<W>::madd(a1, Tok{} + val[e + 1], tload(xb + int64_t{col[e + 1]} * kTok));
+        a0 = Fused<W>::madd(a0, val[e], tload(xb + int64_t{col[e]} * kTok));
+        a1 = Fused<W>::madd(a1, val[e + 1], tload(xb + int64_t{col[e + 1]} * kTok));
       }
-      if (e < e1) a0 = Fused<W>::madd(a0, Tok{} + val[e], tload(xb + int64_t{col[e]} * kTok));
+      if (e < e1) a0 = Fused<W>::madd(a0, val[e], tload(xb + int64_t{col[e]} * kTok));
       tstore(ob + i * kTok, a0 + a1);
     }
     tile_out(ob, nr, n0, nn, y + l0 * g.rows, g.rows);
@@ -563,7 +596,7 @@ PK_INLINE void linear_backward_task(const SparseGeometry& g, const LinearIndex& 
     const Tok d = tload(db + (n - n_begin) * kTok);
     for (; e < e1; ++e) {
       float* p = acc + (col[e] - c_begin) * kTok;
-      tstore(p, Fused<W>::madd(tload(p), Tok{} + val[e], d));
+      tstore(p, Fused<W>::madd(tload(p), val[e], d));
     }
   }
   tile_out(acc, nr, c_begin, nc, dx + l0 * X, X);
