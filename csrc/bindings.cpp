@@ -542,6 +542,22 @@ void spmm_linear_backward(const py::handle& values, const py::handle& bits, int6
   }
 }
 
+void spmm_linear_sddmm(const py::handle& values, const py::handle& bits, int64_t rows,
+                       int64_t cols, int64_t groups, int64_t L, const py::handle& x,
+                       const py::handle& dy, const py::handle& out) {
+  const char* fn = "spmm_linear_sddmm";
+  SpmmIn in = linear_in(values, bits, rows, cols, groups, L, fn);
+  const float* xp = spmm_buffer<float>(x, fn, "x", L * groups * cols, false, false);
+  const float* d = spmm_buffer<float>(dy, fn, "dy", L * rows, false, false);
+  float* o = spmm_buffer<float>(out, fn, "out", in.g.nnz, false, true);
+  try {
+    py::gil_scoped_release release;
+    pk::sparse_linear_sddmm(in.g, xp, d, o);
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(where(fn) + e.what());
+  }
+}
+
 void spmm_backward(SPMM_GEOMETRY_ARGS, const py::handle& dy, int64_t head, const py::handle& out) {
   const char* fn = "spmm_backward";
   SpmmIn in = spmm_in(SPMM_GEOMETRY, fn);
@@ -655,6 +671,11 @@ PYBIND11_MODULE(_C, m) {
         "dx[L, groups * cols] = dy[L, rows] W into out, token-major.", py::kw_only(),
         py::arg("values"), py::arg("bits"), py::arg("rows"), py::arg("cols"), py::arg("groups"),
         py::arg("L"), py::arg("dy"), py::arg("out"));
+  m.def("spmm_linear_sddmm", &spmm_linear_sddmm,
+        "The weight gradient at every tracked position (storage order) into out, from "
+        "token-major x[L, groups * cols] and dy[L, rows].",
+        py::kw_only(), py::arg("values"), py::arg("bits"), py::arg("rows"), py::arg("cols"),
+        py::arg("groups"), py::arg("L"), py::arg("x"), py::arg("dy"), py::arg("out"));
   m.def("spmm_backward", &spmm_backward,
         "dx = W^T dy into out; dy's first plane starts at element head (zeros before it).",
         py::kw_only(), py::arg("values"), py::arg("bits"), py::arg("rows"), py::arg("cols"),

@@ -433,31 +433,24 @@ PK_INLINE void sddmm_task(const SparseGeometry& g, const RowOffsets& ro, const C
   const float* d = dy + n * g.L;
   float* o = out + ro.row[n];
   int64_t e = 0;
-  for (; e + 4 <= ne; e += 4) {
-    const float* p0 = x + sc.off[e];
-    const float* p1 = x + sc.off[e + 1];
-    const float* p2 = x + sc.off[e + 2];
-    const float* p3 = x + sc.off[e + 3];
-    V a0{}, a1{}, a2{}, a3{};
+  constexpr int kE = 8;  // weights per pass over L: independent sums that hide the FMA latency
+  for (; e + kE <= ne; e += kE) {
+    const float* p[kE];
+    V a[kE];
+    for (int k = 0; k < kE; ++k) {
+      p[k] = x + sc.off[e + k];
+      a[k] = V{};
+    }
     int64_t l = 0;
     for (; l + W <= L; l += W) {
       const V dv = vload<W>(d + l);
-      a0 = Fused<W>::madd(a0, dv, vload<W>(p0 + l));
-      a1 = Fused<W>::madd(a1, dv, vload<W>(p1 + l));
-      a2 = Fused<W>::madd(a2, dv, vload<W>(p2 + l));
-      a3 = Fused<W>::madd(a3, dv, vload<W>(p3 + l));
+      for (int k = 0; k < kE; ++k) a[k] = Fused<W>::madd(a[k], dv, vload<W>(p[k] + l));
     }
-    float s0 = vsum<W>(a0), s1 = vsum<W>(a1), s2 = vsum<W>(a2), s3 = vsum<W>(a3);
-    for (; l < L; ++l) {
-      s0 += d[l] * p0[l];
-      s1 += d[l] * p1[l];
-      s2 += d[l] * p2[l];
-      s3 += d[l] * p3[l];
+    for (int k = 0; k < kE; ++k) {
+      float sk = vsum<W>(a[k]);
+      for (int64_t r = l; r < L; ++r) sk += d[r] * p[k][r];
+      o[e + k] = sk;
     }
-    o[e] = s0;
-    o[e + 1] = s1;
-    o[e + 2] = s2;
-    o[e + 3] = s3;
   }
   for (; e < ne; ++e) {
     const float* p = x + sc.off[e];
@@ -780,6 +773,28 @@ void sparse_linear_backward(const SparseGeometry& g, const float* dy, float* dx)
   run_tok_tasks(s.tiles * s.parts, [&](int64_t t, std::vector<float>& buf) {
     k.linear_backward(g, ix, dy, dx, s, t, buf);
   });
+}
+
+void sparse_linear_sddmm(const SparseGeometry& g, const float* x, const float* dy, float* out) {
+  check_linear(g);
+  // x^T and dy^T in the calling thread's workspace: kept between calls up to 16 MB, so steady
+  // training reuses warm pages instead of faulting in fresh ones.
+  constexpr size_t kKeepFloats = size_t{4} << 20;
+  thread_local std::vector<float> work;
+  const int64_t X = g.groups * g.cols;
+  const size_t need = static_cast<size_t>(g.L * (X + g.rows) + 1);
+  if (work.size() < need) work.resize(need);
+  float* xt = work.data();
+  float* dyt = xt + g.L * X;
+  transpose(x, g.L, X, xt);
+  transpose(dy, g.L, g.rows, dyt);
+  try {
+    sparse_sddmm(g, dyt, xt, out);
+  } catch (...) {
+    if (work.size() > kKeepFloats) std::vector<float>().swap(work);
+    throw;
+  }
+  if (work.size() > kKeepFloats) std::vector<float>().swap(work);
 }
 
 void sparse_forward(const SparseGeometry& g, const float* x, const float* bias, float* y) {

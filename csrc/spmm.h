@@ -46,6 +46,8 @@ void sparse_sddmm(const SparseGeometry& g, const float* dy, const float* x, floa
 // y[L, rows] = x[L, groups * cols] W^T (+ bias) and dx[L, groups * cols] = dy[L, rows] W.
 void sparse_linear_forward(const SparseGeometry& g, const float* x, const float* bias, float* y);
 void sparse_linear_backward(const SparseGeometry& g, const float* dy, float* dx);
+// The sampled weight gradient (as sparse_sddmm) from token-major x[L, groups * cols], dy[L, rows].
+void sparse_linear_sddmm(const SparseGeometry& g, const float* x, const float* dy, float* out);
 
 // dst[c * rows + r] = src[r * cols + c]: the layout change between PyTorch's token-major
 // activations and the kernels' feature-major planes, in cache-sized tiles, threaded.

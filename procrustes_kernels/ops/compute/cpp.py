@@ -6,7 +6,8 @@ input gradient read and write PyTorch's token-major layout (the kernel transpose
 tokens in cache); the other kernels work on feature-major activations (one contiguous plane per
 feature, ``csrc/spmm.h``), and this module moves between those and PyTorch's layouts:
 
-* linear SDDMM: ``x [M, cols]`` becomes ``x^T``, one plane of ``M`` tokens per input feature;
+* linear SDDMM: ``x [M, cols]`` and ``dy`` become ``x^T`` and ``dy^T`` (in the extension, in a
+  workspace kept between calls), one plane of ``M`` tokens per feature;
 * convolution: the input is zero-padded and cut into ``stride_h x stride_w`` phase planes on the
   output grid (``[C, sh, sw, B, Hg, Wg]``), so that every kernel position of every tracked weight is
   one shifted contiguous run; outputs are computed on the whole grid and cropped.
@@ -76,10 +77,6 @@ def _check_size(fn: str, name: str, t: Tensor, dim: int, size: int) -> None:
         )
 
 
-_LINEAR_PHASE = np.zeros(1, dtype=np.int32)
-_LINEAR_SHIFT = np.zeros(1, dtype=np.int64)
-
-
 def _geometry(values: Tensor, bits: Tensor, index, phases: int, phase, shift, L: int) -> dict:
     return dict(
         values=_np(values.contiguous()),
@@ -100,20 +97,6 @@ def _values(fn: str, values: Tensor) -> Tensor:
 
 
 # -------------------------------------------------------------------------------- linear layers
-def transposed(x: Tensor) -> Tensor:
-    """``x.t().contiguous()`` of a 2-D float32 tensor, by the extension's tiled transpose."""
-    x = x.contiguous()
-    rows, cols = x.shape
-    out = torch.empty(cols, rows, dtype=torch.float32)
-    _C.transpose(_np(x).reshape(-1), rows, cols, _np(out).reshape(-1))
-    return out
-
-
-def linear_planes(x: Tensor) -> Tensor:
-    """``x [M, cols]`` as the kernels' input planes (``x^T``, contiguous)."""
-    return transposed(x)
-
-
 def _linear_geometry(values: Tensor, bits: Tensor, index, L: int) -> dict:
     return dict(
         values=_np(values.contiguous()),
@@ -159,17 +142,30 @@ def sparse_linear_t(dy: Tensor, values: Tensor, bits: Tensor, index) -> Tensor:
     return dx
 
 
-def sddmm_linear(x: Tensor, dy: Tensor, values: Tensor, bits: Tensor, index) -> Tensor:
-    """``(dy^T @ x)`` at the tracked positions, in storage order (``values``' length): the
-    gradient of the tracked weights of :func:`sparse_linear`."""
-    fn = "sddmm_linear()"
+def _sddmm_args(fn: str, x: Tensor, dy: Tensor, index) -> None:
     _check_size(fn, "x", _check(fn, "x", x, 2), 1, index.cols * index.groups)
     _check_size(fn, "dy", _check(fn, "dy", dy, 2), 1, index.rows)
     if x.shape[0] != dy.shape[0]:
         raise ValueError(
             f"{fn}: expected x and dy with the same rows, got {tuple(x.shape)} and {tuple(dy.shape)}"
         )
-    return sddmm_linear_planes(linear_planes(x), linear_planes(dy), values, bits, index)
+
+
+def sddmm_linear(x: Tensor, dy: Tensor, values: Tensor, bits: Tensor, index) -> Tensor:
+    """``(dy^T @ x)`` at the tracked positions, in storage order (``values``' length): the
+    gradient of the tracked weights of :func:`sparse_linear`."""
+    fn = "sddmm_linear()"
+    _sddmm_args(fn, x, dy, index)
+    values = _values(fn, values)
+    x, dy = x.contiguous(), dy.contiguous()
+    out = torch.empty(values.numel(), dtype=torch.float32)
+    _C.spmm_linear_sddmm(
+        **_linear_geometry(values, bits, index, x.shape[0]),
+        x=_np(x).reshape(-1),
+        dy=_np(dy).reshape(-1),
+        out=_np(out),
+    )
+    return out
 
 
 def sampled_linear_backward(
@@ -177,26 +173,9 @@ def sampled_linear_backward(
 ) -> tuple[Tensor | None, Tensor]:
     """``(dy @ W or None, the tracked weights' gradient)``: the backward of a linear layer on a
     step that keeps the tracked set."""
-    fn = "sddmm_linear()"
-    _check_size(fn, "x", _check(fn, "x", x, 2), 1, index.cols * index.groups)
-    _check_size(fn, "dy", _check(fn, "dy", dy, 2), 1, index.rows)
+    _sddmm_args("sddmm_linear()", x, dy, index)
     dx = sparse_linear_t(dy, values, bits, index) if need_dx else None
-    return dx, sddmm_linear_planes(linear_planes(x), linear_planes(dy), values, bits, index)
-
-
-def sddmm_linear_planes(xt: Tensor, dyt: Tensor, values: Tensor, bits: Tensor, index) -> Tensor:
-    """:func:`sddmm_linear` on ``x^T`` and ``dy^T``."""
-    fn = "sddmm_linear()"
-    values = _values(fn, values)
-    out = torch.empty(values.numel(), dtype=torch.float32)
-    _C.spmm_sddmm(
-        **_geometry(values, bits, index, 1, _LINEAR_PHASE, _LINEAR_SHIFT, xt.shape[1]),
-        dy=_np(dyt).reshape(-1),
-        head=0,
-        x=_np(xt).reshape(-1),
-        out=_np(out),
-    )
-    return out
+    return dx, sddmm_linear(x, dy, values, bits, index)
 
 
 # ---------------------------------------------------------------------------------- convolutions
