@@ -168,6 +168,20 @@ def test_long_conv_sddmm_does_not_depend_on_threads():
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
+def test_linear_sddmm_long_runs_and_large_workspace():
+    # 4500 tokens: the SDDMM sums ranges of L; x^T and dy^T (4.1M floats) exceed the workspace
+    # kept between calls, which is released after it and allocated again by the next call.
+    mask = random_mask(20, 900, 0.05, seed=5)
+    values, bits, index = compressed_weight(mask, device="cpu")
+    x, dy = torch.randn(4500, 900), torch.randn(4500, 20)
+    expected = (dy.t().double() @ x.double())[mask].float()
+    for _ in range(2):
+        got = cpp.sddmm_linear(x, dy, values, bits, index)
+        assert_close_verbose(got, expected, rtol=1e-4, atol=1e-3)
+    small = cpp.sddmm_linear(x[:3], dy[:3], values, bits, index)
+    assert_close_verbose(small, (dy[:3].t() @ x[:3])[mask], **TOL)
+
+
 def test_results_do_not_depend_on_threads():
     mask = random_mask(300, 500, 0.1, seed=3)
     values, bits, index = compressed_weight(mask, device="cpu")
