@@ -19,11 +19,11 @@ and no dense copy of the weight is made. The ``index`` argument may be a full
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 try:
@@ -90,6 +90,38 @@ def _geometry(values: Tensor, bits: Tensor, index, phases: int, phase, shift, L:
         shift=shift,
         L=L,
     )
+
+
+# Scratch planes of the convolution kernels, kept between calls (per thread, per slot, up to
+# WORKSPACE_KEEP_BYTES each): a training loop then reuses warm pages instead of faulting in
+# fresh ones for every call, which costs as much as the kernels themselves on some machines.
+WORKSPACE_KEEP_BYTES = 32 << 20
+
+
+class _Workspace(threading.local):
+    def __init__(self) -> None:
+        self.buffers: dict[str, Tensor] = {}
+
+    def take(self, slot: str, n: int, zero: bool) -> Tensor:
+        """``n`` float32 scratch elements of ``slot`` (zeroed when asked): valid until the next
+        take of the same slot in this thread, so nothing returned to a caller may alias it."""
+        buf = self.buffers.get(slot)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(n, dtype=torch.float32)
+            if n * 4 <= WORKSPACE_KEEP_BYTES:
+                self.buffers[slot] = buf
+        out = buf[:n]
+        if zero:
+            out.zero_()
+        return out
+
+
+_work = _Workspace()
+
+
+def _fresh(view: Tensor) -> Tensor:
+    """A new contiguous tensor with ``view``'s values (never a view of the workspace)."""
+    return torch.empty(view.shape, dtype=view.dtype).copy_(view)
 
 
 def _values(fn: str, values: Tensor) -> Tensor:
@@ -234,14 +266,23 @@ def conv_grid(
 
 def conv_planes(x: Tensor, grid: ConvGrid) -> Tensor:
     """``x [B, C, H, W]`` as the kernels' input planes ``[C, sh, sw, B, Hg, Wg]``, flat, followed
-    by ``max_shift`` zeros."""
-    (h, w), (hg, wg), (sh, sw), (ph, pw) = grid.hw, grid.grid, grid.stride, grid.padding
+    by ``max_shift`` zeros (in this thread's workspace: valid until the next call)."""
+    (hg, wg), (sh, sw), (ph, pw) = grid.grid, grid.stride, grid.padding
     b, c = grid.batch, grid.channels
-    flat = torch.zeros(c * grid.phases * grid.L + grid.max_shift, dtype=torch.float32)
+    flat = _work.take("in", c * grid.phases * grid.L + grid.max_shift, zero=True)
     planes = flat[: c * grid.phases * grid.L].view(c, sh, sw, b, hg, wg)
-    # Padded row y is row y // sh of phase y % sh (the same for columns).
-    padded = F.pad(x, (pw, wg * sw - w - pw, ph, hg * sh - h - ph))
-    planes.copy_(padded.view(b, c, hg, sh, wg, sw).permute(1, 3, 5, 0, 2, 4))
+    # Padded row y = i + ph is row y // sh of phase y % sh (the same for columns): each phase
+    # takes every sh-th row of x from the first i with (i + ph) % sh == that phase.
+    xc = x.transpose(0, 1)
+    for py in range(sh):
+        i0 = (py - ph) % sh
+        for px in range(sw):
+            j0 = (px - pw) % sw
+            src = xc[:, :, i0::sh, j0::sw]
+            if src.numel() == 0:
+                continue
+            r0, q0 = (i0 + ph) // sh, (j0 + pw) // sw
+            planes[:, py, px, :, r0 : r0 + src.shape[2], q0 : q0 + src.shape[3]].copy_(src)
     return flat
 
 
@@ -250,7 +291,7 @@ def _out_planes(dy: Tensor, grid: ConvGrid) -> tuple[Tensor, int]:
     zeros; returns the buffer and that head."""
     n = dy.shape[1]
     head = grid.max_shift
-    flat = torch.zeros(head + n * grid.L, dtype=torch.float32)
+    flat = _work.take("grid", head + n * grid.L, zero=True)
     view = flat[head:].view(n, grid.batch, *grid.grid)
     view[:, :, : grid.out_hw[0], : grid.out_hw[1]] = dy.transpose(0, 1)
     return flat, head
@@ -292,7 +333,7 @@ def sparse_conv2d_planes(
     values = _values(fn, values)
     if bias is not None:
         bias = _check(fn, "bias", bias, 1).contiguous()
-    y = torch.empty(index.rows, grid.batch, *grid.grid, dtype=torch.float32)
+    y = _work.take("out", index.rows * grid.L, zero=False).view(index.rows, grid.batch, *grid.grid)
     _C.spmm_forward(
         **_geometry(values, bits, index, grid.phases, grid.phase, grid.shift, grid.L),
         x=_np(xp),
@@ -300,7 +341,7 @@ def sparse_conv2d_planes(
         out=_np(y).reshape(-1),
     )
     oh, ow = grid.out_hw
-    return y[:, :, :oh, :ow].transpose(0, 1).contiguous()
+    return _fresh(y[:, :, :oh, :ow].transpose(0, 1))
 
 
 def sparse_conv2d_t(
@@ -327,7 +368,7 @@ def sparse_conv2d_t(
             f"got {tuple(dy.shape[2:])}"
         )
     buf, head = _out_planes(dy, grid)
-    dxp = torch.empty(c * grid.phases * grid.L, dtype=torch.float32)
+    dxp = _work.take("out", c * grid.phases * grid.L, zero=False)
     _C.spmm_backward(
         **_geometry(values, bits, index, grid.phases, grid.phase, grid.shift, grid.L),
         dy=_np(buf),
@@ -337,7 +378,7 @@ def sparse_conv2d_t(
     (h, w), (hg, wg), (sh, sw), (ph, pw) = grid.hw, grid.grid, grid.stride, grid.padding
     padded = dxp.view(c, sh, sw, grid.batch, hg, wg).permute(3, 0, 4, 1, 5, 2)
     padded = padded.reshape(grid.batch, c, hg * sh, wg * sw)
-    return padded[:, :, ph : ph + h, pw : pw + w].contiguous()
+    return _fresh(padded[:, :, ph : ph + h, pw : pw + w])
 
 
 def sddmm_conv2d(
