@@ -182,6 +182,14 @@ def test_linear_sddmm_long_runs_and_large_workspace():
     assert_close_verbose(small, (dy[:3].t() @ x[:3])[mask], **TOL)
 
 
+@pytest.mark.parametrize("rows,cols", [(1, 1), (33, 70), (64, 32), (100, 257)])
+def test_transpose_matches_torch(rows, cols, threads):
+    x = torch.randn(rows, cols)
+    out = torch.empty(cols, rows)
+    _C.transpose(x.numpy().reshape(-1), rows, cols, out.numpy().reshape(-1))
+    assert torch.equal(out, x.t())
+
+
 def test_results_do_not_depend_on_threads():
     mask = random_mask(300, 500, 0.1, seed=3)
     values, bits, index = compressed_weight(mask, device="cpu")
