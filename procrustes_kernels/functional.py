@@ -32,8 +32,10 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
 from . import ops, panels
-from .compute import SPARSE_DTYPES, autocast_on, choose_path, input_dtype
+from .compute import SPARSE_DTYPES, autocast_on, choose_path, dense_tracked_grad, input_dtype
+from .ops.compute import reference
 from .ops.contract import Regen
+from .ops.library import Geometry
 
 __all__ = ["linear", "conv2d"]
 
@@ -222,6 +224,7 @@ class _SampledLinearFn(torch.autograd.Function):
                 ctx.panels = panels.Panels(weight, x2d.dtype)
                 out = panels.linear(x2d, ctx.panels, None if b is None else b.to(x2d.dtype))
         _save(ctx, regen, x2d, vals, bits)
+        ctx.dense_grad = not sparse and dense_tracked_grad(weight, x2d)
         ctx.geo, ctx.sparse, ctx.shape = geo, sparse, tuple(weight._shape)
         ctx.weight_dtype = vals.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -246,7 +249,10 @@ class _SampledLinearFn(torch.autograd.Function):
                     else:
                         dx = panels.linear_t(dy, ctx.panels)
                 if ctx.needs_input_grad[1]:
-                    g = ops.sddmm_linear(x2d, dy, vals, bits, ctx.geo)
+                    if ctx.dense_grad:
+                        g = reference.sddmm_linear(x2d, dy, vals, bits, Geometry(*ctx.geo))
+                    else:
+                        g = ops.sddmm_linear(x2d, dy, vals, bits, ctx.geo)
                     dw = _tracked_grad(g, ctx.weight_dtype, bits, ctx.shape)
             if ctx.needs_input_grad[2]:
                 dbias = dy.sum(0).to(ctx.bias_dtype)
@@ -272,6 +278,7 @@ class _SampledConv2dFn(torch.autograd.Function):
                 b = None if b is None else b.to(x.dtype)
                 out = panels.conv2d(x, ctx.panels, b, stride, padding, dilation, groups)
         _save(ctx, regen, x, vals, bits)
+        ctx.dense_grad = not sparse and dense_tracked_grad(weight, x)
         ctx.geo, ctx.conv, ctx.groups, ctx.sparse = geo, conv, groups, sparse
         ctx.shape, ctx.weight_dtype = tuple(weight._shape), vals.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -294,7 +301,10 @@ class _SampledConv2dFn(torch.autograd.Function):
                         x.shape, dy, ctx.panels, stride, padding, dilation, ctx.groups
                     )
             if ctx.needs_input_grad[1]:
-                g = ops.sddmm_conv2d(x, dy, vals, bits, ctx.geo, ctx.conv)
+                if ctx.dense_grad:
+                    g = reference.sddmm_conv2d(x, dy, vals, bits, Geometry(*ctx.geo), *ctx.conv)
+                else:
+                    g = ops.sddmm_conv2d(x, dy, vals, bits, ctx.geo, ctx.conv)
                 dw = _tracked_grad(g, ctx.weight_dtype, bits, ctx.shape)
             if ctx.needs_input_grad[2]:
                 dbias = dy.sum((0, 2, 3)).to(ctx.bias_dtype)

@@ -334,3 +334,42 @@ def test_compiled_training_takes_the_same_step():
         assert_close_verbose(opt._tracked_grad(w), eager[name], rtol=1e-6, atol=1e-7)
     opt.step()
     assert opt.step_count == 2
+
+
+@pytest.mark.parametrize("density", [0.5, 0.1])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_dense_layers_on_the_cpu_pick_the_dense_gradient(kind, density, monkeypatch):
+    """On the C++ backend a materialised layer denser than AUTO_MAX_DENSITY_CPU takes its tracked
+    gradient from ATen's dense weight gradient (picked at the tracked positions); a sparser one
+    from the SDDMM kernel. Both equal the nn layer's gradient at the tracked positions."""
+    if not available_backends()["cpp"]:
+        pytest.skip("the C++ extension is not built here (the rule is the C++ backend's)")
+    from procrustes_kernels import compute, functional
+    from procrustes_kernels.storage import BlockStorage
+
+    torch.manual_seed(1)
+    if kind == "linear":
+        layer, x = pk.SparseLinear(300, 70, seed=3), torch.randn(33, 300)
+        dense = torch.nn.Linear(300, 70)
+    else:
+        layer, x = pk.SparseConv2d(16, 24, 3, padding=1, seed=3), torch.randn(3, 16, 9, 11)
+        dense = torch.nn.Conv2d(16, 24, 3, padding=1)
+    w = layer.weight.effective()
+    mask = torch.rand(w.shape) < density
+    layer.weight.set_tracked(BlockStorage.from_mask(w, mask, layer.weight.block_size), scale=0.0)
+    with torch.no_grad():
+        dense.weight.copy_(layer.weight.effective())
+        dense.bias.copy_(layer.bias)
+    layer.weight.compute = "dense"
+    layer.weight.set_sampled_grad(True)
+    op = "sddmm_linear" if kind == "linear" else "sddmm_conv2d"
+    calls = []
+    real = getattr(functional.reference, op)
+    monkeypatch.setattr(functional.reference, op, lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert compute.dense_tracked_grad(layer.weight, x) == (density > compute.AUTO_MAX_DENSITY_CPU)
+    with use_backend("cpp"):
+        layer(x).sum().backward()
+    dense(x).sum().backward()
+    assert isinstance(layer.weight.grad, TrackedGradient)
+    assert len(calls) == (1 if density > compute.AUTO_MAX_DENSITY_CPU else 0)
+    assert_close_verbose(layer.weight.grad.values, dense.weight.grad[mask], rtol=1e-5, atol=1e-5)
