@@ -744,8 +744,13 @@ LinearIndex linear_index(const SparseGeometry& g) {
 
 template <class F>
 void run_tok_tasks(int64_t tasks, const F& f) {
+  // Each thread's tile buffer is kept between calls up to 4 MB (a layer of 64k input features).
+  constexpr size_t kKeepFloats = size_t{1} << 20;
   thread_local std::vector<float> buf;
-  for_each_chunk(tasks, threads_for(tasks), [&](int64_t t, int) { f(t, buf); });
+  for_each_chunk(tasks, threads_for(tasks), [&](int64_t t, int) {
+    f(t, buf);
+    if (buf.size() > kKeepFloats) std::vector<float>().swap(buf);
+  });
 }
 
 }  // namespace

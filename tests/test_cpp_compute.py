@@ -92,6 +92,7 @@ LINEAR = [  # tokens, rows, cols, density
     (16, 33, 40, 0.3),  # one whole tile of tokens
     (17, 3, 700, 0.2),  # a tile and one token; wide: the input gradient in parts of features
     (47, 300, 70, 0.5),  # the forward in parts of rows
+    (3, 2, 70000, 0.01),  # a tile buffer past the size kept between calls
 ]
 
 
