@@ -77,18 +77,24 @@ def _check_size(fn: str, name: str, t: Tensor, dim: int, size: int) -> None:
         )
 
 
-def _geometry(values: Tensor, bits: Tensor, index, phases: int, phase, shift, L: int) -> dict:
+def _linear_geometry(values: Tensor, bits: Tensor, index, L: int) -> dict:
     return dict(
         values=_np(values.contiguous()),
         bits=_np(bits.contiguous()),
         rows=index.rows,
         cols=index.cols,
-        ksize=index.ksize,
         groups=index.groups,
+        L=L,
+    )
+
+
+def _geometry(values: Tensor, bits: Tensor, index, phases: int, phase, shift, L: int) -> dict:
+    return dict(
+        _linear_geometry(values, bits, index, L),
+        ksize=index.ksize,
         phases=phases,
         phase=phase,
         shift=shift,
-        L=L,
     )
 
 
@@ -129,17 +135,6 @@ def _values(fn: str, values: Tensor) -> Tensor:
 
 
 # -------------------------------------------------------------------------------- linear layers
-def _linear_geometry(values: Tensor, bits: Tensor, index, L: int) -> dict:
-    return dict(
-        values=_np(values.contiguous()),
-        bits=_np(bits.contiguous()),
-        rows=index.rows,
-        cols=index.cols,
-        groups=index.groups,
-        L=L,
-    )
-
-
 def sparse_linear(x: Tensor, values: Tensor, bits: Tensor, index, bias: Tensor | None = None):
     """``x @ W^T + bias`` from the compressed weight (``x`` and the result token-major, as
     PyTorch lays them out: the kernel transposes tiles of 16 tokens in cache)."""
