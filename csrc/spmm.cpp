@@ -17,6 +17,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -102,26 +103,55 @@ struct RowOffsets {
   int64_t at(int64_t n, int64_t b) const { return row[n] + (b ? rel[n * blocks + b] : 0); }
 };
 
+// Tracked counts of rows [n0, n1) into r.row[n + 1] (and r.rel), in a copy per instruction set
+// so the popcounts are instructions where the CPU has them.
+PK_INLINE void count_rows(const SparseGeometry& g, bool with_blocks, int64_t n0, int64_t n1,
+                          RowOffsets& r) {
+  const int64_t nbytes = bit_bytes(g), row_len = g.cols * g.ksize, blen = kColBlock * g.ksize;
+  for (int64_t n = n0; n < n1; ++n) {
+    int64_t c = 0;
+    if (with_blocks) {
+      for (int64_t b = 0; b < r.blocks; ++b) {
+        r.rel[n * r.blocks + b] = static_cast<int32_t>(c);
+        c += count_bits(g.bits, nbytes, n * row_len + b * blen, std::min(blen, row_len - b * blen));
+      }
+    } else {
+      c = count_bits(g.bits, nbytes, n * row_len, row_len);
+    }
+    r.row[n + 1] = c;
+  }
+}
+
+using CountRows = void (*)(const SparseGeometry&, bool, int64_t, int64_t, RowOffsets&);
+
+void count_rows_plain(const SparseGeometry& g, bool with_blocks, int64_t n0, int64_t n1,
+                      RowOffsets& r) {
+  count_rows(g, with_blocks, n0, n1, r);
+}
+
+#if PK_HAVE_SIMD_VARIANT
+PK_SIMD_TARGET void count_rows_simd(const SparseGeometry& g, bool with_blocks, int64_t n0,
+                                    int64_t n1, RowOffsets& r) {
+  count_rows(g, with_blocks, n0, n1, r);
+}
+#endif
+
+CountRows count_rows_fn() {
+#if PK_HAVE_SIMD_VARIANT
+  if (simd_level() >= 1) return count_rows_simd;
+#endif
+  return count_rows_plain;
+}
+
 RowOffsets row_offsets(const SparseGeometry& g, bool with_blocks) {
   RowOffsets r;
-  const int64_t nbytes = bit_bytes(g), row_len = g.cols * g.ksize, blen = kColBlock * g.ksize;
   r.blocks = ceil_div(g.cols, kColBlock);
   r.row.assign(static_cast<size_t>(g.rows + 1), 0);
   if (with_blocks) r.rel.resize(static_cast<size_t>(g.rows * r.blocks));
   const int64_t chunks = ceil_div(g.rows, 256);
+  const CountRows count = count_rows_fn();
   for_each_chunk(chunks, threads_for(chunks), [&](int64_t ch, int) {
-    for (int64_t n = ch * 256; n < std::min(g.rows, (ch + 1) * 256); ++n) {
-      int64_t c = 0;
-      if (with_blocks) {
-        for (int64_t b = 0; b < r.blocks; ++b) {
-          r.rel[n * r.blocks + b] = static_cast<int32_t>(c);
-          c += count_bits(g.bits, nbytes, n * row_len + b * blen, std::min(blen, row_len - b * blen));
-        }
-      } else {
-        c = count_bits(g.bits, nbytes, n * row_len, row_len);
-      }
-      r.row[n + 1] = c;
-    }
+    count(g, with_blocks, ch * 256, std::min(g.rows, (ch + 1) * 256), r);
   });
   for (int64_t n = 0; n < g.rows; ++n) r.row[n + 1] += r.row[n];
   if (r.row[g.rows] != g.nnz) {
@@ -509,25 +539,71 @@ float* thread_buffer(std::vector<float>& buf, int64_t n) {  // grow-only, kept b
   return buf.data();
 }
 
+// A kTok x kTok block transposed in registers: four rounds of two-vector shuffles, round s
+// swapping the off-diagonal s x s sub-blocks of every 2s x 2s block (vpermt2ps on AVX-512).
+#if defined(__GNUC__) && !defined(__clang__)
+typedef int32_t TokIdx __attribute__((vector_size(kTok * 4)));
+
+template <int S, int... J>
+constexpr TokIdx round_mask(bool high, std::integer_sequence<int, J...>) {
+  return high ? TokIdx{((J & S) ? kTok + J : J + S)...} : TokIdx{((J & S) ? kTok + J - S : J)...};
+}
+
+template <int S>
+PK_INLINE void transpose_round(Tok (&v)[kTok]) {
+  constexpr TokIdx lo = round_mask<S>(false, std::make_integer_sequence<int, kTok>{});
+  constexpr TokIdx hi = round_mask<S>(true, std::make_integer_sequence<int, kTok>{});
+  for (int i = 0; i < kTok; ++i) {
+    if (i & S) continue;
+    const Tok a = v[i], b = v[i + S];
+    v[i] = __builtin_shuffle(a, b, lo);
+    v[i + S] = __builtin_shuffle(a, b, hi);
+  }
+}
+
+PK_INLINE void transpose_block(Tok (&v)[kTok]) {
+  transpose_round<8>(v);
+  transpose_round<4>(v);
+  transpose_round<2>(v);
+  transpose_round<1>(v);
+}
+#else
+PK_INLINE void transpose_block(Tok (&v)[kTok]) {
+  for (int i = 0; i < kTok; ++i) {
+    for (int j = i + 1; j < kTok; ++j) std::swap(v[i][j], v[j][i]);
+  }
+}
+#endif
+
 // dst[c * kTok + r] = src[r * ld + c0 + c] for c < n, r < nr; zero for nr <= r < kTok.
 PK_INLINE void tile_in(const float* src, int64_t ld, int64_t nr, int64_t c0, int64_t n,
                        float* dst) {
+  int64_t c = 0;
+  for (; c + kTok <= n; c += kTok) {
+    Tok v[kTok];
+    for (int r = 0; r < kTok; ++r) v[r] = r < nr ? tload(src + r * ld + c0 + c) : Tok{};
+    transpose_block(v);
+    for (int j = 0; j < kTok; ++j) tstore(dst + (c + j) * kTok, v[j]);
+  }
   for (int64_t r = 0; r < kTok; ++r) {
-    if (r < nr) {
-      const float* s = src + r * ld + c0;
-      for (int64_t c = 0; c < n; ++c) dst[c * kTok + r] = s[c];
-    } else {
-      for (int64_t c = 0; c < n; ++c) dst[c * kTok + r] = 0.0f;
-    }
+    const float* s = src + r * ld + c0;
+    for (int64_t j = c; j < n; ++j) dst[j * kTok + r] = r < nr ? s[j] : 0.0f;
   }
 }
 
 // dst[r * ld + c0 + c] = src[c * kTok + r] for c < n, r < nr.
 PK_INLINE void tile_out(const float* src, int64_t nr, int64_t c0, int64_t n, float* dst,
                         int64_t ld) {
+  int64_t c = 0;
+  for (; c + kTok <= n; c += kTok) {
+    Tok v[kTok];
+    for (int j = 0; j < kTok; ++j) v[j] = tload(src + (c + j) * kTok);
+    transpose_block(v);
+    for (int64_t r = 0; r < nr; ++r) tstore(dst + r * ld + c0 + c, v[r]);
+  }
   for (int64_t r = 0; r < nr; ++r) {
     float* d = dst + r * ld + c0;
-    for (int64_t c = 0; c < n; ++c) d[c] = src[c * kTok + r];
+    for (int64_t j = c; j < n; ++j) d[j] = src[j * kTok + r];
   }
 }
 
@@ -725,19 +801,58 @@ void check_linear(const SparseGeometry& g) {
   }
 }
 
+// The tracked columns of rows [n0, n1), in a copy per instruction set as count_rows. A word's
+// first eight set bits are written without a branch on their count (positions past it land in
+// slots the next word overwrites, or in the eight spare slots past the end of the columns), so
+// the count's misprediction is paid only by words with more; a row range stops that where the
+// next range's first slots begin (another thread writes them).
+PK_INLINE void decode_rows(const SparseGeometry& g, int64_t n0, int64_t n1, LinearIndex& ix) {
+  const int64_t nbytes = bit_bytes(g), rpg = g.rows / g.groups;
+  int32_t* const stop = ix.col.data() + ix.row[n1];
+  for (int64_t n = n0; n < n1; ++n) {
+    const int32_t base = static_cast<int32_t>((n / rpg) * g.cols);
+    int32_t* c = ix.col.data() + ix.row[n];
+    const int64_t pos = n * g.cols;
+    for_each_word(g.bits, nbytes, pos, g.cols, [&](int64_t w, uint64_t x) {
+      const int32_t at = base + static_cast<int32_t>(w * 64 - pos);
+      if (n1 < g.rows ? stop - c >= 8 : true) {
+        int32_t* const next = c + popcount64(x);
+        for (int i = 0; i < 8; ++i) {
+          c[i] = at + ctz64(x | uint64_t{1} << 63);  // defined for x == 0 too
+          x &= x - 1;
+        }
+        c += 8;
+        for (; x; x &= x - 1) *c++ = at + ctz64(x);
+        c = next;
+      } else {
+        for (; x; x &= x - 1) *c++ = at + ctz64(x);
+      }
+    });
+  }
+}
+
+void decode_rows_plain(const SparseGeometry& g, int64_t n0, int64_t n1, LinearIndex& ix) {
+  decode_rows(g, n0, n1, ix);
+}
+
+#if PK_HAVE_SIMD_VARIANT
+PK_SIMD_TARGET void decode_rows_simd(const SparseGeometry& g, int64_t n0, int64_t n1,
+                                     LinearIndex& ix) {
+  decode_rows(g, n0, n1, ix);
+}
+#endif
+
 LinearIndex linear_index(const SparseGeometry& g) {
   LinearIndex ix;
   ix.row = row_offsets(g, false).row;
-  ix.col.resize(static_cast<size_t>(g.nnz));
-  const int64_t nbytes = bit_bytes(g), rpg = g.rows / g.groups;
+  ix.col.resize(static_cast<size_t>(g.nnz) + 8);  // spare slots for decode_rows
+  auto decode = decode_rows_plain;
+#if PK_HAVE_SIMD_VARIANT
+  if (simd_level() >= 1) decode = decode_rows_simd;
+#endif
   const int64_t chunks = ceil_div(g.rows, 256);
   for_each_chunk(chunks, threads_for(chunks), [&](int64_t ch, int) {
-    for (int64_t n = ch * 256; n < std::min(g.rows, (ch + 1) * 256); ++n) {
-      const int32_t base = static_cast<int32_t>((n / rpg) * g.cols);
-      int32_t* c = ix.col.data() + ix.row[n];
-      for_each_bit(g.bits, nbytes, n * g.cols, g.cols,
-                   [&](int64_t j) { *c++ = base + static_cast<int32_t>(j); });
-    }
+    decode(g, ch * 256, std::min(g.rows, (ch + 1) * 256), ix);
   });
   return ix;
 }
