@@ -297,7 +297,7 @@ void candidates(PK_SEGMENT_PARAMS, py::object c_out, py::object m_out, py::objec
 template <class T>
 py::tuple finish_compact(const SegmentIn& in, const pk::SegmentArgs<T>& seg,
                          const pk::StepArgs& p, const py::array_t<uint8_t>& bits,
-                         const py::array_t<int64_t>& ptr, int64_t kept,
+                         const py::array_t<int64_t>& ptr, int64_t kept, bool zero_ok,
                          const pk::Compaction<T>* pre = nullptr) {
   auto values = new_array<T>(kept);
   py::object momentum = py::none();
@@ -310,7 +310,7 @@ py::tuple finish_compact(const SegmentIn& in, const pk::SegmentArgs<T>& seg,
   T* vals = values.mutable_data();
   {
     py::gil_scoped_release release;
-    pk::compact_gather<T>(seg, p, bits.data(), ptr.data(), vals, mom, pre);
+    pk::compact_gather<T>(seg, p, bits.data(), ptr.data(), vals, mom, pre, zero_ok);
   }
   return py::make_tuple(values, bits, ptr, momentum);
 }
@@ -343,7 +343,8 @@ py::tuple compact(PK_SEGMENT_PARAMS, double threshold, int64_t tie_quota, bool w
       r = pk::compact_select<T>(seg, p, static_cast<float>(threshold), tie_quota, b, gp, bins, h,
                                 sb, &pre);
     }
-    py::tuple out = finish_compact<T>(in, seg, p, new_bits, ptr, r.kept, &pre);
+    const bool zero_ok = pk::keeps_positive_scores(static_cast<float>(threshold), tie_quota);
+    py::tuple out = finish_compact<T>(in, seg, p, new_bits, ptr, r.kept, zero_ok, &pre);
     return py::make_tuple(out[0], out[1], out[2], out[3], r.ties_used, hist);
   });
 }
@@ -366,7 +367,7 @@ py::tuple compact_mask(PK_SEGMENT_PARAMS, py::object keep) {
       py::gil_scoped_release release;
       kept = pk::mask_select(kp, in.numel, b, gp);
     }
-    return finish_compact<T>(in, seg, p, new_bits, ptr, kept);
+    return finish_compact<T>(in, seg, p, new_bits, ptr, kept, false);  // any element may be kept
   });
 }
 

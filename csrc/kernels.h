@@ -151,7 +151,7 @@ template <class T>
 void candidates(const SegmentArgs<T>& seg, const StepArgs& p, T* c, T* m, float* s,
                 uint8_t* tracked) {
   std::atomic<int64_t> bad{std::numeric_limits<int64_t>::max()};
-  const Update<T> u(seg, p, &bad);
+  const Update<T> u(seg, p, &bad, false);  // every candidate out, the signs of zeros included
   check_header(u.ptr, u.ngroups, u.nvalues, "candidates");
   const int level = simd_level();
   for_each_group_chunk(u.ngroups, [&](int64_t g0, int64_t g1) {
@@ -166,7 +166,7 @@ SelectResult compact_select(const SegmentArgs<T>& seg, const StepArgs& p, float 
                             const LogBins& bins, int64_t* hist, const uint16_t* upper,
                             Compaction<T>* pre) {
   std::atomic<int64_t> bad{std::numeric_limits<int64_t>::max()};
-  const Update<T> u(seg, p, &bad);
+  const Update<T> u(seg, p, &bad, keeps_positive_scores(threshold, tie_quota));
   check_header(u.ptr, u.ngroups, u.nvalues, "compact");
   const int64_t ngroups = u.ngroups, nbytes = u.nbytes;
   const bool with_ties = tie_quota > 0;
@@ -264,9 +264,9 @@ SelectResult compact_select(const SegmentArgs<T>& seg, const StepArgs& p, float 
 template <class T>
 void compact_gather(const SegmentArgs<T>& seg, const StepArgs& p, const uint8_t* new_bits,
                     const int64_t* new_ptr, T* out_values, T* out_momentum,
-                    const Compaction<T>* pre) {
+                    const Compaction<T>* pre, bool zero_ok) {
   std::atomic<int64_t> bad{std::numeric_limits<int64_t>::max()};
-  const Update<T> u(seg, p, &bad);
+  const Update<T> u(seg, p, &bad, zero_ok);
   check_header(u.ptr, u.ngroups, u.nvalues, "compact");
   if (pre != nullptr && pre->ready) {
     // run_pass ran whole chunks of kChunkGroups groups, each on one thread in order, so a
@@ -301,6 +301,6 @@ void compact_gather(const SegmentArgs<T>& seg, const StepArgs& p, const uint8_t*
                                           int64_t, uint8_t*, int64_t*, const LogBins&,         \
                                           int64_t*, const uint16_t*, Compaction<T>*);          \
   template void compact_gather<T>(const SegmentArgs<T>&, const StepArgs&, const uint8_t*,      \
-                                  const int64_t*, T*, T*, const Compaction<T>*);
+                                  const int64_t*, T*, T*, const Compaction<T>*, bool);
 
 }  // namespace pk

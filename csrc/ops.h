@@ -124,10 +124,17 @@ SelectResult compact_select(const SegmentArgs<T>& seg, const StepArgs& p, float 
 // The bitmask and group pointers of an explicit keep mask (one byte per element).
 int64_t mask_select(const uint8_t* keep, int64_t numel, uint8_t* out_bits, int64_t* out_ptr);
 
+// True when a compaction at this threshold and tie quota keeps only positive scores, so no kept
+// candidate is a zero whose sign the skipped w0 would decide (see Update::zero_init).
+inline bool keeps_positive_scores(float threshold, int64_t tie_quota) {
+  return threshold > 0.0f || (threshold == 0.0f && tie_quota == 0);
+}
+
+// zero_ok: the kept set holds positive scores only (keeps_positive_scores()).
 template <class T>
 void compact_gather(const SegmentArgs<T>& seg, const StepArgs& p, const uint8_t* new_bits,
                     const int64_t* new_ptr, T* out_values, T* out_momentum,
-                    const Compaction<T>* pre);
+                    const Compaction<T>* pre, bool zero_ok);
 
 // PaperQuantileSelector's sequential walk; returns the final theta.
 template <class S>

@@ -172,7 +172,9 @@ PK_NOINLINE PK_AVX512_TARGET void update_groups_avx512(const Update<T>& u, Sink&
   uint64_t tw[kGroupWords];
   uint32_t rk_hi = static_cast<uint32_t>(static_cast<uint64_t>(g0 * kGroupSize) >> 32);
   RoundKeys rk(u.key, rk_hi);
-  if (g0 < g1) {
+  if (u.zero_init) {
+    std::memset(w0, 0, sizeof w0);  // and nothing writes them again
+  } else if (g0 < g1) {
     u.init_block(u.key, g0 * kGroupSize, group_len(u.n, g0 * kGroupSize), u.bound, w0[0]);
   }
   for (int64_t g = g0; g < g1; ++g) {
@@ -211,14 +213,16 @@ PK_NOINLINE PK_AVX512_TARGET void update_groups_avx512(const Update<T>& u, Sink&
     const char* const ngrad = reinterpret_cast<const char*>(u.grad + nbase);
     for (int j0 = 0; j0 < kGroupSize; j0 += kCountPart) {
       if (next_full) {
-        w0_block32_avx512(rk, nlo + static_cast<uint32_t>(j0), u.bound, nxt + j0);
+        if (!u.zero_init) w0_block32_avx512(rk, nlo + static_cast<uint32_t>(j0), u.bound, nxt + j0);
         for (size_t b = 0; b < kCountPart * sizeof(T); b += 64) {
           __builtin_prefetch(ngrad + j0 * sizeof(T) + b);
         }
       }
       if (ok && j0 < len) sink.count(s + j0, std::min(kCountPart, len - j0));
     }
-    if (next && !next_full) u.init_block(u.key, nbase, group_len(u.n, nbase), u.bound, nxt);
+    if (next && !next_full && !u.zero_init) {
+      u.init_block(u.key, nbase, group_len(u.n, nbase), u.bound, nxt);
+    }
     if (ok) {
       sink.template body<2>(g, len, s);
       if constexpr (kCM) sink.template collect<2>(g, c, m);

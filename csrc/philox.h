@@ -92,6 +92,11 @@ void init_values_block_avx2(PhiloxKey key, int64_t start, int len, float bound, 
 void init_values_block_avx512(PhiloxKey key, int64_t start, int len, float bound, float* w0);
 #endif
 
+// Zeros in place of w0, for passes where every use of w0 is multiplied by a zero scale: the
+// products would be zeros anyway (up to their sign, which no kept result depends on), so the
+// Philox rounds are skipped.
+void zero_values_block(PhiloxKey key, int64_t start, int len, float bound, float* w0);
+
 // w0 at offsets start + idx[l] for l < count (0 <= idx[l] < 2**31): the scattered elements of
 // one group, e.g. the kept weights that were not tracked. idx and out must have room for
 // count rounded up to kIdxPad entries (the padding lanes are computed and discarded).
@@ -101,6 +106,9 @@ using InitIdxFn = void (*)(PhiloxKey key, int64_t start, const int32_t* idx, int
 
 void init_values_idx_plain(PhiloxKey key, int64_t start, const int32_t* idx, int count,
                            float bound, float* out);
+// zero_values_block() for the scattered elements (count rounded up to kIdxPad entries).
+void zero_values_idx(PhiloxKey key, int64_t start, const int32_t* idx, int count, float bound,
+                     float* out);
 #if PK_HAVE_SIMD_VARIANT
 void init_values_idx_avx2(PhiloxKey key, int64_t start, const int32_t* idx, int count,
                           float bound, float* out);

@@ -8,6 +8,8 @@
 // hide the multiply latency.
 #include "philox.h"
 
+#include <algorithm>
+
 #if PK_HAVE_SIMD_VARIANT
 // GCC 12 flags the deliberately undefined lanes inside its own AVX-512 intrinsics.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -22,6 +24,14 @@ void init_values_block_plain(PhiloxKey key, int64_t start, int len, float bound,
 void init_values_idx_plain(PhiloxKey key, int64_t start, const int32_t* idx, int count,
                            float bound, float* out) {
   for (int j = 0; j < count; ++j) out[j] = init_value(key, start + idx[j], bound);
+}
+
+void zero_values_block(PhiloxKey, int64_t, int len, float, float* w0) {
+  std::fill(w0, w0 + len, 0.0f);
+}
+
+void zero_values_idx(PhiloxKey, int64_t, const int32_t*, int count, float, float* out) {
+  std::fill(out, out + (count + kIdxPad - 1) / kIdxPad * kIdxPad, 0.0f);
 }
 
 #if PK_HAVE_SIMD_VARIANT

@@ -79,9 +79,13 @@ PK_INLINE T add_scaled(T self, T other, T alpha) {
 }
 
 // Scalars of one update pass over one segment, converted once as the reference converts them.
+// Where both scales are zero (Procrustes after its decay) and the pass only selects (zero_ok),
+// w0 is never regenerated: an untracked W and its target d_n * w0 are zeros either way (up to the
+// sign of a zero, which changes no score, and no kept weight: a kept candidate is never zero).
 template <class T>
 struct Update {
   PhiloxKey key;
+  bool zero_init;
   InitBlockFn init_block;
   InitIdxFn init_idx;
   float bound;
@@ -99,10 +103,12 @@ struct Update {
   T wd, neg_lr, mu;
   std::atomic<int64_t>* bad;
 
-  Update(const SegmentArgs<T>& s, const StepArgs& p, std::atomic<int64_t>* bad_group)
+  Update(const SegmentArgs<T>& s, const StepArgs& p, std::atomic<int64_t>* bad_group,
+         bool zero_ok = true)
       : key(s.seed),
-        init_block(init_block_fn()),
-        init_idx(init_idx_fn()),
+        zero_init(zero_ok && to_f32(p.scale_prev) == 0.0f && to_f32(p.scale) == 0.0f),
+        init_block(zero_init ? zero_values_block : init_block_fn()),
+        init_idx(zero_init ? zero_values_idx : init_idx_fn()),
         bound(to_f32(s.bound)),
         n(s.numel),
         nbytes(ceil_div(s.numel, 8)),

@@ -149,6 +149,37 @@ def test_update_ops_are_identical_on_every_config():
     assert_same(on_every_config(lambda: C.compact_mask(seg, p, keep)), R.compact_mask(seg, p, keep))
 
 
+@pytest.mark.parametrize("n", [1, 257, 4099, 100_003])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_selection_after_the_decay_is_identical_on_every_config(n, dtype):
+    # Both scales zero (Procrustes after its decay): the selecting passes skip regenerating w0, so
+    # they must still give the reference's results bit for bit, with zero gradients among the
+    # untracked weights (candidates of zero, never kept) and the stored-scores path included.
+    p = PARAMS["zero_scale"]
+    seg = random_segment(n, dtype=dtype, scale_prev=0.0, zero_grads=0.2, rng=14)
+    s = R.scores(seg, p)
+    thr = threshold_with_ties(s)
+    assert_same(on_every_config(lambda: C.candidates(seg, p)), R.candidates(seg, p))
+    assert_same(on_every_config(lambda: C.log_histogram(seg, p)), R.log_histogram(seg, p))
+    assert_same(on_every_config(lambda: C.radix_histogram(seg, p)), R.radix_histogram(seg, p))
+    for quota in (0, 3):
+        for hist in (False, True):
+            assert_same(
+                on_every_config(lambda q=quota, h=hist: C.compact(seg, p, thr, q, h)),
+                R.compact(seg, p, thr, quota, hist),
+                f"quota={quota} with_histogram={hist}",
+            )
+    assert_same(on_every_config(lambda: C.compact(seg, p, 0.0)), R.compact(seg, p, 0.0))
+    keep = torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.1
+    assert_same(on_every_config(lambda: C.compact_mask(seg, p, keep)), R.compact_mask(seg, p, keep))
+
+    def two_pass():  # the first pass stores the scores, the compaction reads them
+        t = _copy(seg, {})
+        return C.log_histogram(t, p), C.compact(t, p, thr)
+
+    assert_same(on_every_config(two_pass), (R.log_histogram(seg, p), R.compact(seg, p, thr)))
+
+
 @pytest.mark.parametrize("n", [257, 4099, 100_003])
 def test_compact_tie_quota_is_identical_on_every_config(n):
     # bound 0 and integer gradients: scores take a handful of values, so every threshold has many
