@@ -19,8 +19,9 @@ shape and density, untracked weights exact zeros (Procrustes after its decay):
 ``steps``: whole training steps (forward, backward, optimizer step; ``zero_grad`` before each, outside
 the timing and the memory window) of a 4 x 4096^2 MLP
 at batch 64 and of ResNet-18 (CIFAR shapes, batch 32): dense with SGD momentum against DropBack and
-Procrustes (after its decay) at a 10% budget, with ``reselect_every`` 1 and 10 (the time of an average step of
-the interval; selecting and keeping steps also apart). Each configuration runs in its own process;
+Procrustes (after its decay and its quantile estimator's warm-up) at a 10% budget, with
+``reselect_every`` 1 and 10 (the time of an average step of the interval; selecting and keeping
+steps also apart). Each configuration runs in its own process;
 a step's peak memory is the process's peak resident memory during that step (Linux: VmHWM, reset
 before each step) above what the process held before the model was built: the model, optimizer
 state, activations and every transient. ``peak_mb`` is the largest over the timed steps,
@@ -247,6 +248,9 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+QUANTILE_WARMUP = 10  # Procrustes(quantile_warmup=...) default
+
+
 def step_config(model_name: str, method: str, reselect: int, quick: bool, steps: int) -> dict:
     """One configuration, in this process: time per step, peak memory above the start (freed
     memory the allocator still holds is handed back before each step's window: glibc's
@@ -283,7 +287,11 @@ def step_config(model_name: str, method: str, reselect: int, quick: bool, steps:
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
-    warm = 3 if method == "dense" else max(3, reselect)  # after the decay, at an interval start
+    # After the decay, at an interval start; Procrustes also past its estimator's warm-up (its
+    # first QUANTILE_WARMUP selecting steps take a second pass over stored scores), as in training.
+    warm = 3 if method == "dense" else max(3, reselect)
+    if method == "procrustes":
+        warm = max(warm, reselect * QUANTILE_WARMUP)
     for _ in range(warm):
         opt.zero_grad()
         step()

@@ -249,8 +249,9 @@ class DropBack(Optimizer):
             keeps its share).
         zero_cutoff: decay factors below this become exactly 0 (untracked weights are then zeros).
         drift_window: steps over which the quantile estimator averages the count drift.
-        quantile_warmup: first steps in which the quantile estimator reads its threshold from
-            the step's own scores (a second pass) rather than carrying it from the last step.
+        quantile_warmup: first selecting steps (with ``reselect_every = R``, the first
+            ``R * quantile_warmup`` steps) in which the quantile estimator reads its threshold from
+            the step's own scores (a second pass) rather than carrying it from the last selection.
         granularity: ``"element"`` (default: single weights are tracked) or ``"tile"`` (whole tiles
             are tracked or regenerated, the unit of the sparse compute kernels). A tile's score is
             the mean of its weights' scores (float64 sum over the tile's weights); tiles are ranked
