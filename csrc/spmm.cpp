@@ -663,6 +663,21 @@ PK_INLINE void linear_backward_task(const SparseGeometry& g, const LinearIndex& 
     }
     if (e == e1) continue;
     const Tok d = tload(db + (n - n_begin) * kTok);
+    // A row's tracked columns are distinct: four loads, then four stores.
+    for (; e + 4 <= e1; e += 4) {
+      float* p0 = acc + (col[e] - c_begin) * kTok;
+      float* p1 = acc + (col[e + 1] - c_begin) * kTok;
+      float* p2 = acc + (col[e + 2] - c_begin) * kTok;
+      float* p3 = acc + (col[e + 3] - c_begin) * kTok;
+      const Tok r0 = Fused<W>::madd(tload(p0), val[e], d);
+      const Tok r1 = Fused<W>::madd(tload(p1), val[e + 1], d);
+      const Tok r2 = Fused<W>::madd(tload(p2), val[e + 2], d);
+      const Tok r3 = Fused<W>::madd(tload(p3), val[e + 3], d);
+      tstore(p0, r0);
+      tstore(p1, r1);
+      tstore(p2, r2);
+      tstore(p3, r3);
+    }
     for (; e < e1; ++e) {
       float* p = acc + (col[e] - c_begin) * kTok;
       tstore(p, Fused<W>::madd(tload(p), val[e], d));
