@@ -366,7 +366,9 @@ PK_INLINE void axpy_rows(const float* src, const int64_t* off, const float* val,
   }
 }
 
-// Forward: one row of y over [l0, l1).
+// Forward: the task's rows of y over [l0, l1), a register chunk of L at a time for all rows, so
+// the input planes' chunk (with the shifts' halo) stays in L1 while every row reads it. Each
+// output float gets the same sum, in the same order, as a row-by-row walk.
 template <int W>
 PK_INLINE void forward_task(const SparseGeometry& g, const RowOffsets& ro, const Columns& cl,
                             const float* x,
@@ -375,18 +377,26 @@ PK_INLINE void forward_task(const SparseGeometry& g, const RowOffsets& ro, const
   const int64_t lc = task / s.item_tasks(), it = task % s.item_tasks();
   const int64_t l0 = lc * s.lsize, l1 = std::min(g.L, l0 + s.lsize);
   const int64_t row_len = g.cols * g.ksize;
-  sc.off.resize(static_cast<size_t>(row_len));
-  sc.val.resize(static_cast<size_t>(row_len));
+  const int64_t n0 = it * s.per, n1 = std::min(g.rows, (it + 1) * s.per);
+  if (n0 >= n1) return;
+  // The rows' values are contiguous from ro.row[n0]; their input offsets are decoded once.
+  const int64_t v0 = ro.row[n0];
+  sc.off.resize(static_cast<size_t>(ro.row[n1] - v0));
   const int64_t* in_off = cl.in_off.data();
-  for (int64_t n = it * s.per; n < std::min(g.rows, (it + 1) * s.per); ++n) {
+  for (int64_t n = n0; n < n1; ++n) {
     const int64_t base = (n / (g.rows / g.groups)) * cl.group_stride;
-    int64_t ne = 0, vi = ro.row[n];
-    for_each_bit(g.bits, bit_bytes(g), n * row_len, row_len, [&](int64_t j) {
-      sc.off[ne] = base + in_off[j];
-      sc.val[ne++] = g.values[vi++];
-    });
-    axpy_rows<W>(x, sc.off.data(), sc.val.data(), ne, bias ? bias[n] : 0.0f, y + n * g.L, l0,
-                 l1);
+    int64_t* off = sc.off.data() + (ro.row[n] - v0);
+    int64_t ne = 0;
+    for_each_bit(g.bits, bit_bytes(g), n * row_len, row_len,
+                 [&](int64_t j) { off[ne++] = base + in_off[j]; });
+  }
+  for (int64_t l = l0; l < l1; l += kChunk) {
+    const int64_t le = std::min(l1, l + kChunk);
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t e0 = ro.row[n] - v0;
+      axpy_rows<W>(x, sc.off.data() + e0, g.values + ro.row[n], ro.row[n + 1] - ro.row[n],
+                   bias ? bias[n] : 0.0f, y + n * g.L, l, le);
+    }
   }
 }
 
@@ -436,11 +446,15 @@ PK_INLINE void backward_block(const SparseGeometry& g, const RowOffsets& ro, con
       sc.val[at] = g.values[vi++];
     });
   }
+  // A register chunk of L at a time for all planes (the output planes' chunk stays in L1).
   float* base = dx + (grp * g.cols + c0) * g.phases * g.L;
-  for (int64_t p = 0; p < planes; ++p) {
-    const int64_t e0 = sc.count[p], e1 = sc.count[p + 1];
-    axpy_rows<W>(dy, sc.off.data() + e0, sc.val.data() + e0, e1 - e0, 0.0f, base + p * g.L, l0,
-                 l1);
+  for (int64_t l = l0; l < l1; l += kChunk) {
+    const int64_t le = std::min(l1, l + kChunk);
+    for (int64_t p = 0; p < planes; ++p) {
+      const int64_t e0 = sc.count[p], e1 = sc.count[p + 1];
+      axpy_rows<W>(dy, sc.off.data() + e0, sc.val.data() + e0, e1 - e0, 0.0f, base + p * g.L, l,
+                   le);
+    }
   }
 }
 
