@@ -15,17 +15,19 @@ Two paths give the same function:
   ``"sparse"`` raises there. The weight gradient stays a dense GEMM (``dY^T X`` / cuDNN's
   weight gradient) on steps that reselect the tracked set.
 
-A budgeted weight's ``compute`` attribute (also reachable as ``SparseLinear.compute``) picks one: ``"dense"``, ``"sparse"`` (raises when the sparse path is
-not valid) or ``"auto"`` (default), which takes the sparse kernels when they are valid, the Triton
-kernels run (CUDA), the layer is large enough and few enough tiles hold tracked weights
-(:data:`AUTO_MAX_TILE_DENSITY`, :data:`AUTO_MIN_WEIGHTS`), or, on the CPU with the C++ kernels
-(float32), the layer has at least :data:`AUTO_MIN_WEIGHTS_CPU` weights and few enough of them are
-tracked (:data:`AUTO_MAX_DENSITY_CPU`); the choice is made per weight and
-call (so per step), and ``weight.last_path`` records it. ``"auto"`` never takes the regenerating
-kernels: a unit of ``BLOCK_M`` input rows regenerates every weight it reads (a Philox draw per
-weight per unit), where the materialise path draws each weight once per panel and hands the
-product to cuBLAS; they are for when memory, not time, is the limit (not timed on a GPU yet). The autograd functions of both paths live
-in :mod:`procrustes_kernels.functional`.
+A budgeted weight's ``compute`` attribute (also reachable as ``SparseLinear.compute``) picks one:
+``"dense"``, ``"sparse"`` (raises when the sparse path is not valid) or ``"auto"`` (default), which
+takes the sparse kernels when they are valid, the Triton kernels run (CUDA), the layer is large
+enough and few enough tiles hold tracked weights (:data:`AUTO_MAX_TILE_DENSITY`,
+:data:`AUTO_MIN_WEIGHTS`), or, on the CPU with the C++ kernels (float32), the layer has at least
+:data:`AUTO_MIN_WEIGHTS_CPU` weights and few enough of them are tracked
+(:data:`AUTO_MAX_DENSITY_CPU`; for a convolution also at most
+:data:`AUTO_MAX_TRACKED_CHANNELS_CPU` divided by its input channels per group); the choice is made
+per weight and call (so per step), and ``weight.last_path`` records it. ``"auto"`` never takes the
+regenerating kernels: a unit of ``BLOCK_M`` input rows regenerates every weight it reads (a Philox
+draw per weight per unit), where the materialise path draws each weight once per panel and hands
+the product to cuBLAS; they are for when memory, not time, is the limit (not timed on a GPU yet).
+The autograd functions of both paths live in :mod:`procrustes_kernels.functional`.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ __all__ = [
     "AUTO_MIN_WEIGHTS",
     "AUTO_MAX_DENSITY_CPU",
     "AUTO_MIN_WEIGHTS_CPU",
+    "AUTO_MAX_TRACKED_CHANNELS_CPU",
     "DEFAULT_COMPUTE_TILE",
     "COMPUTE_TILE_SIZES",
     "check_compute",
@@ -69,6 +72,14 @@ AUTO_MIN_WEIGHTS = 1 << 16
 # faster than ATen's; at 50% the sparse pass is 1.85x).
 AUTO_MAX_DENSITY_CPU = 0.2
 AUTO_MIN_WEIGHTS_CPU = 1 << 12
+# A convolution takes them only while density x input channels per group (on average, the tracked
+# input channels of an output channel at one kernel position) is at most this: a sparse
+# convolution streams a shifted run of the padded input per tracked weight, whose cost grows
+# against oneDNN's as the planes multiply and the grid shrinks (2-core Intel Xeon, ResNet-18's
+# 3x3 convolutions, batch 32, forward + input gradient, sparse / dense at 10%: 0.29x with 64
+# input channels at 32 x 32, 0.64x / 0.97x with 128 at 16 x 16 (stride 1 / 2), 1.10x with 256
+# at 8 x 8, 1.62x with 512 at 4 x 4; the crossover sits near 22 / channels).
+AUTO_MAX_TRACKED_CHANNELS_CPU = 13
 # Rows x columns of a weight tile of the sparse kernels (and of the tile index). Larger tiles make
 # the kernels spill registers (checked by compiling for sm_90).
 DEFAULT_COMPUTE_TILE = (32, 32)
@@ -157,7 +168,10 @@ def choose_path(weight: BudgetedWeight, x: torch.Tensor, where: str) -> str:
         # follows the density (float32 only; other dtypes would run the reference).
         if dtype != torch.float32 or weight.values.dtype != torch.float32:
             return "dense"
-        return "sparse" if weight.nnz <= AUTO_MAX_DENSITY_CPU * weight.weight_numel else "dense"
+        limit = AUTO_MAX_DENSITY_CPU
+        if len(weight._shape) == 4:
+            limit = min(limit, AUTO_MAX_TRACKED_CHANNELS_CPU / weight._shape[1])
+        return "sparse" if weight.nnz <= limit * weight.weight_numel else "dense"
     return "sparse" if tile_index(weight).tile_density <= AUTO_MAX_TILE_DENSITY else "dense"
 
 

@@ -275,6 +275,33 @@ def test_auto_choice(monkeypatch):
         assert small.last_path == "sparse"
 
 
+@pytest.mark.skipif(
+    not pk.ops.available_backends()["cpp"], reason="the C++ backend is not built: no CPU choice"
+)
+@pytest.mark.parametrize(
+    "cin, groups, density, path",
+    [
+        (64, 1, 0.1, "sparse"),  # 6.4 tracked channels per output channel and tap
+        (64, 1, 0.25, "dense"),  # above AUTO_MAX_DENSITY_CPU
+        (256, 1, 0.04, "sparse"),  # 10.2
+        (256, 1, 0.1, "dense"),  # 25.6: oneDNN wins
+        (256, 4, 0.1, "sparse"),  # 64 channels per group: 6.4
+    ],
+)
+def test_auto_choice_of_a_convolution_on_the_cpu(cin, groups, density, path):
+    """A convolution takes the C++ kernels only while density x input channels per group is at
+    most AUTO_MAX_TRACKED_CHANNELS_CPU (and the density at most AUTO_MAX_DENSITY_CPU)."""
+    torch.manual_seed(0)
+    layer = _zero_untracked(pk.SparseConv2d(cin, 32, 3, padding=1, groups=groups, seed=4), density)
+    w = layer.weight
+    tracked = w.nnz / w.weight_numel * cin / groups
+    limit = min(compute.AUTO_MAX_DENSITY_CPU, compute.AUTO_MAX_TRACKED_CHANNELS_CPU * groups / cin)
+    assert (w.nnz <= limit * w.weight_numel) == (path == "sparse"), tracked
+    with use_backend("cpp"):
+        layer(torch.randn(2, cin, 6, 6))
+    assert w.last_path == path
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_failed_forward_does_not_record_a_path(monkeypatch, kind):
     import procrustes_kernels.functional as functional
