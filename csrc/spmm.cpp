@@ -338,15 +338,17 @@ PK_INLINE float vsum(typename Vec<W>::type v) {
 }
 
 // out[l] = init + sum_e val[e] * src[off[e] + l] for l in [l0, l1): the chunk sits in registers.
+// With `more`, the sum goes on from out[l] instead (a float32 partial sum stored and loaded back
+// is the same float, so splitting the weights into runs gives the sums of one run).
 template <int W>
 PK_INLINE void axpy_rows(const float* src, const int64_t* off, const float* val, int64_t ne,
-                         float init, float* out, int64_t l0, int64_t l1) {
+                         float init, float* out, int64_t l0, int64_t l1, bool more = false) {
   typedef typename Vec<W>::type V;
   constexpr int U = kChunk / W;
   int64_t l = l0;
   for (; l + kChunk <= l1; l += kChunk) {
     V acc[U];
-    for (int u = 0; u < U; ++u) acc[u] = V{} + init;
+    for (int u = 0; u < U; ++u) acc[u] = more ? vload<W>(out + l + u * W) : V{} + init;
     for (int64_t e = 0; e < ne; ++e) {
       const float* p = src + off[e] + l;
       const float w = val[e];
@@ -355,20 +357,30 @@ PK_INLINE void axpy_rows(const float* src, const int64_t* off, const float* val,
     for (int u = 0; u < U; ++u) vstore<W>(out + l + u * W, acc[u]);
   }
   for (; l + W <= l1; l += W) {
-    V acc = V{} + init;
+    V acc = more ? vload<W>(out + l) : V{} + init;
     for (int64_t e = 0; e < ne; ++e) acc = Fused<W>::madd(acc, val[e], vload<W>(src + off[e] + l));
     vstore<W>(out + l, acc);
   }
   for (; l < l1; ++l) {
-    float acc = init;
+    float acc = more ? out[l] : init;
     for (int64_t e = 0; e < ne; ++e) acc += val[e] * src[off[e] + l];
     out[l] = acc;
   }
 }
 
-// Forward: the task's rows of y over [l0, l1), a register chunk of L at a time for all rows, so
-// the input planes' chunk (with the shifts' halo) stays in L1 while every row reads it. Each
-// output float gets the same sum, in the same order, as a row-by-row walk.
+// Input channels per block of the forward pass: a register chunk of L of a block's planes, with the
+// shifts' halo, stays within ~24 KB of L1.
+int64_t channel_block(const SparseGeometry& g) {
+  int64_t halo = 0;
+  for (int64_t k = 0; k < g.ksize; ++k) halo = std::max(halo, g.shift[k]);
+  const int64_t planes = (24 * 1024 / 4) / (kChunk + halo);
+  return std::clamp<int64_t>(planes / g.phases, 1, g.cols);
+}
+
+// Forward: the task's rows of y over [l0, l1), by blocks of input channels, in each a register
+// chunk of L at a time for all rows, so the block's planes (with the shifts' halo) stay in L1
+// while every row reads them. Each output float gets the same sum, in the same order, as a
+// row-by-row walk (a row's partial sum is stored in y between blocks).
 template <int W>
 PK_INLINE void forward_task(const SparseGeometry& g, const RowOffsets& ro, const Columns& cl,
                             const float* x,
@@ -379,23 +391,38 @@ PK_INLINE void forward_task(const SparseGeometry& g, const RowOffsets& ro, const
   const int64_t row_len = g.cols * g.ksize;
   const int64_t n0 = it * s.per, n1 = std::min(g.rows, (it + 1) * s.per);
   if (n0 >= n1) return;
-  // The rows' values are contiguous from ro.row[n0]; their input offsets are decoded once.
+  const int64_t cb = channel_block(g), nb = ceil_div(g.cols, cb), bl = cb * g.ksize;
+  // The rows' values are contiguous from ro.row[n0]; their input offsets are decoded once, with
+  // each row's first entry of every channel block (sc.idx[(n - n0) * (nb + 1) + b]).
   const int64_t v0 = ro.row[n0];
   sc.off.resize(static_cast<size_t>(ro.row[n1] - v0));
+  sc.idx.resize(static_cast<size_t>((n1 - n0) * (nb + 1)));
   const int64_t* in_off = cl.in_off.data();
   for (int64_t n = n0; n < n1; ++n) {
-    const int64_t base = (n / (g.rows / g.groups)) * cl.group_stride;
-    int64_t* off = sc.off.data() + (ro.row[n] - v0);
-    int64_t ne = 0;
-    for_each_bit(g.bits, bit_bytes(g), n * row_len, row_len,
-                 [&](int64_t j) { off[ne++] = base + in_off[j]; });
+    const int64_t base = (n / (g.rows / g.groups)) * cl.group_stride, e0 = ro.row[n] - v0;
+    int64_t* off = sc.off.data() + e0;
+    int64_t* first = sc.idx.data() + (n - n0) * (nb + 1);
+    int64_t ne = 0, b = 0, next = bl;
+    first[0] = e0;
+    for_each_bit(g.bits, bit_bytes(g), n * row_len, row_len, [&](int64_t j) {
+      while (j >= next) {
+        first[++b] = e0 + ne;
+        next += bl;
+      }
+      off[ne++] = base + in_off[j];
+    });
+    while (b < nb) first[++b] = e0 + ne;
   }
-  for (int64_t l = l0; l < l1; l += kChunk) {
-    const int64_t le = std::min(l1, l + kChunk);
-    for (int64_t n = n0; n < n1; ++n) {
-      const int64_t e0 = ro.row[n] - v0;
-      axpy_rows<W>(x, sc.off.data() + e0, g.values + ro.row[n], ro.row[n + 1] - ro.row[n],
-                   bias ? bias[n] : 0.0f, y + n * g.L, l, le);
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int64_t l = l0; l < l1; l += kChunk) {
+      const int64_t le = std::min(l1, l + kChunk);
+      for (int64_t n = n0; n < n1; ++n) {
+        const int64_t* first = sc.idx.data() + (n - n0) * (nb + 1);
+        const int64_t e0 = first[b], e1 = first[b + 1];
+        if (b > 0 && e0 == e1) continue;  // nothing of this block: the partial sum stands
+        axpy_rows<W>(x, sc.off.data() + e0, g.values + v0 + e0, e1 - e0, bias ? bias[n] : 0.0f,
+                     y + n * g.L, l, le, b > 0);
+      }
     }
   }
 }
@@ -424,36 +451,51 @@ PK_INLINE void backward_block(const SparseGeometry& g, const RowOffsets& ro, con
   const int64_t row_len = g.cols * g.ksize, rpg = g.rows / g.groups, nbytes = bit_bytes(g);
   const int64_t c0 = b * kColBlock, ncols = std::min(kColBlock, g.cols - c0);
   const int64_t planes = ncols * g.phases, len = ncols * g.ksize;
-  // Bucket the block's tracked weights by input plane: count, then place.
-  sc.count.assign(static_cast<size_t>(planes + 1), 0);
+  // Output rows per block: a register chunk of L of a block's dy planes, with the shifts' halo,
+  // stays within ~24 KB of L1 (as channel_block() for the forward pass).
+  int64_t halo = 0;
+  for (int64_t k = 0; k < g.ksize; ++k) halo = std::max(halo, g.shift[k]);
+  const int64_t rb = std::clamp<int64_t>((24 * 1024 / 4) / (kChunk + halo), 1, rpg);
+  const int64_t nrb = ceil_div(rpg, rb);
+  // Bucket the block's tracked weights by (row block, input plane), rows ascending in each:
+  // count, then place.
+  const int64_t buckets = nrb * planes;
+  sc.count.assign(static_cast<size_t>(buckets + 1), 0);
   const int64_t* plane = cl.plane.data() + c0 * g.ksize;  // block-relative planes below
   const int64_t* shift = cl.shift.data() + c0 * g.ksize;
-  const int64_t p0 = c0 * g.phases;
-  for (int64_t n = grp * rpg; n < (grp + 1) * rpg; ++n) {
+  const int64_t p0 = c0 * g.phases, nfirst = grp * rpg;
+  for (int64_t n = nfirst; n < nfirst + rpg; ++n) {
+    int64_t* cnt = sc.count.data() + (n - nfirst) / rb * planes + 1 - p0;
     for_each_bit(g.bits, nbytes, n * row_len + c0 * g.ksize, len,
-                 [&](int64_t j) { ++sc.count[plane[j] - p0 + 1]; });
+                 [&](int64_t j) { ++cnt[plane[j]]; });
   }
-  for (int64_t p = 0; p < planes; ++p) sc.count[p + 1] += sc.count[p];
-  const int64_t total = sc.count[planes];
+  for (int64_t q = 0; q < buckets; ++q) sc.count[q + 1] += sc.count[q];
+  const int64_t total = sc.count[buckets];
   sc.off.resize(static_cast<size_t>(total));
   sc.val.resize(static_cast<size_t>(total));
   sc.idx.assign(sc.count.begin(), sc.count.end() - 1);
-  for (int64_t n = grp * rpg; n < (grp + 1) * rpg; ++n) {
+  for (int64_t n = nfirst; n < nfirst + rpg; ++n) {
     int64_t vi = ro.at(n, b);
+    int64_t* at = sc.idx.data() + (n - nfirst) / rb * planes - p0;
     for_each_bit(g.bits, nbytes, n * row_len + c0 * g.ksize, len, [&](int64_t j) {
-      const int64_t at = sc.idx[plane[j] - p0]++;
-      sc.off[at] = n * g.L - shift[j];
-      sc.val[at] = g.values[vi++];
+      const int64_t e = at[plane[j]]++;
+      sc.off[e] = n * g.L - shift[j];
+      sc.val[e] = g.values[vi++];
     });
   }
-  // A register chunk of L at a time for all planes (the output planes' chunk stays in L1).
+  // By row blocks, in each a register chunk of L at a time for all planes (a plane's partial sum
+  // is stored in dx between row blocks: the same sums in the same order as one walk).
   float* base = dx + (grp * g.cols + c0) * g.phases * g.L;
-  for (int64_t l = l0; l < l1; l += kChunk) {
-    const int64_t le = std::min(l1, l + kChunk);
-    for (int64_t p = 0; p < planes; ++p) {
-      const int64_t e0 = sc.count[p], e1 = sc.count[p + 1];
-      axpy_rows<W>(dy, sc.off.data() + e0, sc.val.data() + e0, e1 - e0, 0.0f, base + p * g.L, l,
-                   le);
+  for (int64_t r = 0; r < nrb; ++r) {
+    const int64_t* cnt = sc.count.data() + r * planes;
+    for (int64_t l = l0; l < l1; l += kChunk) {
+      const int64_t le = std::min(l1, l + kChunk);
+      for (int64_t p = 0; p < planes; ++p) {
+        const int64_t e0 = cnt[p], e1 = cnt[p + 1];
+        if (r > 0 && e0 == e1) continue;
+        axpy_rows<W>(dy, sc.off.data() + e0, sc.val.data() + e0, e1 - e0, 0.0f, base + p * g.L,
+                     l, le, r > 0);
+      }
     }
   }
 }

@@ -75,11 +75,11 @@ AUTO_MIN_WEIGHTS_CPU = 1 << 12
 # A convolution takes them only while density x input channels per group (on average, the tracked
 # input channels of an output channel at one kernel position) is at most this: a sparse
 # convolution streams a shifted run of the padded input per tracked weight, whose cost grows
-# against oneDNN's as the planes multiply and the grid shrinks (2-core Intel Xeon, ResNet-18's
-# 3x3 convolutions, batch 32, forward + input gradient, sparse / dense at 10%: 0.29x with 64
-# input channels at 32 x 32, 0.64x / 0.97x with 128 at 16 x 16 (stride 1 / 2), 1.10x with 256
-# at 8 x 8, 1.62x with 512 at 4 x 4; the crossover sits near 22 / channels).
-AUTO_MAX_TRACKED_CHANNELS_CPU = 13
+# against oneDNN's as the planes multiply and the grid shrinks. 2-core Intel Xeon, ResNet-18's
+# 3x3 convolutions, batch 32, forward + input gradient, the density where the sparse kernels stop
+# winning times the input channels: 38 (64 channels at 32 x 32), 31 (128 at 16 x 16), 33 (256 at
+# 8 x 8), 38 (512 at 4 x 4); strided: 20, 15 and 36 (64, 128, 256 channels); 15 is the least.
+AUTO_MAX_TRACKED_CHANNELS_CPU = 15
 # Rows x columns of a weight tile of the sparse kernels (and of the tile index). Larger tiles make
 # the kernels spill registers (checked by compiling for sm_90).
 DEFAULT_COMPUTE_TILE = (32, 32)

@@ -283,7 +283,7 @@ def test_auto_choice(monkeypatch):
     [
         (64, 1, 0.1, "sparse"),  # 6.4 tracked channels per output channel and tap
         (64, 1, 0.25, "dense"),  # above AUTO_MAX_DENSITY_CPU
-        (256, 1, 0.04, "sparse"),  # 10.2
+        (256, 1, 0.05, "sparse"),  # 12.8
         (256, 1, 0.1, "dense"),  # 25.6: oneDNN wins
         (256, 4, 0.1, "sparse"),  # 64 channels per group: 6.4
     ],

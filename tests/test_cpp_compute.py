@@ -137,6 +137,11 @@ CONV = [  # batch, in, out, hw, kernel, stride, padding, dilation, groups, densi
     (4, 16, 33, (8, 8), (3, 3), (2, 2), (1, 1), (1, 1), 1, 0.05),  # mostly empty rows
     (1, 2, 3, (4, 4), (4, 4), (1, 1), (0, 0), (1, 1), 1, 0.6),  # one output pixel
     (4, 3, 5, (40, 38), (3, 3), (1, 1), (1, 1), (1, 1), 1, 0.3),  # SDDMM over ranges of L
+    # Blocks of input channels (forward) and of output rows (input gradient), some rows empty
+    # in a block: their partial sums carry over.
+    (2, 150, 130, (5, 6), (3, 3), (2, 2), (1, 1), (1, 1), 1, 0.1),
+    (1, 200, 180, (4, 4), (3, 3), (1, 1), (1, 1), (1, 1), 1, 0.02),
+    (1, 96, 192, (3, 5), (3, 3), (1, 1), (1, 1), (1, 1), 2, 0.05),
 ]
 
 
