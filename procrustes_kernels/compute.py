@@ -67,9 +67,9 @@ AUTO_MAX_TILE_DENSITY = 0.3
 # ... for layers with at least this many weights (below it, launches dominate either path).
 AUTO_MIN_WEIGHTS = 1 << 16
 # On the CPU (C++ kernels) "auto" takes the sparse kernels at or below this density of tracked
-# weights, for layers of at least AUTO_MIN_WEIGHTS_CPU weights (benchmarks/bench_cpu.py: at 10%
-# a SparseLinear pass is 0.86x nn.Linear's and ResNet-18's 64-channel 3x3 convolutions run 3x
-# faster than ATen's; at 50% the sparse pass is 1.85x).
+# weights, for layers of at least AUTO_MIN_WEIGHTS_CPU weights (benchmarks/bench_cpu.py,
+# cpu_passes_intel_v4.md: at 10% a SparseLinear pass is 0.70-0.73x nn.Linear's, at 50% 2.0x;
+# ResNet-18's 64-channel 3x3 convolutions at 10% take 0.30x of oneDNN's forward + input gradient).
 AUTO_MAX_DENSITY_CPU = 0.2
 AUTO_MIN_WEIGHTS_CPU = 1 << 12
 # A convolution takes them only while density x input channels per group (on average, the tracked
