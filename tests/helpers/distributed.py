@@ -9,6 +9,7 @@ import datetime
 import faulthandler
 import os
 import sys
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -121,9 +122,20 @@ def run_rank(rank: int, port: int, out_dir: str) -> None:
         opt.load_state_dict(ckpt["opt"])
         train(ddp, opt, rank, range(5, 10))
         results["resumed"] = state(resumed)
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+    except BaseException:
+        traceback.print_exc()
+        ok = False
+    else:
+        ok = True
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Leave without tearing anything down. Freeing the last DistributedDataParallel drops the last
+    # reference to the gloo process group, whose destructor joins its worker thread while holding
+    # the GIL; that thread may still be freeing a finished collective, which needs the GIL: both
+    # ranks then hang at exit (seen under load, gdb: ~ProcessGroupGloo -> std::thread::join
+    # against AsyncAllreduceWork::~AsyncAllreduceWork -> take_gil). The results are on disk.
+    os._exit(0 if ok else 1)
 
 
 if __name__ == "__main__":
