@@ -21,7 +21,8 @@ the timing and the memory window) of a 4 x 4096^2 MLP
 at batch 64 and of ResNet-18 (CIFAR shapes, batch 32): dense with SGD momentum against DropBack and
 Procrustes (after its decay and its quantile estimator's warm-up) at a 10% budget, with
 ``reselect_every`` 1 and 10 (the time of an average step of the interval; selecting and keeping
-steps also apart). Each configuration runs in its own process;
+steps also apart); ``procrustes_layer`` is Procrustes with ``scope="layer"`` (10% of every layer
+instead of 10% of the model). Each configuration runs in its own process;
 a step's peak memory is the process's peak resident memory during that step (Linux: VmHWM, reset
 before each step) above what the process held before the model was built: the model, optimizer
 state, activations and every transient. ``peak_mb`` is the largest over the timed steps,
@@ -271,9 +272,8 @@ def step_config(model_name: str, method: str, reselect: int, quick: bool, steps:
     else:
         model = pk.sparsify(model, seed=1)
         # Procrustes after its decay (untracked weights zero), or DropBack (they stay w0).
-        cls, decay = (
-            (pk.Procrustes, {"decay_steps": 2}) if method == "procrustes" else (pk.DropBack, {})
-        )
+        procrustes = method.startswith("procrustes")
+        cls, decay = (pk.Procrustes, {"decay_steps": 2}) if procrustes else (pk.DropBack, {})
         opt = cls(
             model.parameters(),
             lr=0.01,
@@ -281,6 +281,7 @@ def step_config(model_name: str, method: str, reselect: int, quick: bool, steps:
             momentum=0.9,
             **decay,
             reselect_every=reselect,
+            scope="layer" if method == "procrustes_layer" else "global",
         )
 
     def step():
@@ -290,7 +291,7 @@ def step_config(model_name: str, method: str, reselect: int, quick: bool, steps:
     # After the decay, at an interval start; Procrustes also past its estimator's warm-up (its
     # first QUANTILE_WARMUP selecting steps take a second pass over stored scores), as in training.
     warm = 3 if method == "dense" else max(3, reselect)
-    if method == "procrustes":
+    if method.startswith("procrustes"):
         warm = max(warm, reselect * QUANTILE_WARMUP)
     for _ in range(warm):
         opt.zero_grad()
@@ -325,7 +326,7 @@ def bench_steps(args, info: dict) -> list[dict]:
     rows = []
     for model_name in args.models:
         configs = [("dense", 1), ("dropback", 1), ("dropback", 10), ("procrustes", 1)]
-        configs.append(("procrustes", 10))
+        configs += [("procrustes", 10), ("procrustes_layer", 1), ("procrustes_layer", 10)]
         results = {}
         for method, r in configs:
             steps = args.steps if method == "dense" else max(args.steps, r)

@@ -21,9 +21,8 @@ takes the sparse kernels when they are valid, the Triton kernels run (CUDA), the
 enough and few enough tiles hold tracked weights (:data:`AUTO_MAX_TILE_DENSITY`,
 :data:`AUTO_MIN_WEIGHTS`), or, on the CPU with the C++ kernels (float32), the layer has at least
 :data:`AUTO_MIN_WEIGHTS_CPU` weights and few enough of them are tracked
-(:data:`AUTO_MAX_DENSITY_CPU`; for a convolution also at most
-:data:`AUTO_MAX_TRACKED_CHANNELS_CPU` divided by its input channels per group); the choice is made
-per weight and call (so per step), and ``weight.last_path`` records it. ``"auto"`` never takes the
+(:data:`AUTO_MAX_DENSITY_CPU`; for a convolution also :data:`AUTO_MAX_CONV_DENSITY_CPU` over
+its :func:`conv_grid_overhead`); the choice is made per weight and call (so per step), and ``weight.last_path`` records it. ``"auto"`` never takes the
 regenerating kernels: a unit of ``BLOCK_M`` input rows regenerates every weight it reads (a Philox
 draw per weight per unit), where the materialise path draws each weight once per panel and hands
 the product to cuBLAS; they are for when memory, not time, is the limit (not timed on a GPU yet).
@@ -50,7 +49,8 @@ __all__ = [
     "AUTO_MIN_WEIGHTS",
     "AUTO_MAX_DENSITY_CPU",
     "AUTO_MIN_WEIGHTS_CPU",
-    "AUTO_MAX_TRACKED_CHANNELS_CPU",
+    "AUTO_MAX_CONV_DENSITY_CPU",
+    "conv_grid_overhead",
     "DEFAULT_COMPUTE_TILE",
     "COMPUTE_TILE_SIZES",
     "check_compute",
@@ -72,14 +72,14 @@ AUTO_MIN_WEIGHTS = 1 << 16
 # ResNet-18's 64-channel 3x3 convolutions at 10% take 0.30x of oneDNN's forward + input gradient).
 AUTO_MAX_DENSITY_CPU = 0.2
 AUTO_MIN_WEIGHTS_CPU = 1 << 12
-# A convolution takes them only while density x input channels per group (on average, the tracked
-# input channels of an output channel at one kernel position) is at most this: a sparse
-# convolution streams a shifted run of the padded input per tracked weight, whose cost grows
-# against oneDNN's as the planes multiply and the grid shrinks. 2-core Intel Xeon, ResNet-18's
-# 3x3 convolutions, batch 32, forward + input gradient, the density where the sparse kernels stop
-# winning times the input channels: 38 (64 channels at 32 x 32), 31 (128 at 16 x 16), 33 (256 at
-# 8 x 8), 38 (512 at 4 x 4); strided: 20, 15 and 36 (64, 128, 256 channels); 15 is the least.
-AUTO_MAX_TRACKED_CHANNELS_CPU = 15
+# A convolution takes them only while its density times its grid overhead (the positions of the
+# padded, stride-phased grid the kernels walk per output position) is at most the first value
+# (unit stride) or the second (strided): the C++ kernels stream a shifted run of that grid per
+# tracked weight, oneDNN computes the output positions only. 2-core Intel Xeon, ResNet-18's
+# convolutions, batch 32, forward + input gradient against the materialise path (panels
+# included), density x overhead where the sparse kernels stop winning: 0.33, 0.32, 0.28, 0.29
+# (64, 128, 256, 512 channels, 3x3, unit stride, overhead 1.13-2.25) and 0.19, 0.17, 0.34 (strided).
+AUTO_MAX_CONV_DENSITY_CPU = (0.27, 0.16)
 # Rows x columns of a weight tile of the sparse kernels (and of the tile index). Larger tiles make
 # the kernels spill registers (checked by compiling for sm_90).
 DEFAULT_COMPUTE_TILE = (32, 32)
@@ -131,9 +131,33 @@ def input_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def choose_path(weight: BudgetedWeight, x: torch.Tensor, where: str) -> str:
+def conv_grid_overhead(
+    hw: tuple[int, int],
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> float:
+    """Positions of the grid the C++ convolution kernels walk (the padded input cut into stride
+    phases, each ``ceil((H + 2 p) / s)`` by ``ceil((W + 2 p) / s)``) per output position: what
+    they compute in excess of the output (1.0 where the input leaves no output position)."""
+    (h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw) = hw, kernel_size, stride, padding, dilation
+    hp, wp = h + 2 * ph, w + 2 * pw
+    oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    if oh <= 0 or ow <= 0:
+        return 1.0
+    return (-(-hp // sh) * -(-wp // sw)) / (oh * ow)
+
+
+def choose_path(
+    weight: BudgetedWeight,
+    x: torch.Tensor,
+    where: str,
+    conv: tuple[float, bool] | None = None,
+) -> str:
     """``"sparse"`` or ``"dense"`` for one ``F.linear`` / ``F.conv2d`` call (see the module
-    docstring); ``where`` names the caller in errors."""
+    docstring); ``where`` names the caller in errors; ``conv``: a convolution's
+    :func:`conv_grid_overhead` and whether it is strided."""
     mode = weight.compute
     if mode == "dense":
         return "dense"
@@ -169,8 +193,9 @@ def choose_path(weight: BudgetedWeight, x: torch.Tensor, where: str) -> str:
         if dtype != torch.float32 or weight.values.dtype != torch.float32:
             return "dense"
         limit = AUTO_MAX_DENSITY_CPU
-        if len(weight._shape) == 4:
-            limit = min(limit, AUTO_MAX_TRACKED_CHANNELS_CPU / weight._shape[1])
+        if conv is not None:
+            overhead, strided = conv
+            limit = min(limit, AUTO_MAX_CONV_DENSITY_CPU[int(strided)] / overhead)
         return "sparse" if weight.nnz <= limit * weight.weight_numel else "dense"
     return "sparse" if tile_index(weight).tile_density <= AUTO_MAX_TILE_DENSITY else "dense"
 

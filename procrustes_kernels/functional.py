@@ -32,7 +32,14 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
 from . import ops, panels
-from .compute import SPARSE_DTYPES, autocast_on, choose_path, dense_tracked_grad, input_dtype
+from .compute import (
+    SPARSE_DTYPES,
+    autocast_on,
+    choose_path,
+    conv_grid_overhead,
+    dense_tracked_grad,
+    input_dtype,
+)
 from .ops.compute import reference
 from .ops.contract import Regen
 from .ops.library import Geometry
@@ -389,6 +396,21 @@ def _conv_padding(
     return pads, pads[0] == pads[1] and pads[2] == pads[3]
 
 
+def _conv_cost(input: Tensor, weight: Any, stride: Any, padding: Any, dilation: Any):
+    """``choose_path``'s ``conv``: the grid overhead of the C++ kernels and whether strided."""
+    if input.dim() not in (3, 4):
+        return None  # the call raises later, naming the shape
+    kernel_size, stride, dilation = tuple(weight._shape[2:]), _pair(stride), _pair(dilation)
+    pads, symmetric = _conv_padding(padding, kernel_size, dilation)
+    h, w = input.shape[-2:]
+    if symmetric:  # the kernels pad
+        hw, pad_hw = (h, w), (pads[2], pads[0])
+    else:  # the input is padded first (see _sparse_conv2d)
+        hw, pad_hw = (h + pads[2] + pads[3], w + pads[0] + pads[1]), (0, 0)
+    overhead = conv_grid_overhead(hw, kernel_size, stride, pad_hw, dilation)
+    return overhead, stride != (1, 1)
+
+
 def conv2d(
     input: Tensor,
     weight: Tensor,
@@ -402,7 +424,7 @@ def conv2d(
     if not _budgeted(weight) or _budgeted(input) or _budgeted(bias) or len(weight._shape) != 4:
         return NotImplemented
     where = "F.conv2d()"
-    path = choose_path(weight, input, where)
+    path = choose_path(weight, input, where, _conv_cost(input, weight, stride, padding, dilation))
     if path == "sparse" and groups != weight.groups:
         if weight.compute == "sparse":
             raise ValueError(

@@ -55,10 +55,13 @@ def test_quick_run_writes_every_row(tmp_path, monkeypatch):
         ("dropback", "10"),
         ("procrustes", "1"),
         ("procrustes", "10"),
+        ("procrustes_layer", "1"),
+        ("procrustes_layer", "10"),
     ]
     for r in steps:
         assert float(r["ms"]) > 0 and float(r["peak_mb"]) > 0
     assert steps[4]["keep_ms"] and steps[4]["paths"] == "sparse"  # Procrustes after its decay
+    assert steps[6]["keep_ms"] and steps[6]["paths"] == "sparse"  # the same, per-layer budgets
     assert steps[2]["keep_ms"] and steps[2]["paths"] == "dense"  # DropBack: w0 is not zero
     for table in ("passes", "steps"):
         assert (tmp_path / f"cpu_{table}_t.md").read_text().startswith("# CPU benchmark")

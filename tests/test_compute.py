@@ -279,27 +279,40 @@ def test_auto_choice(monkeypatch):
     not pk.ops.available_backends()["cpp"], reason="the C++ backend is not built: no CPU choice"
 )
 @pytest.mark.parametrize(
-    "cin, groups, density, path",
+    "stride, padding, density, path",
     [
-        (64, 1, 0.1, "sparse"),  # 6.4 tracked channels per output channel and tap
-        (64, 1, 0.25, "dense"),  # above AUTO_MAX_DENSITY_CPU
-        (256, 1, 0.05, "sparse"),  # 12.8
-        (256, 1, 0.1, "dense"),  # 25.6: oneDNN wins
-        (256, 4, 0.1, "sparse"),  # 64 channels per group: 6.4
+        (1, 1, 0.10, "sparse"),  # 8x8 input, grid 10x10 per 8x8 outputs: 0.10 x 1.5625 <= 0.27
+        (1, 1, 0.19, "dense"),  # 0.30 > 0.27
+        (1, 0, 0.14, "sparse"),  # no padding: an 8x8 grid per 6x6 outputs, 0.14 x 1.78 <= 0.27
+        (2, 1, 0.09, "sparse"),  # strided: 5x5 phases per 4x4 outputs, 0.14 <= 0.16
+        (2, 1, 0.13, "dense"),  # 0.20 > 0.16
+        (1, 0, 0.25, "dense"),  # above AUTO_MAX_DENSITY_CPU
     ],
 )
-def test_auto_choice_of_a_convolution_on_the_cpu(cin, groups, density, path):
-    """A convolution takes the C++ kernels only while density x input channels per group is at
-    most AUTO_MAX_TRACKED_CHANNELS_CPU (and the density at most AUTO_MAX_DENSITY_CPU)."""
+def test_auto_choice_of_a_convolution_on_the_cpu(stride, padding, density, path):
+    """A convolution takes the C++ kernels only while its density times its grid overhead is at
+    most AUTO_MAX_CONV_DENSITY_CPU (unit stride, strided) and its density at most
+    AUTO_MAX_DENSITY_CPU."""
     torch.manual_seed(0)
-    layer = _zero_untracked(pk.SparseConv2d(cin, 32, 3, padding=1, groups=groups, seed=4), density)
+    conv = pk.SparseConv2d(64, 64, 3, stride=stride, padding=padding, seed=4)
+    layer = _zero_untracked(conv, density)
     w = layer.weight
-    tracked = w.nnz / w.weight_numel * cin / groups
-    limit = min(compute.AUTO_MAX_DENSITY_CPU, compute.AUTO_MAX_TRACKED_CHANNELS_CPU * groups / cin)
-    assert (w.nnz <= limit * w.weight_numel) == (path == "sparse"), tracked
+    overhead = compute.conv_grid_overhead((8, 8), (3, 3), (stride,) * 2, (padding,) * 2, (1, 1))
+    limit = min(
+        compute.AUTO_MAX_DENSITY_CPU, compute.AUTO_MAX_CONV_DENSITY_CPU[stride > 1] / overhead
+    )
+    assert (w.nnz <= limit * w.weight_numel) == (path == "sparse"), (w.nnz / w.weight_numel, limit)
     with use_backend("cpp"):
-        layer(torch.randn(2, cin, 6, 6))
+        layer(torch.randn(2, 64, 8, 8))
     assert w.last_path == path
+
+
+def test_conv_grid_overhead():
+    # 3x3, padding 1 on 8x8: a 10x10 grid per 8x8 outputs; stride 2: 5x5 phases per 4x4 outputs.
+    assert compute.conv_grid_overhead((8, 8), (3, 3), (1, 1), (1, 1), (1, 1)) == 100 / 64
+    assert compute.conv_grid_overhead((8, 8), (3, 3), (2, 2), (1, 1), (1, 1)) == 25 / 16
+    assert compute.conv_grid_overhead((8, 8), (1, 1), (1, 1), (0, 0), (1, 1)) == 1.0
+    assert compute.conv_grid_overhead((2, 2), (5, 5), (1, 1), (0, 0), (1, 1)) == 1.0  # no output
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
