@@ -22,10 +22,11 @@ at batch 64 and of ResNet-18 (CIFAR shapes, batch 32): dense with SGD momentum a
 Procrustes (after its decay and its quantile estimator's warm-up) at a 10% budget, with
 ``reselect_every`` 1 and 10 (the time of an average step of the interval; selecting and keeping
 steps also apart); ``procrustes_layer`` is Procrustes with ``scope="layer"`` (10% of every layer
-instead of 10% of the model). Each configuration runs in its own process;
-a step's peak memory is the process's peak resident memory during that step (Linux: VmHWM, reset
-before each step) above what the process held before the model was built: the model, optimizer
-state, activations and every transient. ``peak_mb`` is the largest over the timed steps,
+instead of 10% of the model). Each configuration runs in its own process, its timed steps first,
+then as many untimed ones for the memory: a step's peak memory is the process's peak resident
+memory during that step (Linux: VmHWM, reset before each step, after freed memory is handed back
+to the system) above what the process held before the model was built: the model, optimizer
+state, activations and every transient. ``peak_mb`` is the largest over those steps,
 ``select_peak_mb`` / ``keep_peak_mb`` over the steps that select / keep the tracked set.
 
     python benchmarks/bench_cpu.py                      # both tables
@@ -296,23 +297,30 @@ def step_config(model_name: str, method: str, reselect: int, quick: bool, steps:
     for _ in range(warm):
         opt.zero_grad()
         step()
+    # Timed steps first, then as many untimed ones for the memory: a memory window starts by
+    # handing freed memory back (malloc_trim), and the pages the step then faults in again would
+    # count in its time.
     times, peaks = [], []
     for _ in range(steps):
         opt.zero_grad()  # the last step's gradients go before the window, as in a training loop
-        per_step = _reset_peak()
         t0 = time.perf_counter()
         step()
         times.append((time.perf_counter() - t0) * 1e3)
+    for _ in range(steps):
+        opt.zero_grad()
+        per_step = _reset_peak()
+        step()
         peaks.append(_peak_mb() - base)
     if not per_step:  # no per-step window here: the process's peak since it started
         peaks = [_peak_mb() - base] * len(times)
     row = {"ms": round(sum(times) / len(times), 1), "peak_mb": round(max(peaks), 1)}
     if method != "dense":
-        sel = [i for i in range(len(times)) if (warm + i) % reselect == 0]
-        keep = [i for i in range(len(times)) if (warm + i) % reselect != 0]
-        for name, idx in (("select", sel), ("keep", keep)):
+        # (the memory steps follow the timed ones: step warm + steps + i)
+        for name, keeps in (("select", False), ("keep", True)):
+            idx = [i for i in range(steps) if ((warm + i) % reselect != 0) == keeps]
+            mem = [i for i in range(steps) if ((warm + steps + i) % reselect != 0) == keeps]
             row[f"{name}_ms"] = round(sum(times[i] for i in idx) / len(idx), 1) if idx else ""
-            row[f"{name}_peak_mb"] = round(max(peaks[i] for i in idx), 1) if idx else ""
+            row[f"{name}_peak_mb"] = round(max(peaks[i] for i in mem), 1) if mem else ""
         paths = {
             m.weight.last_path
             for m in model.modules()
