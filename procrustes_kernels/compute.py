@@ -37,7 +37,7 @@ import torch
 
 from .ops import backend_for
 from .ops.compute.index import TileIndex, cached_tile_index
-from .ops.contract import COMPUTE_DTYPES
+from .ops.contract import COMPUTE_DTYPES, conv_grid_dims
 from .ops.dispatch import regenerates
 
 if TYPE_CHECKING:
@@ -141,12 +141,10 @@ def conv_grid_overhead(
     """Positions of the grid the C++ convolution kernels walk (the padded input cut into stride
     phases, each ``ceil((H + 2 p) / s)`` by ``ceil((W + 2 p) / s)``) per output position: what
     they compute in excess of the output (1.0 where the input leaves no output position)."""
-    (h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw) = hw, kernel_size, stride, padding, dilation
-    hp, wp = h + 2 * ph, w + 2 * pw
-    oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    (oh, ow), (hg, wg) = conv_grid_dims(hw, kernel_size, stride, padding, dilation)
     if oh <= 0 or ow <= 0:
         return 1.0
-    return (-(-hp // sh) * -(-wp // sw)) / (oh * ow)
+    return (hg * wg) / (oh * ow)
 
 
 def choose_path(

@@ -88,6 +88,22 @@ class Regen(NamedTuple):
     bound: float
 
 
+def conv_grid_dims(
+    hw: tuple[int, int],
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``(out_hw, grid)`` of a convolution: its output size (not positive where the padded input is
+    smaller than the dilated kernel) and the size of each stride phase of its padded input,
+    ``ceil((H + 2 p) / s)`` by ``ceil((W + 2 p) / s)``: the grid the plane kernels walk."""
+    (h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw) = hw, kernel_size, stride, padding, dilation
+    hp, wp = h + 2 * ph, w + 2 * pw
+    out_hw = ((hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1)
+    return out_hw, (-(-hp // sh), -(-wp // sw))
+
+
 def log_bins(scores: Tensor) -> Tensor:
     """The log bin (int64) of every score."""
     bits = scores.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..contract import conv_grid_dims
+
 try:
     from ... import _C
 except ImportError as err:  # the dispatcher turns this into one warning and uses the reference
@@ -245,13 +247,12 @@ def conv_grid(
     dilation: tuple[int, int],
 ) -> ConvGrid:
     (h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw) = hw, kernel_size, stride, padding, dilation
-    hp, wp = h + 2 * ph, w + 2 * pw
-    oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    (oh, ow), (hg, wg) = conv_grid_dims(hw, kernel_size, stride, padding, dilation)
     if oh <= 0 or ow <= 0:
         raise ValueError(
-            f"sparse_conv2d(): the padded input {hp}x{wp} is smaller than the dilated kernel"
+            f"sparse_conv2d(): the padded input {h + 2 * ph}x{w + 2 * pw} is smaller than the "
+            "dilated kernel"
         )
-    hg, wg = -(-hp // sh), -(-wp // sw)
     r = np.repeat(np.arange(kh) * dh, kw)
     s = np.tile(np.arange(kw) * dw, kh)
     phase = ((r % sh) * sw + (s % sw)).astype(np.int32)
