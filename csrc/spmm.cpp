@@ -368,13 +368,12 @@ PK_INLINE void axpy_rows(const float* src, const int64_t* off, const float* val,
   }
 }
 
-// Input channels per block of the forward pass: a register chunk of L of a block's planes, with the
-// shifts' halo, stays within ~24 KB of L1.
-int64_t channel_block(const SparseGeometry& g) {
+// Planes whose register chunk of L, with the shifts' halo, fits in ~24 KB of L1: the input
+// planes of a block of the forward pass, the dy planes (output rows) of one of the input gradient.
+int64_t l1_planes(const SparseGeometry& g) {
   int64_t halo = 0;
   for (int64_t k = 0; k < g.ksize; ++k) halo = std::max(halo, g.shift[k]);
-  const int64_t planes = (24 * 1024 / 4) / (kChunk + halo);
-  return std::clamp<int64_t>(planes / g.phases, 1, g.cols);
+  return (24 * 1024 / 4) / (kChunk + halo);
 }
 
 // Forward: the task's rows of y over [l0, l1), by blocks of input channels, in each a register
@@ -391,7 +390,8 @@ PK_INLINE void forward_task(const SparseGeometry& g, const RowOffsets& ro, const
   const int64_t row_len = g.cols * g.ksize;
   const int64_t n0 = it * s.per, n1 = std::min(g.rows, (it + 1) * s.per);
   if (n0 >= n1) return;
-  const int64_t cb = channel_block(g), nb = ceil_div(g.cols, cb), bl = cb * g.ksize;
+  const int64_t cb = std::clamp<int64_t>(l1_planes(g) / g.phases, 1, g.cols);  // channels
+  const int64_t nb = ceil_div(g.cols, cb), bl = cb * g.ksize;
   // The rows' values are contiguous from ro.row[n0]; their input offsets are decoded once, with
   // each row's first entry of every channel block (sc.idx[(n - n0) * (nb + 1) + b]).
   const int64_t v0 = ro.row[n0];
@@ -451,11 +451,7 @@ PK_INLINE void backward_block(const SparseGeometry& g, const RowOffsets& ro, con
   const int64_t row_len = g.cols * g.ksize, rpg = g.rows / g.groups, nbytes = bit_bytes(g);
   const int64_t c0 = b * kColBlock, ncols = std::min(kColBlock, g.cols - c0);
   const int64_t planes = ncols * g.phases, len = ncols * g.ksize;
-  // Output rows per block: a register chunk of L of a block's dy planes, with the shifts' halo,
-  // stays within ~24 KB of L1 (as channel_block() for the forward pass).
-  int64_t halo = 0;
-  for (int64_t k = 0; k < g.ksize; ++k) halo = std::max(halo, g.shift[k]);
-  const int64_t rb = std::clamp<int64_t>((24 * 1024 / 4) / (kChunk + halo), 1, rpg);
+  const int64_t rb = std::clamp<int64_t>(l1_planes(g), 1, rpg);  // output rows per block
   const int64_t nrb = ceil_div(rpg, rb);
   // Bucket the block's tracked weights by (row block, input plane), rows ascending in each:
   // count, then place.
@@ -465,9 +461,9 @@ PK_INLINE void backward_block(const SparseGeometry& g, const RowOffsets& ro, con
   const int64_t* shift = cl.shift.data() + c0 * g.ksize;
   const int64_t p0 = c0 * g.phases, nfirst = grp * rpg;
   for (int64_t n = nfirst; n < nfirst + rpg; ++n) {
-    int64_t* cnt = sc.count.data() + (n - nfirst) / rb * planes + 1 - p0;
+    int64_t* cnt = sc.count.data() + (n - nfirst) / rb * planes + 1;
     for_each_bit(g.bits, nbytes, n * row_len + c0 * g.ksize, len,
-                 [&](int64_t j) { ++cnt[plane[j]]; });
+                 [&](int64_t j) { ++cnt[plane[j] - p0]; });
   }
   for (int64_t q = 0; q < buckets; ++q) sc.count[q + 1] += sc.count[q];
   const int64_t total = sc.count[buckets];
@@ -476,9 +472,9 @@ PK_INLINE void backward_block(const SparseGeometry& g, const RowOffsets& ro, con
   sc.idx.assign(sc.count.begin(), sc.count.end() - 1);
   for (int64_t n = nfirst; n < nfirst + rpg; ++n) {
     int64_t vi = ro.at(n, b);
-    int64_t* at = sc.idx.data() + (n - nfirst) / rb * planes - p0;
+    int64_t* at = sc.idx.data() + (n - nfirst) / rb * planes;
     for_each_bit(g.bits, nbytes, n * row_len + c0 * g.ksize, len, [&](int64_t j) {
-      const int64_t e = at[plane[j]]++;
+      const int64_t e = at[plane[j] - p0]++;
       sc.off[e] = n * g.L - shift[j];
       sc.val[e] = g.values[vi++];
     });

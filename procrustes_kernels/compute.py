@@ -22,15 +22,16 @@ enough and few enough tiles hold tracked weights (:data:`AUTO_MAX_TILE_DENSITY`,
 :data:`AUTO_MIN_WEIGHTS`), or, on the CPU with the C++ kernels (float32), the layer has at least
 :data:`AUTO_MIN_WEIGHTS_CPU` weights and few enough of them are tracked
 (:data:`AUTO_MAX_DENSITY_CPU`; for a convolution also :data:`AUTO_MAX_CONV_DENSITY_CPU` over
-its :func:`conv_grid_overhead`); the choice is made per weight and call (so per step), and ``weight.last_path`` records it. ``"auto"`` never takes the
-regenerating kernels: a unit of ``BLOCK_M`` input rows regenerates every weight it reads (a Philox
-draw per weight per unit), where the materialise path draws each weight once per panel and hands
-the product to cuBLAS; they are for when memory, not time, is the limit (not timed on a GPU yet).
+its :func:`conv_grid_overhead`); the choice is made per weight and call (so per step), and
+``weight.last_path`` records it. ``"auto"`` never takes the regenerating kernels: a unit of
+``BLOCK_M`` input rows regenerates every weight it reads (a Philox draw per weight per unit), where
+the materialise path draws each weight once per panel and hands the product to cuBLAS; they are for when memory, not time, is the limit (not timed on a GPU yet).
 The autograd functions of both paths live in :mod:`procrustes_kernels.functional`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -151,11 +152,11 @@ def choose_path(
     weight: BudgetedWeight,
     x: torch.Tensor,
     where: str,
-    conv: tuple[float, bool] | None = None,
+    conv: Callable[[], tuple[float, bool]] | None = None,
 ) -> str:
     """``"sparse"`` or ``"dense"`` for one ``F.linear`` / ``F.conv2d`` call (see the module
-    docstring); ``where`` names the caller in errors; ``conv``: a convolution's
-    :func:`conv_grid_overhead` and whether it is strided."""
+    docstring); ``where`` names the caller in errors; ``conv``, for a convolution: gives its
+    :func:`conv_grid_overhead` and whether it is strided (called only where the choice needs it)."""
     mode = weight.compute
     if mode == "dense":
         return "dense"
@@ -192,7 +193,7 @@ def choose_path(
             return "dense"
         limit = AUTO_MAX_DENSITY_CPU
         if conv is not None:
-            overhead, strided = conv
+            overhead, strided = conv()
             limit = min(limit, AUTO_MAX_CONV_DENSITY_CPU[int(strided)] / overhead)
         return "sparse" if weight.nnz <= limit * weight.weight_numel else "dense"
     return "sparse" if tile_index(weight).tile_density <= AUTO_MAX_TILE_DENSITY else "dense"

@@ -399,7 +399,7 @@ def _conv_padding(
 def _conv_cost(input: Tensor, weight: Any, stride: Any, padding: Any, dilation: Any):
     """``choose_path``'s ``conv``: the grid overhead of the C++ kernels and whether strided."""
     if input.dim() not in (3, 4):
-        return None  # the call raises later, naming the shape
+        return 1.0, False  # the call raises later, naming the shape
     kernel_size, stride, dilation = tuple(weight._shape[2:]), _pair(stride), _pair(dilation)
     pads, symmetric = _conv_padding(padding, kernel_size, dilation)
     h, w = input.shape[-2:]
@@ -424,7 +424,9 @@ def conv2d(
     if not _budgeted(weight) or _budgeted(input) or _budgeted(bias) or len(weight._shape) != 4:
         return NotImplemented
     where = "F.conv2d()"
-    path = choose_path(weight, input, where, _conv_cost(input, weight, stride, padding, dilation))
+    path = choose_path(
+        weight, input, where, lambda: _conv_cost(input, weight, stride, padding, dilation)
+    )
     if path == "sparse" and groups != weight.groups:
         if weight.compute == "sparse":
             raise ValueError(
